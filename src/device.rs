@@ -1,0 +1,231 @@
+//! Storage behind a trait (STYLE.md, after redb's `StorageBackend`).
+//!
+//! A [`BlockDevice`] is a flat, positional byte store: the normal area and the journal of a
+//! node each live on one. Three implementations:
+//!
+//! - [`FileDevice`]: a file of the data directory (`pread`/`pwrite`/`fdatasync`);
+//! - [`MemDevice`]: a byte vector, for unit tests;
+//! - [`crate::crash::CrashDevice`]: keeps what was written apart from what is durable and
+//!   produces the image a crash would leave.
+//!
+//! `sync` is the only durability barrier: nothing written before it may be lost after it
+//! returns, anything written since the previous one may be.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::RwLock;
+
+/// A positional byte store with an explicit durability barrier.
+pub trait BlockDevice: Send + Sync {
+    /// Fills `buf` from `offset`. Reading past the end is an error (`UnexpectedEof`).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the device if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (new bytes read as zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes everything written so far durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// A device backed by a file (the production implementation).
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+}
+
+impl FileDevice {
+    /// Opens an existing file read-write.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Opens an existing file read-only: writes fail with `PermissionDenied`-like errors.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Creates a new file (fails if it exists) of `len` bytes (sparse).
+    pub fn create(path: &Path, len: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(len)?;
+        Ok(Self { file })
+    }
+
+    /// Reserves the file's blocks on the host filesystem so that later writes cannot fail
+    /// with ENOSPC and `fdatasync` has no allocation metadata to flush (used for the journal).
+    pub fn preallocate(&self, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+        // SAFETY: plain syscall on a file descriptor we own.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// An in-memory device; `sync` is a no-op (everything written is "durable").
+#[derive(Debug, Default)]
+pub struct MemDevice {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemDevice {
+    /// A zero-filled device of `len` bytes.
+    pub fn new(len: u64) -> Self {
+        Self::from_bytes(vec![0; len as usize])
+    }
+    /// A device holding `bytes` (e.g. a crash image).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            data: RwLock::new(bytes),
+        }
+    }
+    /// A copy of the contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        read_lock(&self.data).clone()
+    }
+}
+
+pub(crate) fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it; the bytes are
+    // still the bytes (these devices have no multi-step invariants).
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn read_from(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let start = usize::try_from(offset).map_err(|_| eof())?;
+    let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+    let src = data.get(start..end).ok_or_else(eof)?;
+    buf.copy_from_slice(src);
+    Ok(())
+}
+
+pub(crate) fn write_into(data: &mut Vec<u8>, buf: &[u8], offset: u64) -> io::Result<()> {
+    let start = usize::try_from(offset).map_err(|_| eof())?;
+    let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+    if data.len() < end {
+        data.resize(end, 0);
+    }
+    data[start..end].copy_from_slice(buf);
+    Ok(())
+}
+
+fn eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the device",
+    )
+}
+
+impl BlockDevice for MemDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_from(&read_lock(&self.data), buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        write_into(&mut write_lock(&self.data), buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(read_lock(&self.data).len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        write_lock(&self.data).resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_device_reads_back_and_rejects_reads_past_end() {
+        let d = MemDevice::new(16);
+        d.write_at(b"abcd", 4).unwrap();
+        let mut buf = [0u8; 6];
+        d.read_at(&mut buf, 2).unwrap();
+        assert_eq!(&buf, b"\0\0abcd");
+        assert_eq!(
+            d.read_at(&mut buf, 12).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        d.write_at(b"xy", 20).unwrap();
+        assert_eq!(d.len().unwrap(), 22);
+    }
+
+    #[test]
+    fn file_device_round_trip() {
+        let dir = std::env::temp_dir().join(format!("pairfs-dev-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let d = FileDevice::create(&dir, 8192).unwrap();
+        d.write_at(b"hello", 4096).unwrap();
+        d.sync().unwrap();
+        let mut buf = [0u8; 5];
+        d.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(d.len().unwrap(), 8192);
+        assert!(
+            FileDevice::create(&dir, 1).is_err(),
+            "create must not overwrite"
+        );
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

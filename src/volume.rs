@@ -1,0 +1,952 @@
+//! The volume: the normal area, the journal in front of it, and the caches (DESIGN §3).
+//!
+//! Writers hand the volume whole [`Transaction`]s (the block writes of one FS operation).
+//! `commit` merges a transaction into the *open entry* (group commit: later writes of a
+//! block replace earlier ones); the open entry is *sealed* into one journal entry with its
+//! `Seq` when [`Volume::sync`] is called, when it grows past `max_entry_bytes`, or when it is
+//! older than `commit_interval` ([`Volume::maintain`]). A sealed entry is durable once the
+//! journal is synced; a crash recovers exactly a prefix of sealed entries, so every state a
+//! reader of the normal area can see after recovery is the state after some whole prefix of
+//! transactions (data blocks written in place excepted, see below).
+//!
+//! **Where a block's new content goes.** Metadata blocks and small data writes travel as
+//! IMAGEs in the journal and reach the normal area at the next checkpoint. A transaction
+//! writing at least `inplace_min_blocks` data blocks writes them straight into the normal
+//! area (IN_PLACE; the entry keeps only their checksums), so bulk file data is written once
+//! (seed 001 §0136; FORMAT.md §2.4 for the ordering rules this relies on). Like ext4's
+//! `data=ordered`, a crash may then leave newer data in blocks that a file already owned;
+//! metadata is always consistent.
+//!
+//! **Reads** resolve a block in the order of DESIGN §3: the open entry's images, the images
+//! of sealed entries not yet checkpointed (`pending`), the clean cache, the normal area.
+//!
+//! **Errors.** After a failed write or sync the volume is *poisoned*: every later commit
+//! fails until it is reopened, because the state on disk is unknown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cache::BlockCache;
+use crate::device::BlockDevice;
+use crate::error::VolumeError;
+use crate::journal::{DescriptorKind, EntryBlock, Journal, JournalExpect, NewEntry};
+use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
+
+/// Tunables of a volume (policy apart from mechanism; defaults are safe).
+#[derive(Clone, Debug)]
+pub struct VolumeOptions {
+    /// Seal the open entry when it is older than this (bounds what a crash can lose when
+    /// nobody calls fsync; ext4 commits every 5 s).
+    pub commit_interval: Duration,
+    /// Seal the open entry when its images and descriptors reach this many bytes.
+    pub max_entry_bytes: u64,
+    /// Checkpoint when the images of sealed entries in memory reach this many bytes.
+    pub checkpoint_bytes: u64,
+    /// Size of the clean metadata cache in bytes.
+    pub cache_bytes: u64,
+    /// A transaction writing at least this many data blocks writes them in place.
+    pub inplace_min_blocks: usize,
+    /// Open without writing anything (journal replayed in memory only).
+    pub read_only: bool,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        Self {
+            commit_interval: Duration::from_secs(5),
+            // 16 MiB: big enough to merge the metadata of thousands of creates into one
+            // entry, small enough that sealing one costs a few milliseconds of I/O.
+            max_entry_bytes: 16 << 20,
+            // 64 MiB of images kept in memory before they are written to the normal area.
+            checkpoint_bytes: 64 << 20,
+            // 64 MiB of clean metadata: the inode blocks and directory leaves of ~1M files.
+            cache_bytes: 64 << 20,
+            // 8 blocks (32 KiB with 4 KiB blocks): below that, journaling the data costs less
+            // than the extra sync of the normal area an in-place write needs at fsync.
+            inplace_min_blocks: 8,
+            read_only: false,
+        }
+    }
+}
+
+/// Identifies a committed transaction, in commit order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TxId(pub u64);
+
+/// The block writes of one FS operation, applied atomically by [`Volume::commit`].
+#[derive(Debug, Default)]
+pub struct Transaction {
+    writes: BTreeMap<BlockNo, TxWrite>,
+}
+
+#[derive(Debug, Clone)]
+enum TxWrite {
+    Meta(Arc<[u8]>),
+    Data(Arc<[u8]>),
+}
+
+impl Transaction {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Writes a metadata block (always journaled as an image).
+    pub fn write_meta(&mut self, block: BlockNo, data: Arc<[u8]>) {
+        self.writes.insert(block, TxWrite::Meta(data));
+    }
+    /// Writes a file-data block (may be written in place, see the module documentation).
+    pub fn write_data(&mut self, block: BlockNo, data: Arc<[u8]>) {
+        self.writes.insert(block, TxWrite::Data(data));
+    }
+    /// The content this transaction writes to `block`, if any.
+    pub fn get(&self, block: BlockNo) -> Option<&Arc<[u8]>> {
+        self.writes.get(&block).map(|w| match w {
+            TxWrite::Meta(d) | TxWrite::Data(d) => d,
+        })
+    }
+    /// True if nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+    /// Number of blocks written.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum OpenBlock {
+    Image(Arc<[u8]>),
+    InPlace(u32),
+}
+
+#[derive(Debug, Default)]
+struct OpenEntry {
+    blocks: BTreeMap<BlockNo, OpenBlock>,
+    image_bytes: u64,
+    n_tx: u32,
+    has_inplace: bool,
+    since: Option<Instant>,
+    last_ts: u64,
+    last_tx: TxId,
+}
+
+/// Counters for status and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Journal entries sealed.
+    pub entries: u64,
+    /// Bytes of block images written to the journal.
+    pub journal_image_bytes: u64,
+    /// Bytes of data written in place.
+    pub inplace_bytes: u64,
+    /// Checkpoints completed.
+    pub checkpoints: u64,
+    /// Bytes written to the normal area by checkpoints.
+    pub checkpoint_bytes: u64,
+    /// Syncs of the journal device.
+    pub journal_syncs: u64,
+    /// Syncs of the normal-area device.
+    pub normal_syncs: u64,
+}
+
+/// What recovery did at open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Entries found in the journal.
+    pub entries_found: usize,
+    /// Entries replayed (not yet checkpointed before the crash).
+    pub entries_replayed: usize,
+    /// Blocks written back from images.
+    pub blocks_replayed: usize,
+    /// Seq of the newest valid entry.
+    pub last_seq: Seq,
+    /// The previous session did not close cleanly.
+    pub unclean: bool,
+}
+
+/// The volume; see the module documentation.
+pub struct Volume {
+    normal: Box<dyn BlockDevice>,
+    journal: Journal,
+    id: VolumeId,
+    bs: usize,
+    blocks: u64,
+    opts: VolumeOptions,
+    open: OpenEntry,
+    /// Newest image of each block in sealed entries not yet checkpointed.
+    pending: HashMap<BlockNo, Arc<[u8]>>,
+    cache: BlockCache,
+    /// In-place writes since the normal area was last synced.
+    normal_dirty: bool,
+    poisoned: bool,
+    next_tx: TxId,
+    /// Newest transaction in a sealed entry.
+    sealed_tx: TxId,
+    /// Newest transaction in a durable entry.
+    durable_tx: TxId,
+    checkpoint_seq: Seq,
+    stats: VolumeStats,
+    recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("id", &self.id)
+            .field("bs", &self.bs)
+            .field("blocks", &self.blocks)
+            .field("journal", &self.journal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Block sizes pairfs accepts: powers of two from 4 KiB (the page size: smaller blocks
+/// would make every page write a read-modify-write) to 64 KiB (B-tree value offsets are
+/// `u16`, FORMAT.md §3.4).
+pub fn valid_block_size(bs: u32) -> bool {
+    bs.is_power_of_two() && (4096..=65536).contains(&bs)
+}
+
+impl Volume {
+    /// Formats a new volume: writes the journal header. The normal area must already have
+    /// its final size (a multiple of `block_size`).
+    pub fn create(
+        normal: &dyn BlockDevice,
+        journal: &dyn BlockDevice,
+        id: VolumeId,
+        block_size: u32,
+    ) -> Result<(), VolumeError> {
+        if !valid_block_size(block_size) {
+            return Err(VolumeError::InvalidParams(format!(
+                "block size {block_size} is not a power of two between 4096 and 65536"
+            )));
+        }
+        let len = normal.len().map_err(VolumeError::io("sizing the volume"))?;
+        if len % u64::from(block_size) != 0 || len == 0 {
+            return Err(VolumeError::InvalidParams(format!(
+                "volume size {len} is not a positive multiple of the block size {block_size}"
+            )));
+        }
+        Journal::format(journal, id, block_size, len / u64::from(block_size))?;
+        Ok(())
+    }
+
+    /// Opens a volume and recovers it: replays the journal entries that were committed and
+    /// not yet checkpointed (in memory only when `read_only`).
+    pub fn open(
+        normal: Box<dyn BlockDevice>,
+        journal_dev: Box<dyn BlockDevice>,
+        opts: VolumeOptions,
+    ) -> Result<Volume, VolumeError> {
+        let (hdr, _) = Journal::read_header(&*journal_dev)?;
+        let len = normal.len().map_err(VolumeError::io("sizing the volume"))?;
+        let bs = hdr.block_size;
+        if !valid_block_size(bs) {
+            return Err(VolumeError::Journal(crate::error::JournalError::BadHeader(
+                format!("block size {bs} is invalid"),
+            )));
+        }
+        let (mut journal, entries) = Journal::open(
+            journal_dev,
+            JournalExpect {
+                block_size: bs,
+                normal_blocks: len / u64::from(bs),
+            },
+        )?;
+        let hdr = journal.header().clone();
+        let mut recovery = RecoveryReport {
+            entries_found: entries.len(),
+            unclean: !hdr.clean,
+            last_seq: journal.last_seq(),
+            ..RecoveryReport::default()
+        };
+        // Newest version of every block among the entries to replay.
+        let mut newest: HashMap<BlockNo, (usize, usize)> = HashMap::new();
+        for (ei, e) in entries.iter().enumerate() {
+            if e.seq <= hdr.checkpoint_seq {
+                continue;
+            }
+            recovery.entries_replayed += 1;
+            for (di, d) in e.descriptors.iter().enumerate() {
+                newest.insert(d.block, (ei, di));
+            }
+        }
+        let mut order: Vec<_> = newest.into_iter().collect();
+        order.sort_unstable_by_key(|(b, _)| *b);
+        let mut pending = HashMap::new();
+        let mut buf = vec![0u8; bs as usize];
+        for (block, (ei, di)) in order {
+            let e = &entries[ei];
+            if e.descriptors[di].kind != DescriptorKind::Image {
+                continue; // in place: the data is already in the normal area
+            }
+            journal.read_image(e, di, &mut buf)?;
+            recovery.blocks_replayed += 1;
+            if opts.read_only {
+                pending.insert(block, Arc::from(buf.as_slice()));
+            } else {
+                normal
+                    .write_at(&buf, block * u64::from(bs))
+                    .map_err(VolumeError::io("replaying the journal"))?;
+            }
+        }
+        let last = journal.last_seq();
+        let mut checkpoint_seq = hdr.checkpoint_seq;
+        if !opts.read_only {
+            normal
+                .sync()
+                .map_err(VolumeError::io("syncing the replayed volume"))?;
+            journal.release_through(last);
+            journal.begin_session()?;
+            journal.persist_tail(last, false)?;
+            checkpoint_seq = last;
+        }
+        if recovery.entries_replayed > 0 {
+            tracing::info!(
+                entries = recovery.entries_replayed,
+                blocks = recovery.blocks_replayed,
+                last_seq = %last,
+                "journal replayed"
+            );
+        }
+        Ok(Volume {
+            normal,
+            journal,
+            id: hdr.volume_id,
+            bs: bs as usize,
+            blocks: len / u64::from(bs),
+            cache: BlockCache::new((opts.cache_bytes / u64::from(bs)) as usize),
+            opts,
+            open: OpenEntry::default(),
+            pending,
+            normal_dirty: false,
+            poisoned: false,
+            next_tx: TxId(1),
+            sealed_tx: TxId(0),
+            durable_tx: TxId(0),
+            checkpoint_seq,
+            stats: VolumeStats::default(),
+            recovery,
+        })
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> usize {
+        self.bs
+    }
+    /// Number of blocks of the normal area.
+    pub fn block_count(&self) -> u64 {
+        self.blocks
+    }
+    /// The volume's identity.
+    pub fn id(&self) -> VolumeId {
+        self.id
+    }
+    /// What recovery did at open.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+    /// Counters.
+    pub fn stats(&self) -> VolumeStats {
+        self.stats.clone()
+    }
+    /// (cache hits, cache misses, cached blocks)
+    pub fn cache_stats(&self) -> (u64, u64, usize) {
+        self.cache.stats()
+    }
+    /// The journal (read-only view, e.g. for status and streaming).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+    /// True once an I/O error stopped the volume accepting writes.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+    /// Newest transaction whose journal entry is durable.
+    pub fn durable_tx(&self) -> TxId {
+        self.durable_tx
+    }
+    /// The id the next committed transaction will get.
+    pub fn next_tx(&self) -> TxId {
+        self.next_tx
+    }
+
+    fn check_block(&self, block: BlockNo) -> Result<(), VolumeError> {
+        if block >= self.blocks {
+            return Err(VolumeError::OutOfRange {
+                block,
+                blocks: self.blocks,
+            });
+        }
+        Ok(())
+    }
+
+    fn newest_image(&self, block: BlockNo) -> Option<Arc<[u8]>> {
+        if let Some(OpenBlock::Image(d)) = self.open.blocks.get(&block) {
+            return Some(d.clone());
+        }
+        self.pending.get(&block).cloned()
+    }
+
+    /// Reads a metadata block (cached).
+    pub fn read_block(&self, block: BlockNo) -> Result<Arc<[u8]>, VolumeError> {
+        self.check_block(block)?;
+        if let Some(d) = self.newest_image(block) {
+            return Ok(d);
+        }
+        if let Some(d) = self.cache.get(block) {
+            return Ok(d);
+        }
+        let mut buf = vec![0u8; self.bs];
+        self.normal
+            .read_at(&mut buf, block * self.bs as u64)
+            .map_err(VolumeError::io("reading a block"))?;
+        let d: Arc<[u8]> = Arc::from(buf);
+        self.cache.insert(block, d.clone());
+        Ok(d)
+    }
+
+    /// Reads `buf.len() / block_size` consecutive file-data blocks starting at `start`
+    /// (one read from the normal area, not cached, newer images overlaid).
+    pub fn read_data(&self, start: BlockNo, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let n = (buf.len() / self.bs) as u64;
+        debug_assert_eq!(buf.len() % self.bs, 0);
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_block(start + n - 1)?;
+        self.normal
+            .read_at(buf, start * self.bs as u64)
+            .map_err(VolumeError::io("reading data"))?;
+        if self.open.image_bytes > 0 || !self.pending.is_empty() {
+            for i in 0..n {
+                if let Some(d) = self.newest_image(start + i) {
+                    let at = (i as usize) * self.bs;
+                    buf[at..at + self.bs].copy_from_slice(&d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poison<T>(&mut self, e: VolumeError) -> Result<T, VolumeError> {
+        if !self.poisoned {
+            tracing::error!(error = %e, "volume I/O failed; refusing further writes until remount");
+        }
+        self.poisoned = true;
+        Err(e)
+    }
+
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        if self.opts.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        if self.poisoned {
+            return Err(VolumeError::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Applies a transaction atomically (durable at the next [`Volume::sync`]).
+    pub fn commit(&mut self, tx: Transaction) -> Result<TxId, VolumeError> {
+        self.check_writable()?;
+        for &b in tx.writes.keys() {
+            self.check_block(b)?;
+        }
+        if tx.writes.is_empty() {
+            return Ok(TxId(self.next_tx.0 - 1));
+        }
+        let data_blocks = tx
+            .writes
+            .values()
+            .filter(|w| matches!(w, TxWrite::Data(_)))
+            .count();
+        let bulk = data_blocks >= self.opts.inplace_min_blocks;
+        // Runs of consecutive in-place blocks, written with one call each.
+        let mut run: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
+        let mut runs: Vec<Vec<(BlockNo, Arc<[u8]>)>> = Vec::new();
+        for (&b, w) in &tx.writes {
+            let (data, inplace) = match w {
+                TxWrite::Meta(d) => (d, false),
+                // FORMAT.md §2.4 rule 2: never in place over an image a crash could replay.
+                TxWrite::Data(d) => (d, bulk && !self.pending.contains_key(&b)),
+            };
+            if data.len() != self.bs {
+                return Err(VolumeError::InvalidParams(format!(
+                    "block {b} written with {} bytes, block size is {}",
+                    data.len(),
+                    self.bs
+                )));
+            }
+            if inplace {
+                if run.last().is_some_and(|(lb, _)| lb + 1 != b) {
+                    runs.push(std::mem::take(&mut run));
+                }
+                run.push((b, data.clone()));
+            }
+        }
+        if !run.is_empty() {
+            runs.push(run);
+        }
+        let mut inplace_crc: HashMap<BlockNo, u32> = HashMap::new();
+        let mut buf = Vec::new();
+        for r in &runs {
+            buf.clear();
+            for (b, d) in r {
+                buf.extend_from_slice(d);
+                inplace_crc.insert(*b, crc32c(d));
+                self.cache.remove(*b);
+            }
+            if let Err(e) = self.normal.write_at(&buf, r[0].0 * self.bs as u64) {
+                return self.poison(VolumeError::Io {
+                    op: "writing data in place",
+                    source: e,
+                });
+            }
+            self.normal_dirty = true;
+            self.stats.inplace_bytes += buf.len() as u64;
+        }
+        let now = Instant::now();
+        let open = &mut self.open;
+        for (b, w) in tx.writes {
+            let new = match inplace_crc.get(&b) {
+                Some(&crc) => {
+                    open.has_inplace = true;
+                    OpenBlock::InPlace(crc)
+                }
+                None => {
+                    let (TxWrite::Meta(d) | TxWrite::Data(d)) = w;
+                    open.image_bytes += d.len() as u64;
+                    OpenBlock::Image(d)
+                }
+            };
+            if let Some(OpenBlock::Image(old)) = open.blocks.insert(b, new) {
+                open.image_bytes -= old.len() as u64;
+            }
+        }
+        open.n_tx += 1;
+        open.since.get_or_insert(now);
+        open.last_ts = now_ns();
+        let id = self.next_tx;
+        open.last_tx = id;
+        self.next_tx = TxId(id.0 + 1);
+        self.stats.transactions += 1;
+        let descr = self.open.blocks.len() as u64 * crate::journal::DESCRIPTOR_LEN as u64;
+        if self.open.image_bytes + descr >= self.max_entry_bytes() {
+            self.seal()?;
+        }
+        Ok(id)
+    }
+
+    fn max_entry_bytes(&self) -> u64 {
+        // An entry never takes more than a quarter of the journal, so that a full journal
+        // can always be drained by one checkpoint and the next entry then fits.
+        self.opts
+            .max_entry_bytes
+            .min(self.journal.capacity_for_entries() / 4)
+            .max(self.bs as u64)
+    }
+
+    /// Seals the open entry into a journal entry (written, not yet durable).
+    fn seal(&mut self) -> Result<(), VolumeError> {
+        if self.open.blocks.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        if self.open.has_inplace && self.normal_dirty {
+            // FORMAT.md §2.4 rule 2: in-place data durable before the entry naming it.
+            if let Err(e) = self.normal.sync() {
+                return self.poison(VolumeError::Io {
+                    op: "syncing in-place data",
+                    source: e,
+                });
+            }
+            self.stats.normal_syncs += 1;
+            self.normal_dirty = false;
+        }
+        let open = std::mem::take(&mut self.open);
+        let blocks: Vec<(BlockNo, EntryBlock<'_>)> = open
+            .blocks
+            .iter()
+            .map(|(&b, ob)| {
+                (
+                    b,
+                    match ob {
+                        OpenBlock::Image(d) => EntryBlock::Image(d),
+                        OpenBlock::InPlace(c) => EntryBlock::InPlace(*c),
+                    },
+                )
+            })
+            .collect();
+        let entry = NewEntry {
+            timestamp_ns: open.last_ts,
+            n_tx: open.n_tx,
+            blocks: &blocks,
+        };
+        let appended = match self.journal.append(&entry) {
+            Err(crate::error::JournalError::Full { .. }) => {
+                // Make room: checkpoint what is sealed, then the entry fits (max_entry_bytes).
+                if let Err(e) = self.checkpoint_sealed() {
+                    drop(blocks);
+                    self.open = open;
+                    return Err(e);
+                }
+                self.journal.append(&entry)
+            }
+            r => r,
+        };
+        drop(blocks);
+        if let Err(e) = appended {
+            self.open = open;
+            return self.poison(e.into());
+        }
+        self.stats.entries += 1;
+        self.stats.journal_image_bytes += open.image_bytes;
+        for (b, ob) in open.blocks {
+            match ob {
+                OpenBlock::Image(d) => {
+                    self.pending.insert(b, d);
+                }
+                OpenBlock::InPlace(_) => {
+                    self.pending.remove(&b);
+                }
+            }
+        }
+        self.sealed_tx = open.last_tx;
+        Ok(())
+    }
+
+    /// Makes every committed transaction durable (group commit: one journal sync).
+    pub fn sync(&mut self) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        if self.durable_tx == self.sealed_tx
+            && self.journal.durable_seq() == self.journal.last_seq()
+        {
+            return Ok(());
+        }
+        if let Err(e) = self.journal.sync() {
+            return self.poison(e.into());
+        }
+        self.stats.journal_syncs += 1;
+        self.durable_tx = self.sealed_tx;
+        Ok(())
+    }
+
+    /// Writes the images of sealed entries to the normal area and frees their journal space.
+    pub fn checkpoint(&mut self) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        self.checkpoint_sealed()
+    }
+
+    fn checkpoint_sealed(&mut self) -> Result<(), VolumeError> {
+        if let Err(e) = self.journal.sync() {
+            return self.poison(e.into());
+        }
+        self.stats.journal_syncs += 1;
+        self.durable_tx = self.sealed_tx;
+        let last = self.journal.last_seq();
+        if self.pending.is_empty() && self.journal.retained().is_empty() {
+            return Ok(());
+        }
+        let mut order: Vec<BlockNo> = self.pending.keys().copied().collect();
+        order.sort_unstable();
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            // Coalesce consecutive blocks into one write.
+            let start = order[i];
+            buf.clear();
+            while i < order.len() && order[i] == start + (buf.len() / self.bs) as u64 {
+                buf.extend_from_slice(&self.pending[&order[i]]);
+                i += 1;
+            }
+            if let Err(e) = self.normal.write_at(&buf, start * self.bs as u64) {
+                return self.poison(VolumeError::Io {
+                    op: "checkpointing",
+                    source: e,
+                });
+            }
+            self.stats.checkpoint_bytes += buf.len() as u64;
+        }
+        if let Err(e) = self.normal.sync() {
+            return self.poison(VolumeError::Io {
+                op: "syncing the checkpoint",
+                source: e,
+            });
+        }
+        self.stats.normal_syncs += 1;
+        self.normal_dirty = false;
+        self.journal.release_through(last);
+        if let Err(e) = self.journal.persist_tail(last, false) {
+            return self.poison(e.into());
+        }
+        self.checkpoint_seq = last;
+        for (b, d) in self.pending.drain() {
+            self.cache.insert(b, d);
+        }
+        self.stats.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Periodic work: seal and sync an old open entry, checkpoint when memory or journal
+    /// fill call for it. Returns true if anything was done.
+    pub fn maintain(&mut self, now: Instant) -> Result<bool, VolumeError> {
+        if self.opts.read_only || self.poisoned {
+            return Ok(false);
+        }
+        let mut did = false;
+        if self
+            .open
+            .since
+            .is_some_and(|s| now.duration_since(s) >= self.opts.commit_interval)
+        {
+            self.sync()?;
+            did = true;
+        }
+        let pending_bytes = self.pending.len() as u64 * self.bs as u64;
+        let journal_half_full = self.journal.used_bytes() * 2 > self.journal.capacity_for_entries();
+        if pending_bytes >= self.opts.checkpoint_bytes || journal_half_full {
+            self.checkpoint()?;
+            did = true;
+        }
+        Ok(did)
+    }
+
+    /// Checkpoints everything and marks the journal clean. The volume stays usable.
+    pub fn close(&mut self) -> Result<(), VolumeError> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        let last = self.journal.last_seq();
+        if let Err(e) = self.journal.persist_tail(last, true) {
+            return self.poison(e.into());
+        }
+        Ok(())
+    }
+
+    /// Bytes of images held in memory (open entry + sealed, not checkpointed).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.open.image_bytes + self.pending.len() as u64 * self.bs as u64
+    }
+
+    /// Seq of the newest durable checkpoint.
+    pub fn checkpoint_seq(&self) -> Seq {
+        self.checkpoint_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crash::CrashDevice;
+    use crate::device::MemDevice;
+
+    const BS: usize = 4096;
+
+    struct Devs {
+        normal: Arc<CrashDevice>,
+        journal: Arc<CrashDevice>,
+    }
+
+    fn devs(blocks: u64, jblocks: u64) -> Devs {
+        let normal = Arc::new(CrashDevice::new(blocks * BS as u64));
+        let journal = Arc::new(CrashDevice::new(jblocks * BS as u64));
+        Volume::create(&*normal, &*journal, VolumeId([1; 16]), BS as u32).unwrap();
+        Devs { normal, journal }
+    }
+
+    fn open(d: &Devs, opts: VolumeOptions) -> Volume {
+        Volume::open(
+            Box::new(d.normal.clone()),
+            Box::new(d.journal.clone()),
+            opts,
+        )
+        .unwrap()
+    }
+
+    fn blk(v: u8) -> Arc<[u8]> {
+        Arc::from(vec![v; BS])
+    }
+
+    fn crash_open(d: &Devs) -> Volume {
+        let n = MemDevice::from_bytes(d.normal.crash_point().durable_image());
+        let j = MemDevice::from_bytes(d.journal.crash_point().durable_image());
+        Volume::open(Box::new(n), Box::new(j), VolumeOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn committed_and_synced_survives_crash_unsynced_does_not() {
+        let d = devs(64, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        let mut tx = Transaction::new();
+        tx.write_meta(3, blk(3));
+        tx.write_meta(4, blk(4));
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let mut tx = Transaction::new();
+        tx.write_meta(3, blk(33));
+        v.commit(tx).unwrap();
+        assert_eq!(
+            v.read_block(3).unwrap()[0],
+            33,
+            "reads see uncommitted-to-disk writes"
+        );
+        let r = crash_open(&d);
+        assert_eq!(r.read_block(3).unwrap()[0], 3);
+        assert_eq!(r.read_block(4).unwrap()[0], 4);
+        assert_eq!(r.recovery().entries_replayed, 1);
+    }
+
+    #[test]
+    fn checkpoint_writes_images_and_frees_the_journal() {
+        let d = devs(64, 32);
+        let mut v = open(&d, VolumeOptions::default());
+        for round in 0..50u8 {
+            let mut tx = Transaction::new();
+            for b in 10..14 {
+                tx.write_meta(b, blk(round));
+            }
+            v.commit(tx).unwrap();
+            v.sync().unwrap();
+            v.maintain(Instant::now()).unwrap();
+        }
+        v.close().unwrap();
+        assert!(v.stats().checkpoints > 0);
+        let mut buf = vec![0u8; BS];
+        d.normal.read_at(&mut buf, 12 * BS as u64).unwrap();
+        assert_eq!(buf[0], 49);
+        let r = crash_open(&d);
+        assert_eq!(r.read_block(13).unwrap()[0], 49);
+        assert_eq!(r.recovery().entries_replayed, 0);
+        assert!(!r.recovery().unclean);
+    }
+
+    #[test]
+    fn bulk_data_goes_in_place_and_small_data_is_journaled() {
+        let d = devs(256, 64);
+        let opts = VolumeOptions {
+            inplace_min_blocks: 4,
+            ..VolumeOptions::default()
+        };
+        let mut v = open(&d, opts);
+        let mut tx = Transaction::new();
+        for b in 100..108 {
+            tx.write_data(b, blk(b as u8));
+        }
+        tx.write_meta(5, blk(5));
+        v.commit(tx).unwrap();
+        let mut tx = Transaction::new();
+        tx.write_data(120, blk(120));
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let s = v.stats();
+        assert_eq!(s.inplace_bytes, 8 * BS as u64);
+        assert_eq!(s.journal_image_bytes, 2 * BS as u64);
+        let mut buf = vec![0u8; 9 * BS];
+        v.read_data(100, &mut buf).unwrap();
+        assert_eq!(buf[7 * BS], 107);
+        let r = crash_open(&d);
+        let mut buf = vec![0u8; BS];
+        r.read_data(104, &mut buf).unwrap();
+        assert_eq!(buf[0], 104, "in-place data durable with its entry");
+        r.read_data(120, &mut buf).unwrap();
+        assert_eq!(buf[0], 120);
+    }
+
+    #[test]
+    fn in_place_write_never_lands_under_a_pending_image() {
+        let d = devs(256, 64);
+        let opts = VolumeOptions {
+            inplace_min_blocks: 2,
+            ..VolumeOptions::default()
+        };
+        let mut v = open(&d, opts);
+        let mut tx = Transaction::new();
+        tx.write_data(50, blk(1)); // small: an image
+        v.commit(tx).unwrap();
+        v.sync().unwrap(); // sealed, durable, not checkpointed
+        let mut tx = Transaction::new();
+        tx.write_data(50, blk(2));
+        tx.write_data(51, blk(2));
+        v.commit(tx).unwrap(); // bulk, but 50 has a pending image: journaled
+        v.sync().unwrap();
+        assert_eq!(v.stats().inplace_bytes, BS as u64, "only block 51 in place");
+        let r = crash_open(&d);
+        let mut buf = vec![0u8; 2 * BS];
+        r.read_data(50, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn io_error_poisons_until_reopen() {
+        let d = devs(64, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        d.journal.fail_from_now();
+        let mut tx = Transaction::new();
+        tx.write_meta(1, blk(1));
+        v.commit(tx).unwrap();
+        assert!(v.sync().is_err());
+        let mut tx = Transaction::new();
+        tx.write_meta(2, blk(2));
+        assert!(matches!(v.commit(tx), Err(VolumeError::Poisoned)));
+    }
+
+    #[test]
+    fn read_only_open_replays_in_memory_without_writing() {
+        let d = devs(64, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        let mut tx = Transaction::new();
+        tx.write_meta(7, blk(7));
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let n = Arc::new(MemDevice::from_bytes(
+            d.normal.crash_point().durable_image(),
+        ));
+        let j = Arc::new(MemDevice::from_bytes(
+            d.journal.crash_point().durable_image(),
+        ));
+        let before = (n.to_bytes(), j.to_bytes());
+        let ro = Volume::open(
+            Box::new(n.clone()),
+            Box::new(j.clone()),
+            VolumeOptions {
+                read_only: true,
+                ..VolumeOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ro.read_block(7).unwrap()[0], 7);
+        assert_eq!((n.to_bytes(), j.to_bytes()), before, "nothing written");
+        let mut ro = ro;
+        assert!(matches!(
+            ro.commit(Transaction::new()),
+            Err(VolumeError::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn full_journal_checkpoints_by_itself() {
+        let d = devs(512, 24);
+        let mut v = open(&d, VolumeOptions::default());
+        for round in 0..40u64 {
+            let mut tx = Transaction::new();
+            for b in 0..6 {
+                tx.write_meta(round * 6 + b, blk(round as u8));
+            }
+            v.commit(tx).unwrap();
+            v.sync().unwrap();
+        }
+        assert!(v.stats().checkpoints > 0);
+        let r = crash_open(&d);
+        assert_eq!(r.read_block(39 * 6).unwrap()[0], 39);
+        assert_eq!(r.read_block(0).unwrap()[0], 0);
+        assert_eq!(r.read_block(6).unwrap()[0], 1);
+    }
+}
