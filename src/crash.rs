@@ -185,8 +185,12 @@ impl BlockDevice for CrashDevice {
             h();
         }
         let mut s = self.lock();
-        s.durable = s.written.clone();
-        s.pending.clear();
+        // Apply the pending writes rather than copying the whole image: syncs are frequent
+        // and devices in tests can be hundreds of MiB.
+        let pending = std::mem::take(&mut s.pending);
+        for (off, data) in pending {
+            write_into(&mut s.durable, &data, off)?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,197 @@
+//! Block and inode allocation (FORMAT.md §3.1, §3.5).
+//!
+//! The on-disk bitmaps are the truth after a crash; at mount they are loaded into memory
+//! and from then on the in-memory copy decides. A bit is set in memory for a block that is
+//! in use, reserved by the transaction being built, or *free-pending*: freed by a
+//! transaction whose journal entry is not yet durable. A free-pending block returns to the
+//! pool only when [`Allocator::release_durable`] sees its transaction durable, so an
+//! in-place data write can never overwrite a block that a durable entry still references.
+
+use std::collections::VecDeque;
+
+use bitvec::prelude::*;
+use pairfs::{BlockNo, TxId, Volume};
+
+use crate::error::{FsError, FsResult};
+use crate::format::Superblock;
+
+/// See the module documentation.
+pub(crate) struct Allocator {
+    blocks: BitVec<u64, Lsb0>,
+    inodes: BitVec<u64, Lsb0>,
+    free_blocks: u64,
+    free_inodes: u64,
+    pending: VecDeque<(TxId, BlockNo, u64)>,
+    pending_blocks: u64,
+    cursor: BlockNo,
+    data_start: BlockNo,
+}
+
+/// Loads `nbits` bits from consecutive bitmap blocks starting at `start`.
+pub(crate) fn load_bitmap(
+    vol: &Volume,
+    start: BlockNo,
+    nblocks: u64,
+    nbits: u64,
+) -> FsResult<BitVec<u64, Lsb0>> {
+    let mut words: Vec<u64> = Vec::with_capacity((nblocks as usize * vol.block_size()) / 8);
+    for i in 0..nblocks {
+        let b = vol.read_block(start + i)?;
+        words.extend(b.chunks_exact(8).map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_le_bytes(a)
+        }));
+    }
+    let mut bv = BitVec::<u64, Lsb0>::from_vec(words);
+    bv.truncate(nbits as usize);
+    Ok(bv)
+}
+
+impl Allocator {
+    /// Loads both bitmaps.
+    pub(crate) fn load(vol: &Volume, sb: &Superblock) -> FsResult<Allocator> {
+        let blocks = load_bitmap(vol, sb.bbm_start, sb.bbm_blocks, sb.total_blocks)?;
+        let inodes = load_bitmap(vol, sb.ibm_start, sb.ibm_blocks, sb.inode_count)?;
+        if !blocks[..sb.data_start as usize].all() {
+            return Err(FsError::corrupt(
+                "block bitmap marks metadata blocks as free",
+            ));
+        }
+        Ok(Allocator {
+            free_blocks: blocks.count_zeros() as u64,
+            free_inodes: inodes.count_zeros() as u64,
+            blocks,
+            inodes,
+            pending: VecDeque::new(),
+            pending_blocks: 0,
+            cursor: sb.data_start,
+            data_start: sb.data_start,
+        })
+    }
+
+    /// Blocks free now plus those that will be once their frees are durable.
+    pub(crate) fn free_blocks(&self) -> u64 {
+        self.free_blocks + self.pending_blocks
+    }
+
+    /// Free inode slots.
+    pub(crate) fn free_inodes(&self) -> u64 {
+        self.free_inodes
+    }
+
+    /// Blocks waiting for their frees to become durable.
+    pub(crate) fn pending_blocks(&self) -> u64 {
+        self.pending_blocks
+    }
+
+    /// Allocates up to `max` contiguous blocks, preferably starting at `goal`.
+    pub(crate) fn alloc_run(&mut self, goal: BlockNo, max: u64) -> Option<(BlockNo, u64)> {
+        if self.free_blocks == 0 || max == 0 {
+            return None;
+        }
+        let total = self.blocks.len();
+        let goal = if (goal as usize) < total && goal >= self.data_start {
+            goal
+        } else {
+            self.cursor
+        } as usize;
+        let start = self.blocks[goal..]
+            .first_zero()
+            .map(|i| i + goal)
+            .or_else(|| {
+                self.blocks[self.data_start as usize..goal]
+                    .first_zero()
+                    .map(|i| i + self.data_start as usize)
+            })?;
+        let avail = self.blocks[start..].first_one().unwrap_or(total - start);
+        let len = (avail as u64).min(max);
+        self.blocks[start..start + len as usize].fill(true);
+        self.free_blocks -= len;
+        self.cursor = start as u64 + len;
+        if self.cursor as usize >= total {
+            self.cursor = self.data_start;
+        }
+        Some((start as u64, len))
+    }
+
+    /// Gives back blocks reserved by a transaction that was abandoned.
+    pub(crate) fn unreserve(&mut self, start: BlockNo, len: u64) {
+        self.blocks[start as usize..(start + len) as usize].fill(false);
+        self.free_blocks += len;
+    }
+
+    /// Records blocks freed by transaction `tx`: free-pending until `tx` is durable.
+    pub(crate) fn free_pending(&mut self, tx: TxId, start: BlockNo, len: u64) {
+        self.pending.push_back((tx, start, len));
+        self.pending_blocks += len;
+    }
+
+    /// Returns to the pool the free-pending blocks of durable transactions.
+    pub(crate) fn release_durable(&mut self, durable: TxId) {
+        while let Some(&(tx, start, len)) = self.pending.front() {
+            if tx > durable {
+                break;
+            }
+            self.pending.pop_front();
+            self.blocks[start as usize..(start + len) as usize].fill(false);
+            self.free_blocks += len;
+            self.pending_blocks -= len;
+        }
+    }
+
+    /// Allocates an inode slot, preferably near `goal`.
+    pub(crate) fn alloc_inode(&mut self, goal: u64) -> Option<u64> {
+        if self.free_inodes == 0 {
+            return None;
+        }
+        let g = (goal.saturating_sub(1) as usize).min(self.inodes.len());
+        let idx = self.inodes[g..]
+            .first_zero()
+            .map(|i| i + g)
+            .or_else(|| self.inodes[..g].first_zero())?;
+        self.inodes.set(idx, true);
+        self.free_inodes -= 1;
+        Some(idx as u64 + 1)
+    }
+
+    /// Frees an inode slot (or gives back an abandoned reservation).
+    pub(crate) fn free_inode(&mut self, ino: u64) {
+        let idx = ino as usize - 1;
+        if self.inodes[idx] {
+            self.inodes.set(idx, false);
+            self.free_inodes += 1;
+        }
+    }
+}
+
+/// Sets or clears bits `start..start+len` in a bitmap block image whose first bit is
+/// `first_bit`. Only the part of the range inside this block is touched.
+pub(crate) fn set_bits(img: &mut [u8], first_bit: u64, start: u64, len: u64, value: bool) {
+    let nbits = img.len() as u64 * 8;
+    let lo = start.max(first_bit);
+    let hi = (start + len).min(first_bit + nbits);
+    let bits = img.view_bits_mut::<Lsb0>();
+    if lo < hi {
+        bits[(lo - first_bit) as usize..(hi - first_bit) as usize].fill(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_bits_is_lsb_first_and_clipped() {
+        let mut img = [0u8; 4];
+        set_bits(&mut img, 0, 3, 6, true);
+        assert_eq!(img, [0b1111_1000, 0b0000_0001, 0, 0]);
+        // A block holding bits 32..64: only bits 32..40 of the range 0..40 land in it.
+        set_bits(&mut img, 32, 0, 40, true);
+        assert_eq!(img, [0xff, 0b0000_0001, 0, 0]);
+        set_bits(&mut img, 0, 8, 8, false);
+        assert_eq!(img, [0xff, 0, 0, 0]);
+        set_bits(&mut img, 0, 100, 8, true); // entirely outside
+        assert_eq!(img, [0xff, 0, 0, 0]);
+    }
+}

@@ -1,0 +1,1521 @@
+//! The filesystem core: POSIX operations over the pairfs volume (DESIGN §2).
+//!
+//! Every mutation is one transaction: it runs against an [`FsTx`] under the write lock and
+//! is committed to the volume whole, or not at all (an error midway leaves nothing behind).
+//! Reads run under the read lock, concurrently. The FUSE adapter (`fuse.rs`) is a thin
+//! layer over this type, which is tested without a mount.
+//!
+//! Inode lifetime follows the kernel's lookup counts when `track_lookups` is on (the FUSE
+//! adapter turns it on): an inode whose last link goes while the kernel still references
+//! it moves to the hidden orphan directory and is freed at its last `forget`, or at the
+//! next mount after a crash.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use pairfs::types::fill_random;
+use pairfs::{Transaction, Volume};
+
+use crate::alloc::{Allocator, set_bits};
+use crate::btree::{BTree, TREE_DIR};
+use crate::dir::{self, FIRST_COOKIE, check_name};
+use crate::error::{FsError, FsResult};
+use crate::extent::{Extent, ExtentMap};
+use crate::format::{
+    INLINE_SYMLINK_MAX, Inode, Kind, MAX_SYMLINK, ORPHAN_INO, ROOT_INO, Superblock, Timespec,
+};
+use crate::tx::{BlockRead, BlockWrite, FsTx, read_inode};
+use crate::xattr::Xattrs;
+
+/// Largest file size (16 TiB): keeps logical block numbers and offsets far from overflow.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+/// Most hard links an inode may have (ext4's limit).
+pub const MAX_LINKS: u32 = 65_000;
+/// Most blocks one write reserves per allocation call (an extent's worth at 4 KiB blocks
+/// is 16 TiB; this only bounds a single reservation).
+const ALLOC_CHUNK: u64 = 1 << 16;
+
+/// Options of an open filesystem.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Follow the kernel's lookup counts to keep unlinked-but-open inodes alive.
+    pub track_lookups: bool,
+    /// Update access times (relatime rules); off is `noatime`.
+    pub atime: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            track_lookups: false,
+            atime: true,
+        }
+    }
+}
+
+/// Options of `format`.
+#[derive(Clone, Debug, Default)]
+pub struct FormatOptions {
+    /// Number of inodes (default: one per 16 KiB).
+    pub inodes: Option<u64>,
+}
+
+/// Who performs an operation (ownership of new inodes, setuid clearing).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    /// Caller's uid.
+    pub uid: u32,
+    /// Caller's gid.
+    pub gid: u32,
+}
+
+/// The attributes of an inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Allocated size in 512-byte units.
+    pub blocks: u64,
+    /// Access time.
+    pub atime: Timespec,
+    /// Modification time.
+    pub mtime: Timespec,
+    /// Change time.
+    pub ctime: Timespec,
+    /// Creation time.
+    pub crtime: Timespec,
+    /// File type.
+    pub kind: Kind,
+    /// Permission bits (including setuid, setgid, sticky).
+    pub perm: u16,
+    /// Hard links.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number.
+    pub rdev: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+    /// Generation of the inode slot.
+    pub generation: u32,
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSet {
+    /// The current time.
+    Now,
+    /// A given time.
+    At(Timespec),
+}
+
+/// Attribute changes (`setattr`).
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate or extend).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSet>,
+    /// New modification time.
+    pub mtime: Option<TimeSet>,
+    /// New change time.
+    pub ctime: Option<Timespec>,
+}
+
+/// `rename` flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenameFlags {
+    /// `RENAME_NOREPLACE`: fail if the target exists.
+    pub noreplace: bool,
+    /// `RENAME_EXCHANGE`: swap source and target.
+    pub exchange: bool,
+}
+
+/// One `readdir` item.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    /// Inode number.
+    pub ino: u64,
+    /// File type.
+    pub kind: Kind,
+    /// Name.
+    pub name: Vec<u8>,
+    /// Offset to resume after this item.
+    pub next: u64,
+}
+
+/// `statfs` figures.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    /// Total blocks.
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Free blocks for unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Longest name.
+    pub namelen: u32,
+}
+
+struct Core {
+    vol: Volume,
+    sb: Superblock,
+    alloc: Allocator,
+}
+
+/// The filesystem; see the module documentation.
+pub struct Fs {
+    core: RwLock<Core>,
+    lookups: Mutex<HashMap<u64, u64>>,
+    opts: FsOptions,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> Timespec {
+    Timespec::now()
+}
+
+/// Reads a live inode.
+fn load(r: &impl BlockRead, sb: &Superblock, ino: u64) -> FsResult<Inode> {
+    let i = read_inode(r, sb, ino)?;
+    if i.is_free() {
+        return Err(FsError::Stale);
+    }
+    Ok(i)
+}
+
+fn dir_tree(ino: u64, i: &Inode) -> FsResult<BTree> {
+    if i.kind() != Some(Kind::Dir) {
+        return Err(FsError::NotDir);
+    }
+    Ok(BTree {
+        root: i.root,
+        tree: TREE_DIR,
+        owner: ino,
+    })
+}
+
+fn kind_of(i: &Inode) -> FsResult<Kind> {
+    i.kind()
+        .ok_or_else(|| FsError::corrupt(format!("bad mode {:o}", i.mode)))
+}
+
+fn to_attr(ino: u64, i: &Inode, bs: usize) -> FsResult<Attr> {
+    let kind = kind_of(i)?;
+    let size = if kind == Kind::Dir {
+        i.blocks * bs as u64
+    } else {
+        i.size
+    };
+    Ok(Attr {
+        ino,
+        size,
+        blocks: i.blocks * (bs as u64 / 512),
+        atime: i.atime,
+        mtime: i.mtime,
+        ctime: i.ctime,
+        crtime: i.crtime,
+        kind,
+        perm: (i.mode & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        blksize: bs as u32,
+        generation: i.generation,
+    })
+}
+
+fn apply_delta(blocks: u64, delta: i64) -> u64 {
+    blocks.checked_add_signed(delta).unwrap_or(0)
+}
+
+/// Inserts an entry into directory `dir`, updating its inode (count, blocks, link count
+/// for a subdirectory, times).
+fn dir_add(tx: &mut FsTx<'_>, dir: u64, name: &[u8], child: u64, kind: Kind) -> FsResult<()> {
+    let sb = tx.sb();
+    let mut d = load(tx, sb, dir)?;
+    let mut tree = dir_tree(dir, &d)?;
+    if kind == Kind::Dir && d.nlink >= MAX_LINKS {
+        return Err(FsError::TooManyLinks);
+    }
+    let before = tx.meta_delta();
+    dir::insert(tx, &mut tree, &sb.hash_key, name, child, kind)?;
+    d.blocks = apply_delta(d.blocks, tx.meta_delta() - before);
+    d.root = tree.root;
+    d.count += 1;
+    if kind == Kind::Dir {
+        d.nlink += 1;
+    }
+    let t = now();
+    d.mtime = t;
+    d.ctime = t;
+    tx.write_inode(dir, &d)
+}
+
+/// Removes the entry at `cookie` of directory `dir`.
+fn dir_remove(tx: &mut FsTx<'_>, dir: u64, cookie: u64, was_dir: bool) -> FsResult<()> {
+    let sb = tx.sb();
+    let mut d = load(tx, sb, dir)?;
+    let mut tree = dir_tree(dir, &d)?;
+    let before = tx.meta_delta();
+    if !tree.remove(tx, cookie)? {
+        return Err(FsError::corrupt(format!(
+            "directory {dir} lost entry {cookie}"
+        )));
+    }
+    d.blocks = apply_delta(d.blocks, tx.meta_delta() - before);
+    d.root = tree.root;
+    d.count = d.count.saturating_sub(1);
+    if was_dir {
+        d.nlink = d.nlink.saturating_sub(1);
+    }
+    let t = now();
+    d.mtime = t;
+    d.ctime = t;
+    tx.write_inode(dir, &d)
+}
+
+/// Points the entry at `cookie` of `dir` to another inode (`RENAME_EXCHANGE`).
+fn dir_replace(
+    tx: &mut FsTx<'_>,
+    dir: u64,
+    cookie: u64,
+    name: &[u8],
+    child: u64,
+    kind: Kind,
+    nlink_delta: i32,
+) -> FsResult<()> {
+    let sb = tx.sb();
+    let mut d = load(tx, sb, dir)?;
+    let mut tree = dir_tree(dir, &d)?;
+    let before = tx.meta_delta();
+    tree.insert(tx, cookie, &dir::encode(child, kind, name))?;
+    d.blocks = apply_delta(d.blocks, tx.meta_delta() - before);
+    d.root = tree.root;
+    d.nlink = d.nlink.saturating_add_signed(nlink_delta);
+    let t = now();
+    d.mtime = t;
+    d.ctime = t;
+    tx.write_inode(dir, &d)
+}
+
+/// Frees an inode and everything it owns.
+fn free_inode(tx: &mut FsTx<'_>, ino: u64, i: &Inode) -> FsResult<()> {
+    match kind_of(i)? {
+        Kind::Dir => dir_tree(ino, i)?.destroy(tx)?,
+        Kind::File | Kind::Symlink => {
+            let map = ExtentMap::load(i, ino)?;
+            for e in map.all(tx)? {
+                tx.free_blocks(e.phys, e.len);
+            }
+            map.destroy(tx)?;
+        }
+        _ => {}
+    }
+    if i.xattr_block != 0 {
+        tx.free_meta(i.xattr_block);
+    }
+    tx.write_inode(ino, &Inode::free(i.generation))?;
+    tx.free_ino(ino);
+    Ok(())
+}
+
+/// Drops one link of `ino` (already removed from its directory). `referenced`: the kernel
+/// still holds the inode, so it becomes an orphan instead of being freed.
+fn drop_link(tx: &mut FsTx<'_>, ino: u64, referenced: bool, whole_dir: bool) -> FsResult<()> {
+    let sb = tx.sb();
+    let mut i = load(tx, sb, ino)?;
+    i.nlink = if whole_dir {
+        0
+    } else {
+        i.nlink.saturating_sub(1)
+    };
+    i.ctime = now();
+    if i.nlink > 0 {
+        return tx.write_inode(ino, &i);
+    }
+    if referenced {
+        let mut o = load(tx, sb, ORPHAN_INO)?;
+        let mut tree = dir_tree(ORPHAN_INO, &o)?;
+        let before = tx.meta_delta();
+        tree.insert(tx, ino, &dir::encode(ino, kind_of(&i)?, b""))?;
+        o.blocks = apply_delta(o.blocks, tx.meta_delta() - before);
+        o.root = tree.root;
+        o.count += 1;
+        tx.write_inode(ORPHAN_INO, &o)?;
+        return tx.write_inode(ino, &i);
+    }
+    free_inode(tx, ino, &i)
+}
+
+/// Removes an orphan (an unlinked inode the kernel no longer references).
+fn reap_orphan(tx: &mut FsTx<'_>, ino: u64) -> FsResult<()> {
+    let sb = tx.sb();
+    let mut o = load(tx, sb, ORPHAN_INO)?;
+    let mut tree = dir_tree(ORPHAN_INO, &o)?;
+    let before = tx.meta_delta();
+    if !tree.remove(tx, ino)? {
+        return Ok(());
+    }
+    o.blocks = apply_delta(o.blocks, tx.meta_delta() - before);
+    o.root = tree.root;
+    o.count = o.count.saturating_sub(1);
+    tx.write_inode(ORPHAN_INO, &o)?;
+    let i = read_inode(tx, sb, ino)?;
+    if !i.is_free() && i.nlink == 0 {
+        free_inode(tx, ino, &i)?;
+    }
+    Ok(())
+}
+
+/// True if `anc` is `ino` or one of its ancestors.
+fn is_ancestor(r: &impl BlockRead, sb: &Superblock, anc: u64, mut ino: u64) -> FsResult<bool> {
+    // Deeper than the number of inodes means a parent cycle: corruption.
+    for _ in 0..=sb.inode_count {
+        if ino == anc {
+            return Ok(true);
+        }
+        if ino == ROOT_INO {
+            return Ok(false);
+        }
+        ino = load(r, sb, ino)?.parent;
+    }
+    Err(FsError::corrupt("directory parent pointers form a cycle"))
+}
+
+/// Writes `data` at `off` of regular file `ino`.
+fn write_file(tx: &mut FsTx<'_>, ctx: Ctx, ino: u64, off: u64, data: &[u8]) -> FsResult<()> {
+    let sb = tx.sb();
+    let bs = tx.bs() as u64;
+    let mut i = load(tx, sb, ino)?;
+    match kind_of(&i)? {
+        Kind::File => {}
+        Kind::Dir => return Err(FsError::IsDir),
+        _ => return Err(FsError::Invalid("write to a special file")),
+    }
+    let len = data.len() as u64;
+    let end = off.checked_add(len).ok_or(FsError::FileTooLarge)?;
+    if end > MAX_FILE_SIZE {
+        return Err(FsError::FileTooLarge);
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let l0 = off / bs;
+    let l1 = end.div_ceil(bs);
+    let mut map = ExtentMap::load(&i, ino)?;
+    let existing = map.overlapping(tx, l0, l1)?;
+    // The mapping of [l0, l1) after this write, and whether it differs from before.
+    let mut plan: Vec<(Extent, bool)> = Vec::new(); // (segment, previously written)
+    let mut changed = false;
+    let mut allocated = 0u64;
+    let mut goal = match l0.checked_sub(1) {
+        Some(prev) => map
+            .overlapping(tx, prev, l0)?
+            .first()
+            .map_or(0, |e| e.phys + (prev - e.logical) + 1),
+        None => 0,
+    };
+    let mut cursor = l0;
+    let mut next_existing = existing.iter().peekable();
+    while cursor < l1 {
+        match next_existing.peek() {
+            Some(e) if e.logical <= cursor => {
+                let seg = e
+                    .clip(cursor, l1)
+                    .ok_or(FsError::corrupt("extent bounds"))?;
+                changed |= seg.unwritten;
+                plan.push((seg, !seg.unwritten));
+                goal = seg.phys + seg.len;
+                cursor = seg.end();
+                next_existing.next();
+            }
+            next => {
+                let hole_end = next.map_or(l1, |e| e.logical.min(l1));
+                let want = (hole_end - cursor).min(ALLOC_CHUNK);
+                let (phys, got) = tx.alloc_data(goal, want)?;
+                plan.push((
+                    Extent {
+                        logical: cursor,
+                        phys,
+                        len: got,
+                        unwritten: false,
+                    },
+                    false,
+                ));
+                allocated += got;
+                changed = true;
+                goal = phys + got;
+                cursor += got;
+            }
+        }
+    }
+    // Stage the data, block by block (partial blocks merged with what was there).
+    let mut old = vec![0u8; bs as usize];
+    for (seg, was_written) in &plan {
+        for k in 0..seg.len {
+            let l = seg.logical + k;
+            let bstart = l * bs;
+            let from = off.max(bstart) - bstart;
+            let to = end.min(bstart + bs) - bstart;
+            let src = &data[(bstart + from - off) as usize..(bstart + to - off) as usize];
+            let content = if from == 0 && to == bs {
+                src.to_vec()
+            } else {
+                if *was_written {
+                    tx.read_data_block(seg.phys + k, &mut old)?;
+                } else {
+                    old.fill(0);
+                }
+                let mut c = old.clone();
+                c[from as usize..to as usize].copy_from_slice(src);
+                c
+            };
+            tx.write_data(seg.phys + k, content);
+        }
+    }
+    let before = tx.meta_delta();
+    if changed {
+        map.remove_range(tx, l0, l1)?;
+        for (seg, _) in plan {
+            map.insert_merge(
+                tx,
+                Extent {
+                    unwritten: false,
+                    ..seg
+                },
+            )?;
+        }
+        map.store(&mut i);
+    }
+    i.blocks = apply_delta(i.blocks + allocated, tx.meta_delta() - before);
+    i.size = i.size.max(end);
+    let t = now();
+    i.mtime = t;
+    i.ctime = t;
+    clear_setid_on_write(&mut i, ctx);
+    tx.write_inode(ino, &i)
+}
+
+/// A write or truncate by anyone but root clears setuid, and setgid when group-executable.
+fn clear_setid_on_write(i: &mut Inode, ctx: Ctx) {
+    if ctx.uid != 0 {
+        i.mode &= !libc::S_ISUID;
+        if i.mode & libc::S_IXGRP != 0 {
+            i.mode &= !libc::S_ISGID;
+        }
+    }
+}
+
+/// Sets the size of regular file `ino` (shrinking frees blocks and zeroes the tail).
+fn truncate_file(tx: &mut FsTx<'_>, i: &mut Inode, ino: u64, size: u64) -> FsResult<()> {
+    if size > MAX_FILE_SIZE {
+        return Err(FsError::FileTooLarge);
+    }
+    let bs = tx.bs() as u64;
+    if size < i.size {
+        let mut map = ExtentMap::load(i, ino)?;
+        let keep = size.div_ceil(bs);
+        let before = tx.meta_delta();
+        let removed = map.remove_range(tx, keep, u64::MAX)?;
+        let mut freed = 0;
+        for e in &removed {
+            tx.free_blocks(e.phys, e.len);
+            freed += e.len;
+        }
+        // Zero the tail of a partial last block, so a later extension reads zeros.
+        if size % bs != 0 {
+            let last = size / bs;
+            if let Some(e) = map.overlapping(tx, last, last + 1)?.first() {
+                if !e.unwritten {
+                    let phys = e.phys + (last - e.logical);
+                    let mut b = vec![0u8; bs as usize];
+                    tx.read_data_block(phys, &mut b)?;
+                    b[(size % bs) as usize..].fill(0);
+                    tx.write_data(phys, b);
+                }
+            }
+        }
+        map.shrink(tx)?;
+        map.store(i);
+        i.blocks = apply_delta(i.blocks.saturating_sub(freed), tx.meta_delta() - before);
+    }
+    i.size = size;
+    Ok(())
+}
+
+fn fallocate_file(tx: &mut FsTx<'_>, ino: u64, off: u64, len: u64) -> FsResult<()> {
+    let sb = tx.sb();
+    let bs = tx.bs() as u64;
+    let mut i = load(tx, sb, ino)?;
+    if kind_of(&i)? != Kind::File {
+        return Err(FsError::Invalid("fallocate on a non-regular file"));
+    }
+    let end = off.checked_add(len).ok_or(FsError::FileTooLarge)?;
+    if end > MAX_FILE_SIZE {
+        return Err(FsError::FileTooLarge);
+    }
+    if len == 0 {
+        return Err(FsError::Invalid("fallocate of length 0"));
+    }
+    let (l0, l1) = (off / bs, end.div_ceil(bs));
+    let mut map = ExtentMap::load(&i, ino)?;
+    let existing = map.overlapping(tx, l0, l1)?;
+    let mut holes = Vec::new();
+    let mut cursor = l0;
+    for e in &existing {
+        if e.logical > cursor {
+            holes.push((cursor, e.logical));
+        }
+        cursor = cursor.max(e.end());
+    }
+    if cursor < l1 {
+        holes.push((cursor, l1));
+    }
+    let before = tx.meta_delta();
+    let mut allocated = 0;
+    for (mut h0, h1) in holes {
+        while h0 < h1 {
+            let (phys, got) = tx.alloc_data(0, (h1 - h0).min(ALLOC_CHUNK))?;
+            map.insert_merge(
+                tx,
+                Extent {
+                    logical: h0,
+                    phys,
+                    len: got,
+                    unwritten: true,
+                },
+            )?;
+            allocated += got;
+            h0 += got;
+        }
+    }
+    map.store(&mut i);
+    i.blocks = apply_delta(i.blocks + allocated, tx.meta_delta() - before);
+    if end > i.size {
+        i.size = end;
+    }
+    i.ctime = now();
+    tx.write_inode(ino, &i)
+}
+
+impl Fs {
+    /// Writes a fresh filesystem onto `vol` (root and orphan directories, bitmaps).
+    pub fn format(vol: &mut Volume, opts: &FormatOptions) -> FsResult<()> {
+        let bs = vol.block_size();
+        let mut key = [0u8; 16];
+        fill_random(&mut key).map_err(|e| FsError::corrupt(format!("no randomness: {e}")))?;
+        let sb = Superblock::new(
+            vol.block_count(),
+            bs as u32,
+            opts.inodes,
+            vol.id(),
+            key,
+            pairfs::types::now_ns(),
+        )
+        .map_err(FsError::BadFormat)?;
+        // Superblock and bitmaps with only the metadata area in use.
+        let mut t = Transaction::new();
+        t.write_meta(0, sb.encode().into());
+        let bits = bs as u64 * 8;
+        for i in 0..sb.bbm_blocks {
+            let mut img = vec![0u8; bs];
+            set_bits(&mut img, i * bits, 0, sb.data_start, true);
+            let past = sb.total_blocks;
+            set_bits(
+                &mut img,
+                i * bits,
+                past,
+                (i + 1) * bits - past.min((i + 1) * bits),
+                true,
+            );
+            t.write_meta(sb.bbm_start + i, img.into());
+        }
+        for i in 0..sb.ibm_blocks {
+            let mut img = vec![0u8; bs];
+            let past = sb.inode_count;
+            set_bits(
+                &mut img,
+                i * bits,
+                past,
+                (i + 1) * bits - past.min((i + 1) * bits),
+                true,
+            );
+            t.write_meta(sb.ibm_start + i, img.into());
+        }
+        // Zero the inode table's first block: a reused volume file may hold old bytes.
+        for i in 0..sb.itab_blocks.min(1) {
+            t.write_meta(sb.itab_start + i, vec![0u8; bs].into());
+        }
+        vol.commit(t)?;
+        vol.sync()?;
+        let mut alloc = Allocator::load(vol, &sb)?;
+        let t = now();
+        let (t_img, fin) = {
+            let mut tx = FsTx::new(vol, &mut alloc, &sb);
+            for (ino, parent, mode) in
+                [(ROOT_INO, ROOT_INO, 0o755), (ORPHAN_INO, ORPHAN_INO, 0o700)]
+            {
+                let got = tx.alloc_ino(ino)?;
+                if got != ino {
+                    return Err(FsError::corrupt("fresh inode bitmap not empty"));
+                }
+                let tree = BTree::create(&mut tx, TREE_DIR, ino, sb.data_start)?;
+                let mut i = Inode::free(1);
+                i.mode = libc::S_IFDIR | mode;
+                i.nlink = 2;
+                i.blocks = 1;
+                i.root = tree.root;
+                i.parent = parent;
+                i.atime = t;
+                i.mtime = t;
+                i.ctime = t;
+                i.crtime = t;
+                tx.write_inode(ino, &i)?;
+            }
+            tx.finish()?
+        };
+        let id = vol.commit(t_img)?;
+        fin.apply(&mut alloc, id);
+        vol.checkpoint()?;
+        Ok(())
+    }
+
+    /// Opens the filesystem on a recovered volume, and frees the orphans a crash left.
+    pub fn open(vol: Volume, opts: FsOptions) -> FsResult<Fs> {
+        let sb0 = vol.read_block(0)?;
+        let sb = Superblock::decode(&sb0, vol.block_count()).map_err(FsError::BadSuperblock)?;
+        if sb.block_size as usize != vol.block_size() || sb.uuid != vol.id() {
+            return Err(FsError::BadSuperblock(format!(
+                "superblock (uuid {}, block size {}) does not match the volume (uuid {}, block size {})",
+                sb.uuid,
+                sb.block_size,
+                vol.id(),
+                vol.block_size()
+            )));
+        }
+        let alloc = Allocator::load(&vol, &sb)?;
+        for ino in [ROOT_INO, ORPHAN_INO] {
+            let i = load(&vol, &sb, ino)?;
+            if i.kind() != Some(Kind::Dir) {
+                return Err(FsError::corrupt(format!("inode {ino} is not a directory")));
+            }
+        }
+        let fs = Fs {
+            core: RwLock::new(Core { vol, sb, alloc }),
+            lookups: Mutex::new(HashMap::new()),
+            opts,
+        };
+        fs.reap_all_orphans()?;
+        Ok(fs)
+    }
+
+    fn read_core(&self) -> RwLockReadGuard<'_, Core> {
+        // A panic while holding the lock is a bug; the state is still the committed one
+        // (transactions apply whole), so continuing is as safe as anything else.
+        self.core.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_core(&self) -> RwLockWriteGuard<'_, Core> {
+        self.core.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lookups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.lookups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one kernel reference to `ino` (called with the core lock held).
+    fn remember(&self, ino: u64) {
+        if self.opts.track_lookups {
+            *self.lookups().entry(ino).or_insert(0) += 1;
+        }
+    }
+
+    fn referenced(&self, ino: u64) -> bool {
+        self.opts.track_lookups && self.lookups().get(&ino).is_some_and(|&n| n > 0)
+    }
+
+    /// Runs one transaction; `after` runs on its result with the lock still held.
+    fn mutate<T>(
+        &self,
+        f: impl Fn(&mut FsTx<'_>) -> FsResult<T>,
+        after: impl FnOnce(&T),
+    ) -> FsResult<T> {
+        let mut guard = self.write_core();
+        let core = &mut *guard;
+        let durable = core.vol.durable_tx();
+        core.alloc.release_durable(durable);
+        let out = match Self::run_tx(core, &f) {
+            // Blocks freed by transactions not yet durable: make them durable and retry.
+            Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
+                core.vol.sync()?;
+                let durable = core.vol.durable_tx();
+                core.alloc.release_durable(durable);
+                Self::run_tx(core, &f)
+            }
+            r => r,
+        }?;
+        after(&out);
+        Ok(out)
+    }
+
+    fn run_tx<T>(core: &mut Core, f: &impl Fn(&mut FsTx<'_>) -> FsResult<T>) -> FsResult<T> {
+        let Core { vol, sb, alloc } = core;
+        let (out, t, fin) = {
+            let mut tx = FsTx::new(vol, alloc, sb);
+            let out = f(&mut tx)?;
+            let (t, fin) = tx.finish()?;
+            (out, t, fin)
+        };
+        let id = vol.commit(t)?;
+        fin.apply(alloc, id);
+        Ok(out)
+    }
+
+    fn attr_of(core: &Core, ino: u64) -> FsResult<Attr> {
+        let i = load(&core.vol, &core.sb, ino)?;
+        to_attr(ino, &i, core.vol.block_size())
+    }
+
+    fn reap_all_orphans(&self) -> FsResult<()> {
+        let orphans: Vec<u64> = {
+            let core = self.read_core();
+            let o = load(&core.vol, &core.sb, ORPHAN_INO)?;
+            let tree = dir_tree(ORPHAN_INO, &o)?;
+            let mut v = Vec::new();
+            tree.range(&core.vol, 0, &mut |k, _| {
+                v.push(k);
+                Ok(true)
+            })?;
+            v
+        };
+        if orphans.is_empty() || self.read_core().vol.is_poisoned() {
+            return Ok(());
+        }
+        tracing::info!(
+            count = orphans.len(),
+            "freeing unlinked files left open at the last shutdown"
+        );
+        for ino in orphans {
+            self.mutate(|tx| reap_orphan(tx, ino), |_| {})?;
+        }
+        Ok(())
+    }
+
+    /// Looks up `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let core = self.read_core();
+        let p = load(&core.vol, &core.sb, parent)?;
+        let tree = dir_tree(parent, &p)?;
+        let (_, e) =
+            dir::lookup(&core.vol, &tree, &core.sb.hash_key, name)?.ok_or(FsError::NotFound)?;
+        let a = Self::attr_of(&core, e.ino)?;
+        self.remember(e.ino);
+        Ok(a)
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        Self::attr_of(&self.read_core(), ino)
+    }
+
+    /// Changes attributes (chmod, chown, truncate, utimens).
+    pub fn setattr(&self, ctx: Ctx, ino: u64, s: &SetAttr) -> FsResult<Attr> {
+        let bs = self.read_core().vol.block_size();
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let mut i = load(tx, sb, ino)?;
+                let t = now();
+                let kind = kind_of(&i)?;
+                if let Some(size) = s.size {
+                    match kind {
+                        Kind::File => {}
+                        Kind::Dir => return Err(FsError::IsDir),
+                        _ => return Err(FsError::Invalid("truncate of a special file")),
+                    }
+                    truncate_file(tx, &mut i, ino, size)?;
+                    i.mtime = t;
+                    clear_setid_on_write(&mut i, ctx);
+                }
+                if s.uid.is_some() || s.gid.is_some() {
+                    let changes =
+                        s.uid.is_some_and(|u| u != i.uid) || s.gid.is_some_and(|g| g != i.gid);
+                    if changes && kind != Kind::Dir && s.mode.is_none() {
+                        // As chown(2): setuid goes, setgid too when group-executable.
+                        i.mode &= !libc::S_ISUID;
+                        if i.mode & libc::S_IXGRP != 0 {
+                            i.mode &= !libc::S_ISGID;
+                        }
+                    }
+                    i.uid = s.uid.unwrap_or(i.uid);
+                    i.gid = s.gid.unwrap_or(i.gid);
+                }
+                if let Some(mode) = s.mode {
+                    i.mode = (i.mode & libc::S_IFMT) | (mode & 0o7777);
+                }
+                let pick = |ts: TimeSet| match ts {
+                    TimeSet::Now => t,
+                    TimeSet::At(x) => x,
+                };
+                if let Some(a) = s.atime {
+                    i.atime = pick(a);
+                }
+                if let Some(m) = s.mtime {
+                    i.mtime = pick(m);
+                }
+                i.ctime = s.ctime.unwrap_or(t);
+                tx.write_inode(ino, &i)?;
+                to_attr(ino, &i, bs)
+            },
+            |_| {},
+        )
+    }
+
+    fn create_node(
+        &self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        let bs = self.read_core().vol.block_size();
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let p = load(tx, sb, parent)?;
+                let ptree = dir_tree(parent, &p)?;
+                if dir::lookup(tx, &ptree, &sb.hash_key, name)?.is_some() {
+                    return Err(FsError::Exists);
+                }
+                let ino = tx.alloc_ino(parent)?;
+                let old = read_inode(tx, sb, ino)?;
+                if !old.is_free() {
+                    return Err(FsError::corrupt(format!(
+                        "inode {ino} is free in the bitmap but in use in the table"
+                    )));
+                }
+                let t = now();
+                let mut n = Inode::free(old.generation.wrapping_add(1));
+                n.mode = kind.mode_bits() | (mode & 0o7777);
+                n.uid = ctx.uid;
+                n.gid = ctx.gid;
+                if p.mode & libc::S_ISGID != 0 {
+                    n.gid = p.gid;
+                    if kind == Kind::Dir {
+                        n.mode |= libc::S_ISGID;
+                    }
+                }
+                n.nlink = if kind == Kind::Dir { 2 } else { 1 };
+                n.rdev = rdev;
+                n.atime = t;
+                n.mtime = t;
+                n.ctime = t;
+                n.crtime = t;
+                match kind {
+                    Kind::Dir => {
+                        let tree = BTree::create(tx, TREE_DIR, ino, p.root)?;
+                        n.root = tree.root;
+                        n.parent = parent;
+                        n.blocks = 1;
+                    }
+                    Kind::Symlink => {
+                        let target = target.unwrap_or_default();
+                        n.size = target.len() as u64;
+                        if target.len() <= INLINE_SYMLINK_MAX {
+                            n.inline[..target.len()].copy_from_slice(target);
+                        } else {
+                            let (phys, _) = tx.alloc_data(0, 1)?;
+                            let mut b = vec![0u8; tx.bs()];
+                            b[..target.len()].copy_from_slice(target);
+                            tx.write_data(phys, b);
+                            let mut map = ExtentMap::empty(ino);
+                            map.insert_merge(
+                                tx,
+                                Extent {
+                                    logical: 0,
+                                    phys,
+                                    len: 1,
+                                    unwritten: false,
+                                },
+                            )?;
+                            map.store(&mut n);
+                            n.blocks = 1;
+                        }
+                    }
+                    _ => {}
+                }
+                tx.write_inode(ino, &n)?;
+                dir_add(tx, parent, name, ino, kind)?;
+                to_attr(ino, &n, bs)
+            },
+            |a| self.remember(a.ino),
+        )
+    }
+
+    /// Creates a regular file, device, fifo or socket (`mode` carries the type).
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        let kind = Kind::from_mode(mode).ok_or(FsError::Invalid("bad file type"))?;
+        if matches!(kind, Kind::Dir | Kind::Symlink) {
+            return Err(FsError::Invalid("mknod of a directory or symlink"));
+        }
+        self.create_node(ctx, parent, name, kind, mode, rdev, None)
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
+        self.create_node(ctx, parent, name, Kind::Dir, mode, 0, None)
+    }
+
+    /// Creates a symbolic link.
+    pub fn symlink(&self, ctx: Ctx, parent: u64, name: &[u8], target: &[u8]) -> FsResult<Attr> {
+        if target.len() > MAX_SYMLINK {
+            return Err(FsError::NameTooLong);
+        }
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        self.create_node(ctx, parent, name, Kind::Symlink, 0o777, 0, Some(target))
+    }
+
+    /// Adds a hard link `newparent/newname` to `ino`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
+        check_name(newname)?;
+        let bs = self.read_core().vol.block_size();
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let mut i = load(tx, sb, ino)?;
+                let kind = kind_of(&i)?;
+                if kind == Kind::Dir {
+                    return Err(FsError::NotPermitted);
+                }
+                if i.nlink == 0 {
+                    return Err(FsError::NotFound);
+                }
+                if i.nlink >= MAX_LINKS {
+                    return Err(FsError::TooManyLinks);
+                }
+                let np = load(tx, sb, newparent)?;
+                if dir::lookup(tx, &dir_tree(newparent, &np)?, &sb.hash_key, newname)?.is_some() {
+                    return Err(FsError::Exists);
+                }
+                dir_add(tx, newparent, newname, ino, kind)?;
+                i.nlink += 1;
+                i.ctime = now();
+                tx.write_inode(ino, &i)?;
+                to_attr(ino, &i, bs)
+            },
+            |a| self.remember(a.ino),
+        )
+    }
+
+    /// Removes a non-directory entry.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let p = load(tx, sb, parent)?;
+                let (cookie, e) = dir::lookup(tx, &dir_tree(parent, &p)?, &sb.hash_key, name)?
+                    .ok_or(FsError::NotFound)?;
+                if e.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                dir_remove(tx, parent, cookie, false)?;
+                drop_link(tx, e.ino, self.referenced(e.ino), false)
+            },
+            |_| {},
+        )
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        if name == b"." {
+            return Err(FsError::Invalid("rmdir ."));
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let p = load(tx, sb, parent)?;
+                let (cookie, e) = dir::lookup(tx, &dir_tree(parent, &p)?, &sb.hash_key, name)?
+                    .ok_or(FsError::NotFound)?;
+                if e.kind != Kind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                let d = load(tx, sb, e.ino)?;
+                if !dir_tree(e.ino, &d)?.is_empty(tx)? {
+                    return Err(FsError::NotEmpty);
+                }
+                dir_remove(tx, parent, cookie, true)?;
+                drop_link(tx, e.ino, self.referenced(e.ino), true)
+            },
+            |_| {},
+        )
+    }
+
+    /// Renames `parent/name` to `newparent/newname`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        check_name(newname)?;
+        if flags.noreplace && flags.exchange {
+            return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
+        }
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let key = &sb.hash_key;
+                let p = load(tx, sb, parent)?;
+                let (scookie, se) =
+                    dir::lookup(tx, &dir_tree(parent, &p)?, key, name)?.ok_or(FsError::NotFound)?;
+                let np = load(tx, sb, newparent)?;
+                let dst = dir::lookup(tx, &dir_tree(newparent, &np)?, key, newname)?;
+                if flags.exchange {
+                    let (dcookie, de) = dst.ok_or(FsError::NotFound)?;
+                    if se.ino == de.ino {
+                        return Ok(());
+                    }
+                    if parent != newparent {
+                        if se.kind == Kind::Dir && is_ancestor(tx, sb, se.ino, newparent)? {
+                            return Err(FsError::Invalid("rename into own subdirectory"));
+                        }
+                        if de.kind == Kind::Dir && is_ancestor(tx, sb, de.ino, parent)? {
+                            return Err(FsError::Invalid("rename into own subdirectory"));
+                        }
+                    }
+                    let sd = i32::from(se.kind == Kind::Dir);
+                    let dd = i32::from(de.kind == Kind::Dir);
+                    let (pdelta, npdelta) = if parent != newparent {
+                        (dd - sd, sd - dd)
+                    } else {
+                        (0, 0)
+                    };
+                    dir_replace(tx, parent, scookie, name, de.ino, de.kind, pdelta)?;
+                    dir_replace(tx, newparent, dcookie, newname, se.ino, se.kind, npdelta)?;
+                    let t = now();
+                    for (ino, to) in [(se.ino, newparent), (de.ino, parent)] {
+                        let mut i = load(tx, sb, ino)?;
+                        if i.kind() == Some(Kind::Dir) {
+                            i.parent = to;
+                        }
+                        i.ctime = t;
+                        tx.write_inode(ino, &i)?;
+                    }
+                    return Ok(());
+                }
+                if let Some((dcookie, de)) = &dst {
+                    if flags.noreplace {
+                        return Err(FsError::Exists);
+                    }
+                    if de.ino == se.ino {
+                        return Ok(()); // two links of one inode: rename does nothing
+                    }
+                    if se.kind == Kind::Dir {
+                        if de.kind != Kind::Dir {
+                            return Err(FsError::NotDir);
+                        }
+                        let d = load(tx, sb, de.ino)?;
+                        if !dir_tree(de.ino, &d)?.is_empty(tx)? {
+                            return Err(FsError::NotEmpty);
+                        }
+                    } else if de.kind == Kind::Dir {
+                        return Err(FsError::IsDir);
+                    }
+                    if se.kind == Kind::Dir && is_ancestor(tx, sb, se.ino, newparent)? {
+                        return Err(FsError::Invalid("rename into own subdirectory"));
+                    }
+                    dir_remove(tx, newparent, *dcookie, de.kind == Kind::Dir)?;
+                    drop_link(tx, de.ino, self.referenced(de.ino), de.kind == Kind::Dir)?;
+                } else if se.kind == Kind::Dir
+                    && parent != newparent
+                    && is_ancestor(tx, sb, se.ino, newparent)?
+                {
+                    return Err(FsError::Invalid("rename into own subdirectory"));
+                }
+                dir_remove(tx, parent, scookie, se.kind == Kind::Dir)?;
+                dir_add(tx, newparent, newname, se.ino, se.kind)?;
+                let mut i = load(tx, sb, se.ino)?;
+                if se.kind == Kind::Dir {
+                    i.parent = newparent;
+                }
+                i.ctime = now();
+                tx.write_inode(se.ino, &i)
+            },
+            |_| {},
+        )
+    }
+
+    /// The target of a symbolic link.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let core = self.read_core();
+        let i = load(&core.vol, &core.sb, ino)?;
+        if kind_of(&i)? != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        let n = i.size as usize;
+        if n > MAX_SYMLINK {
+            return Err(FsError::corrupt(format!("symlink {ino} of {n} bytes")));
+        }
+        if n <= INLINE_SYMLINK_MAX {
+            return Ok(i.inline[..n].to_vec());
+        }
+        let map = ExtentMap::load(&i, ino)?;
+        let e = map
+            .overlapping(&core.vol, 0, 1)?
+            .first()
+            .copied()
+            .ok_or_else(|| FsError::corrupt(format!("symlink {ino} has no data block")))?;
+        let mut b = vec![0u8; core.vol.block_size()];
+        core.vol.read_data(e.phys, &mut b)?;
+        b.truncate(n);
+        Ok(b)
+    }
+
+    /// Reads up to `size` bytes at `off`.
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (out, touch) = {
+            let core = self.read_core();
+            let bs = core.vol.block_size() as u64;
+            let i = load(&core.vol, &core.sb, ino)?;
+            match kind_of(&i)? {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("read of a special file")),
+            }
+            let end = off.saturating_add(u64::from(size)).min(i.size);
+            if off >= end {
+                return Ok(Vec::new());
+            }
+            let (l0, l1) = (off / bs, end.div_ceil(bs));
+            let mut buf = vec![0u8; ((l1 - l0) * bs) as usize];
+            let map = ExtentMap::load(&i, ino)?;
+            for e in map.overlapping(&core.vol, l0, l1)? {
+                let Some(seg) = e.clip(l0, l1) else { continue };
+                if seg.unwritten {
+                    continue;
+                }
+                let at = ((seg.logical - l0) * bs) as usize;
+                core.vol
+                    .read_data(seg.phys, &mut buf[at..at + (seg.len * bs) as usize])?;
+            }
+            let from = (off - l0 * bs) as usize;
+            buf.truncate((end - l0 * bs) as usize);
+            buf.drain(..from);
+            // relatime: update atime when it is older than mtime/ctime or a day old.
+            let t = now();
+            let touch = self.opts.atime
+                && !core.vol.is_poisoned()
+                && (i.atime <= i.mtime || i.atime <= i.ctime || t.sec - i.atime.sec >= 86_400);
+            (buf, touch)
+        };
+        if touch {
+            let r = self.mutate(
+                |tx| {
+                    let mut i = load(tx, tx.sb(), ino)?;
+                    i.atime = now();
+                    tx.write_inode(ino, &i)
+                },
+                |_| {},
+            );
+            if let Err(e) = r {
+                tracing::debug!(ino, error = %e, "atime update failed");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `off`; returns the bytes written.
+    pub fn write(&self, ctx: Ctx, ino: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        if data.len() > u32::MAX as usize {
+            return Err(FsError::Invalid("write too large"));
+        }
+        self.mutate(|tx| write_file(tx, ctx, ino, off, data), |_| {})?;
+        Ok(data.len() as u32)
+    }
+
+    /// `fallocate(2)`; only mode 0 (allocate, extending the size) is supported.
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        if mode != 0 {
+            return Err(FsError::NotSupported);
+        }
+        self.mutate(|tx| fallocate_file(tx, ino, off, len), |_| {})
+    }
+
+    /// Lists directory `ino` from `offset`; `f` returns true when its buffer is full.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(&DirItem) -> bool,
+    ) -> FsResult<()> {
+        self.readdir_inner(ino, offset, false, &mut |item, _| f(item))
+    }
+
+    /// As `readdir`, with each entry's attributes (counts a lookup for each, except `.`
+    /// and `..`, as the kernel expects of READDIRPLUS).
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(&DirItem, &Attr) -> bool,
+    ) -> FsResult<()> {
+        self.readdir_inner(ino, offset, true, &mut |item, a| {
+            let a = a.expect("attributes are loaded in plus mode");
+            f(item, a)
+        })
+    }
+
+    fn readdir_inner(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        f: &mut dyn FnMut(&DirItem, Option<&Attr>) -> bool,
+    ) -> FsResult<()> {
+        let core = self.read_core();
+        let d = load(&core.vol, &core.sb, ino)?;
+        let tree = dir_tree(ino, &d)?;
+        let attr_for = |i: u64| -> FsResult<Option<Attr>> {
+            if plus {
+                Ok(Some(Self::attr_of(&core, i)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let dots = [(0u64, ino, &b"."[..]), (1, d.parent, &b".."[..])];
+        for (pos, dino, name) in dots {
+            if offset <= pos {
+                let item = DirItem {
+                    ino: dino,
+                    kind: Kind::Dir,
+                    name: name.to_vec(),
+                    next: pos + 1,
+                };
+                if f(&item, attr_for(dino)?.as_ref()) {
+                    return Ok(());
+                }
+            }
+        }
+        tree.range(&core.vol, offset.max(FIRST_COOKIE), &mut |k, v| {
+            let e = dir::decode(v)?;
+            let item = DirItem {
+                ino: e.ino,
+                kind: e.kind,
+                name: e.name,
+                next: k + 1,
+            };
+            let a = attr_for(e.ino)?;
+            let full = f(&item, a.as_ref());
+            if plus && !full {
+                self.remember(e.ino);
+            }
+            Ok(!full)
+        })?;
+        Ok(())
+    }
+
+    fn xattrs_of(r: &impl BlockRead, ino: u64, i: &Inode) -> FsResult<Xattrs> {
+        if i.xattr_block == 0 {
+            return Ok(Xattrs::default());
+        }
+        Xattrs::decode(&r.read(i.xattr_block)?, ino)
+    }
+
+    /// The value of attribute `name`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let core = self.read_core();
+        let i = load(&core.vol, &core.sb, ino)?;
+        Self::xattrs_of(&core.vol, ino, &i)?
+            .get(name)
+            .map(<[u8]>::to_vec)
+            .ok_or(FsError::NoAttr)
+    }
+
+    /// All attribute names, NUL-terminated.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let core = self.read_core();
+        let i = load(&core.vol, &core.sb, ino)?;
+        Ok(Self::xattrs_of(&core.vol, ino, &i)?.list())
+    }
+
+    fn update_xattrs(&self, ino: u64, f: impl Fn(&mut Xattrs) -> FsResult<()>) -> FsResult<()> {
+        self.mutate(
+            |tx| {
+                let sb = tx.sb();
+                let mut i = load(tx, sb, ino)?;
+                let mut x = Self::xattrs_of(tx, ino, &i)?;
+                f(&mut x)?;
+                if x.entries.is_empty() {
+                    if i.xattr_block != 0 {
+                        tx.free_meta(i.xattr_block);
+                        i.xattr_block = 0;
+                        i.blocks = i.blocks.saturating_sub(1);
+                    }
+                } else {
+                    let img = x.encode(tx.bs(), ino).ok_or(FsError::NoSpace)?;
+                    if i.xattr_block == 0 {
+                        i.xattr_block = tx.alloc_meta(i.root)?;
+                        i.blocks += 1;
+                    }
+                    tx.write(i.xattr_block, img);
+                }
+                i.ctime = now();
+                tx.write_inode(ino, &i)
+            },
+            |_| {},
+        )
+    }
+
+    /// Sets attribute `name` (`flags`: `XATTR_CREATE`, `XATTR_REPLACE`).
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        self.update_xattrs(ino, |x| x.set(name, value, flags))
+    }
+
+    /// Removes attribute `name`.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.update_xattrs(ino, |x| x.remove(name))
+    }
+
+    /// Filesystem figures.
+    pub fn statfs(&self) -> StatFs {
+        let core = self.read_core();
+        let free = core.alloc.free_blocks();
+        StatFs {
+            blocks: core.sb.total_blocks,
+            bfree: free,
+            bavail: free,
+            files: core.sb.inode_count,
+            ffree: core.alloc.free_inodes(),
+            bsize: core.sb.block_size,
+            namelen: crate::format::MAX_NAME as u32,
+        }
+    }
+
+    /// Makes everything written so far durable (fsync, fsyncdir, syncfs).
+    pub fn sync(&self) -> FsResult<()> {
+        let mut core = self.write_core();
+        core.vol.sync()?;
+        let durable = core.vol.durable_tx();
+        core.alloc.release_durable(durable);
+        Ok(())
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if !self.opts.track_lookups {
+            return;
+        }
+        let core = self.write_core();
+        let gone = {
+            let mut l = self.lookups();
+            match l.get_mut(&ino) {
+                Some(c) if *c > n => {
+                    *c -= n;
+                    false
+                }
+                Some(_) => {
+                    l.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if !gone || core.vol.is_poisoned() {
+            return;
+        }
+        let orphan =
+            read_inode(&core.vol, &core.sb, ino).is_ok_and(|i| !i.is_free() && i.nlink == 0);
+        drop(core);
+        if orphan {
+            if let Err(e) = self.mutate(|tx| reap_orphan(tx, ino), |_| {}) {
+                tracing::warn!(ino, error = %e, "could not free an unlinked inode; it is freed at the next mount");
+            }
+        }
+    }
+
+    /// Periodic work (group commit timer, checkpoints); call about every 100 ms.
+    pub fn maintain(&self) -> FsResult<()> {
+        let mut core = self.write_core();
+        core.vol.maintain(Instant::now())?;
+        let durable = core.vol.durable_tx();
+        core.alloc.release_durable(durable);
+        Ok(())
+    }
+
+    /// Checkpoints everything and marks the journal clean (unmount).
+    pub fn close(&self) -> FsResult<()> {
+        let mut core = self.write_core();
+        core.vol.close()?;
+        Ok(())
+    }
+
+    /// Runs `f` with the volume (status, statistics).
+    pub fn with_volume<T>(&self, f: impl FnOnce(&Volume) -> T) -> T {
+        f(&self.read_core().vol)
+    }
+
+    /// The superblock.
+    pub fn superblock(&self) -> Superblock {
+        self.read_core().sb.clone()
+    }
+
+    /// Number of kernel-referenced inodes (tests, diagnostics).
+    pub fn referenced_inodes(&self) -> usize {
+        self.lookups().len()
+    }
+
+    /// Gives the volume back (after `close`), e.g. to run `fsck` on it.
+    pub fn into_volume(self) -> Volume {
+        self.core
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .vol
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,26 @@
+//! pairfs filesystem: a POSIX filesystem on the pairfs volume (DESIGN §2).
+//!
+//! - [`format`]: the on-disk structures (FORMAT.md §3);
+//! - [`fs`]: the FS core, every POSIX operation as one volume transaction;
+//! - [`fsck`]: the consistency checker;
+//! - [`fuse`]: the thin FUSE adapter (fuser, multi-threaded).
+//!
+//! The internal modules: `btree` (directories and extent trees), `dir`, `extent`, `xattr`,
+//! `alloc` (bitmaps, free-pending blocks), `tx` (staging one transaction), `siphash`.
+
+mod alloc;
+mod btree;
+mod dir;
+pub mod error;
+mod extent;
+pub mod format;
+pub mod fs;
+pub mod fsck;
+mod siphash;
+mod tx;
+mod xattr;
+
+pub use error::{FsError, FsResult};
+pub use fs::{
+    Attr, Ctx, DirItem, FormatOptions, Fs, FsOptions, RenameFlags, SetAttr, StatFs, TimeSet,
+};
