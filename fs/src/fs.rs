@@ -1411,7 +1411,13 @@ impl Fs {
     }
 
     /// Sets attribute `name` (`flags`: `XATTR_CREATE`, `XATTR_REPLACE`).
+    ///
+    /// POSIX ACLs are refused (EOPNOTSUPP): stored without being enforced they would
+    /// promise access rules that the mount does not apply.
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if name.starts_with(b"system.posix_acl_") {
+            return Err(FsError::NotSupported);
+        }
         self.update_xattrs(ino, |x| x.set(name, value, flags))
     }
 

@@ -16,6 +16,7 @@ mod extent;
 pub mod format;
 pub mod fs;
 pub mod fsck;
+pub mod fuse;
 mod siphash;
 mod tx;
 mod xattr;
