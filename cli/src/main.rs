@@ -142,8 +142,7 @@ fn init(
     };
     let (dd, id) = DataDir::create(data, &params)?;
     let (n, j) = dd.devices(false)?;
-    let mut vol = Volume::open(n, j, VolumeOptions::default())
-        .context("opening the new volume")?;
+    let mut vol = Volume::open(n, j, VolumeOptions::default()).context("opening the new volume")?;
     Fs::format(&mut vol, &FormatOptions { inodes }).context("creating the filesystem")?;
     vol.close().context("flushing the new volume")?;
     let fs = Fs::open(vol, FsOptions::default()).context("checking the new filesystem")?;
@@ -313,7 +312,10 @@ fn run_fsck(data: &Path) -> Result<ExitCode> {
     ) {
         Ok(v) => v,
         Err(e) => {
-            println!("pairfs fsck {}: INCONSISTENT\n  volume: {e}", data.display());
+            println!(
+                "pairfs fsck {}: INCONSISTENT\n  volume: {e}",
+                data.display()
+            );
             return Ok(ExitCode::from(1));
         }
     };
@@ -341,7 +343,10 @@ fn run_fsck(data: &Path) -> Result<ExitCode> {
         println!("clean");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("INCONSISTENT: {} problem(s)", r.errors.len() + r.more_errors);
+    println!(
+        "INCONSISTENT: {} problem(s)",
+        r.errors.len() + r.more_errors
+    );
     for e in &r.errors {
         println!("  {e}");
     }

@@ -20,9 +20,9 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
             ));
         }
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': expected a number with an optional K, M, G or T suffix"))?;
+    let v: f64 = num.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number with an optional K, M, G or T suffix")
+    })?;
     let bytes = v * (1u64 << shift) as f64;
     if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 / 2.0 {
         return Err(format!("invalid size '{s}': out of range"));

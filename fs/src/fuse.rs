@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags as FuseRenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::FsError;
@@ -57,7 +57,10 @@ impl PairFuse {
 }
 
 fn errno(e: &FsError) -> Errno {
-    if matches!(e, FsError::Corrupt(_) | FsError::Volume(_) | FsError::BadSuperblock(_)) {
+    if matches!(
+        e,
+        FsError::Corrupt(_) | FsError::Volume(_) | FsError::BadSuperblock(_)
+    ) {
         tracing::error!(error = %e, "I/O error");
     }
     Errno::from_i32(e.errno())
@@ -112,7 +115,11 @@ fn time_set(t: TimeOrNow) -> TimeSet {
 impl PairFuse {
     fn entry(&self, r: Result<Attr, FsError>, reply: ReplyEntry) {
         match r {
-            Ok(a) => reply.entry(&self.opts.ttl, &file_attr(&a), Generation(u64::from(a.generation))),
+            Ok(a) => reply.entry(
+                &self.opts.ttl,
+                &file_attr(&a),
+                Generation(u64::from(a.generation)),
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -224,7 +231,11 @@ impl Filesystem for PairFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(self.fs.mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev), reply);
+        self.entry(
+            self.fs
+                .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev),
+            reply,
+        );
     }
 
     fn mkdir(
@@ -236,7 +247,10 @@ impl Filesystem for PairFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(self.fs.mkdir(ctx(req), parent.0, name.as_bytes(), mode), reply);
+        self.entry(
+            self.fs.mkdir(ctx(req), parent.0, name.as_bytes(), mode),
+            reply,
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -377,7 +391,12 @@ impl Filesystem for PairFuse {
         mut reply: ReplyDirectory,
     ) {
         let r = self.fs.readdir(ino.0, offset, |item| {
-            reply.add(INodeNo(item.ino), item.next, file_type(item.kind), OsStr::from_bytes(&item.name))
+            reply.add(
+                INodeNo(item.ino),
+                item.next,
+                file_type(item.kind),
+                OsStr::from_bytes(&item.name),
+            )
         });
         match r {
             Ok(()) => reply.ok(),
@@ -438,7 +457,10 @@ impl Filesystem for PairFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(self.fs.setxattr(ino.0, name.as_bytes(), value, flags), reply);
+        Self::empty(
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+            reply,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
