@@ -488,7 +488,8 @@ print_facts() {
         printf 'disk\t%s\n' "$(df -h --output=source,fstype,size,avail "$BENCH_DIR" | tail -n 1 | tr -s ' ')"
         printf 'mount_opts\t%s\n' "$(findmnt -no OPTIONS -T "$BENCH_DIR")"
         printf 'bench_dir\t%s\n' "$BENCH_DIR"
-        printf 'pairfs\t%s (git %s)\n' "$PAIRFS" "$commit"
+        printf 'pairfs\t%s (built %s, sha256 %.12s; repo at git %s)\n' "$PAIRFS" \
+            "$(date -r "$PAIRFS" -Iseconds)" "$(sha256sum "$PAIRFS" | cut -d' ' -f1)" "$commit"
         printf 'pairfs_volume\t%s (rss: %s), journal %s, init args: %s, mount args: %s\n' \
             "$PAIRFS_SIZE" "$RSS_SIZE" "$PAIRFS_JOURNAL" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}"
         printf 'bindfs\t%s, -o %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$BINDFS_OPTS"
@@ -594,8 +595,8 @@ main() {
 
     mkdir -p "$BENCH_DIR" "$OUT" "$LOGS"
     trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    trap 'log "interrupted"; exit 130' INT
+    trap 'log "terminated"; exit 143' TERM
 
     # The untar/stat source: a tar of a real tree, built once per run.
     tar cf "$TARBALL" -C "$(dirname "$TAR_SRC")" "$(basename "$TAR_SRC")"
