@@ -69,6 +69,9 @@ pub struct CreateParams {
     pub force: bool,
 }
 
+/// The two devices of a node: (normal area, journal).
+pub type Devices = (Box<dyn BlockDevice>, Box<dyn BlockDevice>);
+
 /// An open data directory: the lock is held for as long as this value lives.
 #[derive(Debug)]
 pub struct DataDir {
@@ -200,10 +203,7 @@ impl DataDir {
     }
 
     /// Opens the two devices (read-write unless `read_only`).
-    pub fn devices(
-        &self,
-        read_only: bool,
-    ) -> Result<(Box<dyn BlockDevice>, Box<dyn BlockDevice>), DataDirError> {
+    pub fn devices(&self, read_only: bool) -> Result<Devices, DataDirError> {
         let vp = self.path.join(VOLUME_FILE);
         let jp = self.path.join(JOURNAL_FILE);
         let open = |p: &Path| {

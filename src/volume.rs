@@ -36,8 +36,9 @@ use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 /// Tunables of a volume (policy apart from mechanism; defaults are safe).
 #[derive(Clone, Debug)]
 pub struct VolumeOptions {
-    /// Seal the open entry when it is older than this (bounds what a crash can lose when
-    /// nobody calls fsync; ext4 commits every 5 s).
+    /// Seal the open entry when it is older than this: bounds what a crash can lose when
+    /// nobody calls fsync. Shorter than ext4's 5 s because `sync(2)` cannot reach a FUSE
+    /// daemon, so this interval is all that `sync` users get.
     pub commit_interval: Duration,
     /// Seal the open entry when its images and descriptors reach this many bytes.
     pub max_entry_bytes: u64,
@@ -54,7 +55,7 @@ pub struct VolumeOptions {
 impl Default for VolumeOptions {
     fn default() -> Self {
         Self {
-            commit_interval: Duration::from_secs(5),
+            commit_interval: Duration::from_secs(1),
             // 16 MiB: big enough to merge the metadata of thousands of creates into one
             // entry, small enough that sealing one costs a few milliseconds of I/O.
             max_entry_bytes: 16 << 20,

@@ -2,6 +2,8 @@
 //! inode blocks are caught by their checksums; bad arguments get readable messages; nothing
 //! panics.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};

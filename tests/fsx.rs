@@ -3,6 +3,8 @@
 //! close/reopen, every read checked against fsx's own model of the file.
 //! At least 100,000 operations (two files exercised concurrently), zero failures.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::{Command, Stdio};

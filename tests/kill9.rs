@@ -1,6 +1,8 @@
 //! `kill -9` of `pairfs mount` during heavy writes, then fsck + remount + "every fsync'ed
 //! byte is there", for many rounds on the same volume.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,8 @@
 //! `mv`, `ln`, `ln -s`, `chmod`, `truncate`, `find`, `du`, `diff -r` against the source;
 //! then unmount, remount, and the same result; fsck clean throughout.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{Node, sh};

@@ -63,7 +63,7 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Seconds between group commits when nobody calls fsync.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 1.0)]
         commit_interval: f64,
         /// Do not update access times.
         #[arg(long)]

@@ -344,7 +344,7 @@ impl BTree {
 
     /// True if the tree holds no entry.
     pub(crate) fn is_empty(&self, r: &impl BlockRead) -> FsResult<bool> {
-        Ok(self.range(r, 0, &mut |_, _| Ok(false))?)
+        self.range(r, 0, &mut |_, _| Ok(false))
     }
 
     /// Inserts or replaces `key`.

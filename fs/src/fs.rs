@@ -174,6 +174,14 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// What `create_node` makes.
+struct NewNode<'a> {
+    kind: Kind,
+    mode: u32,
+    rdev: u32,
+    target: Option<&'a [u8]>,
+}
+
 struct Core {
     vol: Volume,
     sb: Superblock,
@@ -897,16 +905,13 @@ impl Fs {
         )
     }
 
-    fn create_node(
-        &self,
-        ctx: Ctx,
-        parent: u64,
-        name: &[u8],
-        kind: Kind,
-        mode: u32,
-        rdev: u32,
-        target: Option<&[u8]>,
-    ) -> FsResult<Attr> {
+    fn create_node(&self, ctx: Ctx, parent: u64, name: &[u8], node: NewNode<'_>) -> FsResult<Attr> {
+        let NewNode {
+            kind,
+            mode,
+            rdev,
+            target,
+        } = node;
         check_name(name)?;
         let bs = self.read_core().vol.block_size();
         self.mutate(
@@ -995,12 +1000,32 @@ impl Fs {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Err(FsError::Invalid("mknod of a directory or symlink"));
         }
-        self.create_node(ctx, parent, name, kind, mode, rdev, None)
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind,
+                mode,
+                rdev,
+                target: None,
+            },
+        )
     }
 
     /// Creates a directory.
     pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
-        self.create_node(ctx, parent, name, Kind::Dir, mode, 0, None)
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Dir,
+                mode,
+                rdev: 0,
+                target: None,
+            },
+        )
     }
 
     /// Creates a symbolic link.
@@ -1011,7 +1036,17 @@ impl Fs {
         if target.is_empty() {
             return Err(FsError::NotFound);
         }
-        self.create_node(ctx, parent, name, Kind::Symlink, 0o777, 0, Some(target))
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Symlink,
+                mode: 0o777,
+                rdev: 0,
+                target: Some(target),
+            },
+        )
     }
 
     /// Adds a hard link `newparent/newname` to `ino`.

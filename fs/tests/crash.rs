@@ -9,6 +9,8 @@
 //! operations that is at least as new as the last completed `sync`, with every file that
 //! was synced and not touched since holding exactly its synced bytes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,8 @@
 //! xattrs compared after every step, and fsck run after every step. Remounts in the
 //! workload check that everything persists through close/reopen.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -40,7 +40,7 @@ set -euo pipefail
 
 # ---------------------------------------------------------------- settings --
 
-PAIRFS=${PAIRFS:-/work/main/target/release/pairfs}   # the pairfs binary
+PAIRFS=${PAIRFS:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/pairfs}  # the pairfs binary
 BENCH_DIR=${BENCH_DIR:-/var/tmp/pairfs-bench}        # work dir, on the disk under test
 OUT=${OUT:-/tmp/pairfs-bench}                        # results dir
 REPS=${REPS:-3}                                      # repetitions per workload and target

@@ -3,6 +3,7 @@
 //! These tests need root, `/dev/fuse` and `fusermount3` (the README's test command
 //! installs it). They fail — never skip — when those are missing.
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::{Path, PathBuf};

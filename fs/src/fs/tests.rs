@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Instant;
 
 use pairfs::crash::CrashDevice;
 use pairfs::{Volume, VolumeId, VolumeOptions};
@@ -108,7 +109,7 @@ fn big_write_spans_extents_and_truncate_frees() {
 fn hundred_thousand_entries_in_one_directory() {
     let fs = new_fs_with(65536, Some(110_000));
     let d = fs.mkdir(C, ROOT_INO, b"d", 0o755).unwrap();
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     for i in 0..100_000 {
         fs.mknod(
             C,

@@ -2,6 +2,7 @@
 //! test (`model.rs`) and the crash test (`crash.rs`). STYLE.md: an `Op` enum applied to the
 //! FS core and to a simple in-memory model, compared after every step.
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -656,9 +657,10 @@ impl Harness {
             }
             Op::Chmod { node, mode } => {
                 let id = Self::pick(&all, node).expect("root");
-                match self.model.nodes.get_mut(&id) {
-                    Some(MNode::File { mode: m, .. } | MNode::Dir { mode: m, .. }) => *m = mode,
-                    _ => {}
+                if let Some(MNode::File { mode: m, .. } | MNode::Dir { mode: m, .. }) =
+                    self.model.nodes.get_mut(&id)
+                {
+                    *m = mode;
                 }
                 if matches!(self.model.nodes[&id], MNode::Symlink { .. }) {
                     return (Ok(()), Ok(())); // chmod follows symlinks in POSIX: not modelled
