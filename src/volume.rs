@@ -56,13 +56,15 @@ impl Default for VolumeOptions {
     fn default() -> Self {
         Self {
             commit_interval: Duration::from_secs(1),
-            // 16 MiB: big enough to merge the metadata of thousands of creates into one
+            // 8 MiB: big enough to merge the metadata of thousands of creates into one
             // entry, small enough that sealing one costs a few milliseconds of I/O.
-            max_entry_bytes: 16 << 20,
-            // 64 MiB of images kept in memory before they are written to the normal area.
-            checkpoint_bytes: 64 << 20,
-            // 64 MiB of clean metadata: the inode blocks and directory leaves of ~1M files.
-            cache_bytes: 64 << 20,
+            max_entry_bytes: 8 << 20,
+            // 32 MiB of images kept in memory before they are written to the normal area.
+            checkpoint_bytes: 32 << 20,
+            // 32 MiB of clean metadata: the inode blocks and directory leaves of ~500k files
+            // (256-byte inodes, ~100 directory entries per 4 KiB leaf). With the two above,
+            // the daemon stays well under 256 MiB (BENCHMARKS.md).
+            cache_bytes: 32 << 20,
             // 8 blocks (32 KiB with 4 KiB blocks): below that, journaling the data costs less
             // than the extra sync of the normal area an in-place write needs at fsync.
             inplace_min_blocks: 8,
@@ -78,13 +80,10 @@ pub struct TxId(pub u64);
 /// The block writes of one FS operation, applied atomically by [`Volume::commit`].
 #[derive(Debug, Default)]
 pub struct Transaction {
-    writes: BTreeMap<BlockNo, TxWrite>,
-}
-
-#[derive(Debug, Clone)]
-enum TxWrite {
-    Meta(Arc<[u8]>),
-    Data(Arc<[u8]>),
+    meta: BTreeMap<BlockNo, Arc<[u8]>>,
+    /// File data as runs of consecutive blocks: (first block, bytes, a multiple of the
+    /// block size). Runs do not overlap each other or the metadata blocks.
+    data: Vec<(BlockNo, Vec<u8>)>,
 }
 
 impl Transaction {
@@ -94,25 +93,16 @@ impl Transaction {
     }
     /// Writes a metadata block (always journaled as an image).
     pub fn write_meta(&mut self, block: BlockNo, data: Arc<[u8]>) {
-        self.writes.insert(block, TxWrite::Meta(data));
+        self.meta.insert(block, data);
     }
-    /// Writes a file-data block (may be written in place, see the module documentation).
-    pub fn write_data(&mut self, block: BlockNo, data: Arc<[u8]>) {
-        self.writes.insert(block, TxWrite::Data(data));
-    }
-    /// The content this transaction writes to `block`, if any.
-    pub fn get(&self, block: BlockNo) -> Option<&Arc<[u8]>> {
-        self.writes.get(&block).map(|w| match w {
-            TxWrite::Meta(d) | TxWrite::Data(d) => d,
-        })
+    /// Writes file data to consecutive blocks from `start` (may be written in place, see
+    /// the module documentation); `data` is a whole number of blocks.
+    pub fn write_data(&mut self, start: BlockNo, data: Vec<u8>) {
+        self.data.push((start, data));
     }
     /// True if nothing is written.
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty()
-    }
-    /// Number of blocks written.
-    pub fn len(&self) -> usize {
-        self.writes.len()
+        self.meta.is_empty() && self.data.is_empty()
     }
 }
 
@@ -455,79 +445,85 @@ impl Volume {
     /// Applies a transaction atomically (durable at the next [`Volume::sync`]).
     pub fn commit(&mut self, tx: Transaction) -> Result<TxId, VolumeError> {
         self.check_writable()?;
-        for &b in tx.writes.keys() {
-            self.check_block(b)?;
-        }
-        if tx.writes.is_empty() {
+        if tx.is_empty() {
             return Ok(TxId(self.next_tx.0 - 1));
         }
-        let data_blocks = tx
-            .writes
-            .values()
-            .filter(|w| matches!(w, TxWrite::Data(_)))
-            .count();
-        let bulk = data_blocks >= self.opts.inplace_min_blocks;
-        // Runs of consecutive in-place blocks, written with one call each.
-        let mut run: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
-        let mut runs: Vec<Vec<(BlockNo, Arc<[u8]>)>> = Vec::new();
-        for (&b, w) in &tx.writes {
-            let (data, inplace) = match w {
-                TxWrite::Meta(d) => (d, false),
-                // FORMAT.md §2.4 rule 2: never in place over an image a crash could replay.
-                TxWrite::Data(d) => (d, bulk && !self.pending.contains_key(&b)),
-            };
-            if data.len() != self.bs {
+        let bs = self.bs;
+        for (&b, d) in &tx.meta {
+            self.check_block(b)?;
+            if d.len() != bs {
                 return Err(VolumeError::InvalidParams(format!(
-                    "block {b} written with {} bytes, block size is {}",
-                    data.len(),
-                    self.bs
+                    "block {b} written with {} bytes, block size is {bs}",
+                    d.len()
                 )));
             }
-            if inplace {
-                if run.last().is_some_and(|(lb, _)| lb + 1 != b) {
-                    runs.push(std::mem::take(&mut run));
+        }
+        let mut data_blocks = 0usize;
+        for (start, d) in &tx.data {
+            if d.is_empty() || d.len() % bs != 0 {
+                return Err(VolumeError::InvalidParams(format!(
+                    "data run at block {start} of {} bytes is not whole blocks",
+                    d.len()
+                )));
+            }
+            self.check_block(start + (d.len() / bs) as u64 - 1)?;
+            data_blocks += d.len() / bs;
+        }
+        let bulk = data_blocks >= self.opts.inplace_min_blocks;
+        let mut images: Vec<(BlockNo, Arc<[u8]>)> = tx.meta.into_iter().collect();
+        let mut inplace: Vec<(BlockNo, u32)> = Vec::new();
+        for (start, d) in &tx.data {
+            let n = d.len() / bs;
+            let mut i = 0;
+            while i < n {
+                // FORMAT.md §2.4 rule 2: never in place over an image a crash could replay.
+                let eligible = |k: usize| bulk && !self.pending.contains_key(&(start + k as u64));
+                let here = eligible(i);
+                let mut j = i + 1;
+                while j < n && eligible(j) == here {
+                    j += 1;
                 }
-                run.push((b, data.clone()));
+                let chunk = &d[i * bs..j * bs];
+                if here {
+                    if let Err(e) = self.normal.write_at(chunk, (start + i as u64) * bs as u64) {
+                        return self.poison(VolumeError::Io {
+                            op: "writing data in place",
+                            source: e,
+                        });
+                    }
+                    self.normal_dirty = true;
+                    self.stats.inplace_bytes += chunk.len() as u64;
+                    for (k, blk) in chunk.chunks_exact(bs).enumerate() {
+                        let b = start + (i + k) as u64;
+                        self.cache.remove(b);
+                        inplace.push((b, crc32c(blk)));
+                    }
+                } else {
+                    for (k, blk) in chunk.chunks_exact(bs).enumerate() {
+                        images.push((start + (i + k) as u64, Arc::from(blk)));
+                    }
+                }
+                i = j;
             }
-        }
-        if !run.is_empty() {
-            runs.push(run);
-        }
-        let mut inplace_crc: HashMap<BlockNo, u32> = HashMap::new();
-        let mut buf = Vec::new();
-        for r in &runs {
-            buf.clear();
-            for (b, d) in r {
-                buf.extend_from_slice(d);
-                inplace_crc.insert(*b, crc32c(d));
-                self.cache.remove(*b);
-            }
-            if let Err(e) = self.normal.write_at(&buf, r[0].0 * self.bs as u64) {
-                return self.poison(VolumeError::Io {
-                    op: "writing data in place",
-                    source: e,
-                });
-            }
-            self.normal_dirty = true;
-            self.stats.inplace_bytes += buf.len() as u64;
         }
         let now = Instant::now();
         let open = &mut self.open;
-        for (b, w) in tx.writes {
-            let new = match inplace_crc.get(&b) {
-                Some(&crc) => {
-                    open.has_inplace = true;
-                    OpenBlock::InPlace(crc)
-                }
-                None => {
-                    let (TxWrite::Meta(d) | TxWrite::Data(d)) = w;
-                    open.image_bytes += d.len() as u64;
-                    OpenBlock::Image(d)
-                }
-            };
+        let mut put = |b: BlockNo, new: OpenBlock| {
+            if let OpenBlock::Image(d) = &new {
+                open.image_bytes += d.len() as u64;
+            }
             if let Some(OpenBlock::Image(old)) = open.blocks.insert(b, new) {
                 open.image_bytes -= old.len() as u64;
             }
+        };
+        for (b, d) in images {
+            put(b, OpenBlock::Image(d));
+        }
+        if !inplace.is_empty() {
+            for (b, crc) in inplace {
+                put(b, OpenBlock::InPlace(crc));
+            }
+            open.has_inplace = true;
         }
         open.n_tx += 1;
         open.since.get_or_insert(now);
@@ -839,12 +835,12 @@ mod tests {
         let mut v = open(&d, opts);
         let mut tx = Transaction::new();
         for b in 100..108 {
-            tx.write_data(b, blk(b as u8));
+            tx.write_data(b, vec![b as u8; BS]);
         }
         tx.write_meta(5, blk(5));
         v.commit(tx).unwrap();
         let mut tx = Transaction::new();
-        tx.write_data(120, blk(120));
+        tx.write_data(120, vec![120; BS]);
         v.commit(tx).unwrap();
         v.sync().unwrap();
         let s = v.stats();
@@ -870,12 +866,11 @@ mod tests {
         };
         let mut v = open(&d, opts);
         let mut tx = Transaction::new();
-        tx.write_data(50, blk(1)); // small: an image
+        tx.write_data(50, vec![1; BS]); // small: an image
         v.commit(tx).unwrap();
         v.sync().unwrap(); // sealed, durable, not checkpointed
         let mut tx = Transaction::new();
-        tx.write_data(50, blk(2));
-        tx.write_data(51, blk(2));
+        tx.write_data(50, vec![2; 2 * BS]);
         v.commit(tx).unwrap(); // bulk, but 50 has a pending image: journaled
         v.sync().unwrap();
         assert_eq!(v.stats().inplace_bytes, BS as u64, "only block 51 in place");

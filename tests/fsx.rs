@@ -44,15 +44,29 @@ fn fsx_bin() -> String {
     "fsx".into()
 }
 
-#[test]
-fn fsx_100k_operations_zero_failures() {
-    let ops: u64 = std::env::var("PAIRFS_FSX_OPS")
+fn ops() -> u64 {
+    std::env::var("PAIRFS_FSX_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(100_000)
+}
+
+#[test]
+fn fsx_100k_operations_zero_failures() {
+    run_fsx(ops(), &[]);
+}
+
+/// The same with the kernel's writeback cache (`--writeback-cache`): writes reach pairfs
+/// later, merged, and mmap writes take another path.
+#[test]
+fn fsx_with_writeback_cache() {
+    run_fsx(ops() / 2, &["--writeback-cache"]);
+}
+
+fn run_fsx(ops: u64, mount_args: &[&str]) {
     let mut n = Node::new("fsx");
     n.init("1G", &[]);
-    n.mount(&[]);
+    n.mount(mount_args);
     let cfg = n.root.join("fsx.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let procs: Vec<_> = (0..2u64)

@@ -104,8 +104,11 @@ impl Allocator {
                     .first_zero()
                     .map(|i| i + self.data_start as usize)
             })?;
-        let avail = self.blocks[start..].first_one().unwrap_or(total - start);
-        let len = (avail as u64).min(max);
+        // Only look as far as needed: the free region may span the whole volume.
+        let window = total.min(start.saturating_add(max as usize));
+        let len = self.blocks[start..window]
+            .first_one()
+            .unwrap_or(window - start) as u64;
         self.blocks[start..start + len as usize].fill(true);
         self.free_blocks -= len;
         self.cursor = start as u64 + len;

@@ -47,9 +47,10 @@ impl Leaf {
         let (_, o, l) = self.slots[i];
         &self.buf[o..o + l]
     }
-    fn owned(&self) -> Vec<(u64, Vec<u8>)> {
+    /// The entries, borrowing the node's buffer (no copy per entry).
+    fn entries(&self) -> Vec<(u64, &[u8])> {
         (0..self.slots.len())
-            .map(|i| (self.slots[i].0, self.val(i).to_vec()))
+            .map(|i| (self.slots[i].0, self.val(i)))
             .collect()
     }
 }
@@ -70,8 +71,12 @@ enum Node {
     Internal { keys: Vec<u64>, children: Vec<u64> },
 }
 
-fn leaf_size(entries: &[(u64, Vec<u8>)]) -> usize {
-    HDR + CRC + entries.iter().map(|(_, v)| SLOT + v.len()).sum::<usize>()
+fn leaf_size<V: AsRef<[u8]>>(entries: &[(u64, V)]) -> usize {
+    HDR + CRC
+        + entries
+            .iter()
+            .map(|(_, v)| SLOT + v.as_ref().len())
+            .sum::<usize>()
 }
 
 fn internal_size(nkeys: usize) -> usize {
@@ -112,7 +117,7 @@ impl BTree {
         let root = w.alloc_meta(goal)?;
         let t = BTree { root, tree, owner };
         let img = t
-            .encode_leaf(w.bs(), &[])
+            .encode_leaf::<&[u8]>(w.bs(), &[])
             .ok_or(FsError::Invalid("empty leaf"))?;
         w.write(root, img);
         Ok(t)
@@ -184,7 +189,7 @@ impl BTree {
         }
     }
 
-    fn encode_leaf(&self, bs: usize, entries: &[(u64, Vec<u8>)]) -> Option<Vec<u8>> {
+    fn encode_leaf<V: AsRef<[u8]>>(&self, bs: usize, entries: &[(u64, V)]) -> Option<Vec<u8>> {
         if leaf_size(entries) > bs {
             return None;
         }
@@ -192,6 +197,7 @@ impl BTree {
         header(&mut b, KIND_LEAF, self.tree, entries.len(), self.owner);
         let mut top = bs - CRC;
         for (i, (k, v)) in entries.iter().enumerate() {
+            let v = v.as_ref();
             top -= v.len();
             b[top..top + v.len()].copy_from_slice(v);
             let s = HDR + SLOT * i;
@@ -218,11 +224,11 @@ impl BTree {
         Some(b)
     }
 
-    fn write_leaf(
+    fn write_leaf<V: AsRef<[u8]>>(
         &self,
         w: &mut impl BlockWrite,
         b: BlockNo,
-        entries: &[(u64, Vec<u8>)],
+        entries: &[(u64, V)],
     ) -> FsResult<()> {
         let img = self
             .encode_leaf(w.bs(), entries)
@@ -374,10 +380,10 @@ impl BTree {
         let bs = w.bs();
         match self.load(w, b)? {
             Node::Leaf(l) => {
-                let mut entries = l.owned();
+                let mut entries = l.entries();
                 match entries.binary_search_by_key(&key, |e| e.0) {
-                    Ok(i) => entries[i].1 = val.to_vec(),
-                    Err(i) => entries.insert(i, (key, val.to_vec())),
+                    Ok(i) => entries[i].1 = val,
+                    Err(i) => entries.insert(i, (key, val)),
                 }
                 if leaf_size(&entries) <= bs {
                     self.write_leaf(w, b, &entries)?;
@@ -434,7 +440,7 @@ impl BTree {
         match shrink {
             Shrink::Keep => {}
             // The root is a leaf that lost its last entry: an empty tree keeps its root.
-            Shrink::Empty => self.write_leaf(w, self.root, &[])?,
+            Shrink::Empty => self.write_leaf::<&[u8]>(w, self.root, &[])?,
             Shrink::Replace(child) => self.root = child,
         }
         Ok(removed)
@@ -453,7 +459,7 @@ impl BTree {
         match self.load(w, b)? {
             Node::Leaf(l) => match l.slots.binary_search_by_key(&key, |s| s.0) {
                 Ok(i) => {
-                    let mut entries = l.owned();
+                    let mut entries = l.entries();
                     entries.remove(i);
                     if entries.is_empty() {
                         // Not written: the parent frees it (or `remove` rewrites the root).
@@ -661,7 +667,7 @@ pub(crate) mod tests {
         s.write(t.root, img);
         assert!(matches!(t.get(&s, 5), Err(FsError::Corrupt(_))));
         let other = BTree { owner: 8, ..t };
-        s.write(t.root, t.encode_leaf(4096, &[]).unwrap());
+        s.write(t.root, t.encode_leaf::<&[u8]>(4096, &[]).unwrap());
         assert!(matches!(other.get(&s, 5), Err(FsError::Corrupt(_))));
     }
 

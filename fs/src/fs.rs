@@ -483,29 +483,28 @@ fn write_file(tx: &mut FsTx<'_>, ctx: Ctx, ino: u64, off: u64, data: &[u8]) -> F
             }
         }
     }
-    // Stage the data, block by block (partial blocks merged with what was there).
-    let mut old = vec![0u8; bs as usize];
+    // Stage the data, one run per segment: whole blocks copied once from the request,
+    // partial blocks (at most the first and last) merged with what was there.
     for (seg, was_written) in &plan {
+        let mut run = Vec::with_capacity((seg.len * bs) as usize);
         for k in 0..seg.len {
-            let l = seg.logical + k;
-            let bstart = l * bs;
+            let bstart = (seg.logical + k) * bs;
             let from = off.max(bstart) - bstart;
             let to = end.min(bstart + bs) - bstart;
             let src = &data[(bstart + from - off) as usize..(bstart + to - off) as usize];
-            let content = if from == 0 && to == bs {
-                src.to_vec()
-            } else {
-                if *was_written {
-                    tx.read_data_block(seg.phys + k, &mut old)?;
-                } else {
-                    old.fill(0);
-                }
-                let mut c = old.clone();
-                c[from as usize..to as usize].copy_from_slice(src);
-                c
-            };
-            tx.write_data(seg.phys + k, content);
+            if from == 0 && to == bs {
+                run.extend_from_slice(src);
+                continue;
+            }
+            let at = run.len();
+            run.resize(at + bs as usize, 0);
+            let blk = &mut run[at..];
+            if *was_written {
+                tx.read_data_block(seg.phys + k, blk)?;
+            }
+            blk[from as usize..to as usize].copy_from_slice(src);
         }
+        tx.write_data(seg.phys, run);
     }
     let before = tx.meta_delta();
     if changed {

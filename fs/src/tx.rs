@@ -48,7 +48,8 @@ pub(crate) struct FsTx<'a> {
     alloc: &'a mut Allocator,
     sb: &'a Superblock,
     meta: HashMap<BlockNo, Arc<[u8]>>,
-    data: BTreeMap<BlockNo, Arc<[u8]>>,
+    /// Data runs by first block.
+    data: BTreeMap<BlockNo, Vec<u8>>,
     allocated: Vec<(BlockNo, u64)>,
     freed: Vec<(BlockNo, u64)>,
     inodes_allocated: Vec<u64>,
@@ -138,16 +139,21 @@ impl<'a> FsTx<'a> {
         self.inodes_freed.push(ino);
     }
 
-    /// Stages a file-data block.
-    pub(crate) fn write_data(&mut self, b: BlockNo, data: Vec<u8>) {
-        self.data.insert(b, Arc::from(data));
+    /// Stages file data for consecutive blocks from `start` (whole blocks; the runs of
+    /// one transaction do not overlap).
+    pub(crate) fn write_data(&mut self, start: BlockNo, data: Vec<u8>) {
+        self.data.insert(start, data);
     }
 
     /// Reads a file-data block, seeing this transaction's own writes.
     pub(crate) fn read_data_block(&self, b: BlockNo, buf: &mut [u8]) -> FsResult<()> {
-        if let Some(d) = self.data.get(&b) {
-            buf.copy_from_slice(d);
-            return Ok(());
+        let bs = buf.len();
+        if let Some((&start, d)) = self.data.range(..=b).next_back() {
+            let at = (b - start) as usize * bs;
+            if at < d.len() {
+                buf.copy_from_slice(&d[at..at + bs]);
+                return Ok(());
+            }
         }
         Ok(self.vol.read_data(b, buf)?)
     }
