@@ -23,6 +23,7 @@
 //! **Errors.** After a failed write or sync the volume is *poisoned*: every later commit
 //! fails until it is reopened, because the state on disk is unknown.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,14 +80,15 @@ pub struct TxId(pub u64);
 
 /// The block writes of one FS operation, applied atomically by [`Volume::commit`].
 #[derive(Debug, Default)]
-pub struct Transaction {
+pub struct Transaction<'d> {
     meta: BTreeMap<BlockNo, Arc<[u8]>>,
     /// File data as runs of consecutive blocks: (first block, bytes, a multiple of the
-    /// block size). Runs do not overlap each other or the metadata blocks.
-    data: Vec<(BlockNo, Vec<u8>)>,
+    /// block size), possibly borrowed from the caller's request buffer. Runs do not
+    /// overlap each other or the metadata blocks.
+    data: Vec<(BlockNo, Cow<'d, [u8]>)>,
 }
 
-impl Transaction {
+impl<'d> Transaction<'d> {
     /// An empty transaction.
     pub fn new() -> Self {
         Self::default()
@@ -97,8 +99,8 @@ impl Transaction {
     }
     /// Writes file data to consecutive blocks from `start` (may be written in place, see
     /// the module documentation); `data` is a whole number of blocks.
-    pub fn write_data(&mut self, start: BlockNo, data: Vec<u8>) {
-        self.data.push((start, data));
+    pub fn write_data(&mut self, start: BlockNo, data: impl Into<Cow<'d, [u8]>>) {
+        self.data.push((start, data.into()));
     }
     /// True if nothing is written.
     pub fn is_empty(&self) -> bool {
@@ -443,7 +445,7 @@ impl Volume {
     }
 
     /// Applies a transaction atomically (durable at the next [`Volume::sync`]).
-    pub fn commit(&mut self, tx: Transaction) -> Result<TxId, VolumeError> {
+    pub fn commit(&mut self, tx: Transaction<'_>) -> Result<TxId, VolumeError> {
         self.check_writable()?;
         if tx.is_empty() {
             return Ok(TxId(self.next_tx.0 - 1));

@@ -71,6 +71,11 @@ enum Cmd {
         /// Let the kernel cache writes and send them in bulk (FUSE writeback cache).
         #[arg(long)]
         writeback_cache: bool,
+        /// A write of at least this many blocks goes straight to the volume (written once);
+        /// smaller ones go through the journal. A huge value journals all file data (for
+        /// comparisons: large writes are then written twice).
+        #[arg(long, default_value_t = 8)]
+        inplace_min_blocks: usize,
     },
     /// Check every on-disk invariant; exits 1 with a report on any inconsistency.
     Fsck {
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
             commit_interval,
             noatime,
             writeback_cache,
+            inplace_min_blocks,
         } => mount(
             &data,
             &mountpoint,
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
             commit_interval,
             noatime,
             writeback_cache,
+            inplace_min_blocks,
         )
         .map(|()| ExitCode::SUCCESS),
         Cmd::Fsck { data } => run_fsck(&data),
@@ -186,6 +193,7 @@ fn mount(
     commit_interval: f64,
     noatime: bool,
     writeback_cache: bool,
+    inplace_min_blocks: usize,
 ) -> Result<()> {
     if !(0.001..=3600.0).contains(&commit_interval) {
         bail!("--commit-interval must be between 0.001 and 3600 seconds");
@@ -203,6 +211,7 @@ fn mount(
     let (n, j) = dd.devices(false)?;
     let opts = VolumeOptions {
         commit_interval: Duration::from_secs_f64(commit_interval),
+        inplace_min_blocks: inplace_min_blocks.max(1),
         ..VolumeOptions::default()
     };
     let vol = Volume::open(n, j, opts)

@@ -264,7 +264,7 @@ fn apply_delta(blocks: u64, delta: i64) -> u64 {
 
 /// Inserts an entry into directory `dir`, updating its inode (count, blocks, link count
 /// for a subdirectory, times).
-fn dir_add(tx: &mut FsTx<'_>, dir: u64, name: &[u8], child: u64, kind: Kind) -> FsResult<()> {
+fn dir_add(tx: &mut FsTx<'_, '_>, dir: u64, name: &[u8], child: u64, kind: Kind) -> FsResult<()> {
     let sb = tx.sb();
     let mut d = load(tx, sb, dir)?;
     let mut tree = dir_tree(dir, &d)?;
@@ -286,7 +286,7 @@ fn dir_add(tx: &mut FsTx<'_>, dir: u64, name: &[u8], child: u64, kind: Kind) -> 
 }
 
 /// Removes the entry at `cookie` of directory `dir`.
-fn dir_remove(tx: &mut FsTx<'_>, dir: u64, cookie: u64, was_dir: bool) -> FsResult<()> {
+fn dir_remove(tx: &mut FsTx<'_, '_>, dir: u64, cookie: u64, was_dir: bool) -> FsResult<()> {
     let sb = tx.sb();
     let mut d = load(tx, sb, dir)?;
     let mut tree = dir_tree(dir, &d)?;
@@ -310,7 +310,7 @@ fn dir_remove(tx: &mut FsTx<'_>, dir: u64, cookie: u64, was_dir: bool) -> FsResu
 
 /// Points the entry at `cookie` of `dir` to another inode (`RENAME_EXCHANGE`).
 fn dir_replace(
-    tx: &mut FsTx<'_>,
+    tx: &mut FsTx<'_, '_>,
     dir: u64,
     cookie: u64,
     name: &[u8],
@@ -333,7 +333,7 @@ fn dir_replace(
 }
 
 /// Frees an inode and everything it owns.
-fn free_inode(tx: &mut FsTx<'_>, ino: u64, i: &Inode) -> FsResult<()> {
+fn free_inode(tx: &mut FsTx<'_, '_>, ino: u64, i: &Inode) -> FsResult<()> {
     match kind_of(i)? {
         Kind::Dir => dir_tree(ino, i)?.destroy(tx)?,
         Kind::File | Kind::Symlink => {
@@ -355,7 +355,7 @@ fn free_inode(tx: &mut FsTx<'_>, ino: u64, i: &Inode) -> FsResult<()> {
 
 /// Drops one link of `ino` (already removed from its directory). `referenced`: the kernel
 /// still holds the inode, so it becomes an orphan instead of being freed.
-fn drop_link(tx: &mut FsTx<'_>, ino: u64, referenced: bool, whole_dir: bool) -> FsResult<()> {
+fn drop_link(tx: &mut FsTx<'_, '_>, ino: u64, referenced: bool, whole_dir: bool) -> FsResult<()> {
     let sb = tx.sb();
     let mut i = load(tx, sb, ino)?;
     i.nlink = if whole_dir {
@@ -382,7 +382,7 @@ fn drop_link(tx: &mut FsTx<'_>, ino: u64, referenced: bool, whole_dir: bool) -> 
 }
 
 /// Removes an orphan (an unlinked inode the kernel no longer references).
-fn reap_orphan(tx: &mut FsTx<'_>, ino: u64) -> FsResult<()> {
+fn reap_orphan(tx: &mut FsTx<'_, '_>, ino: u64) -> FsResult<()> {
     let sb = tx.sb();
     let mut o = load(tx, sb, ORPHAN_INO)?;
     let mut tree = dir_tree(ORPHAN_INO, &o)?;
@@ -417,7 +417,13 @@ fn is_ancestor(r: &impl BlockRead, sb: &Superblock, anc: u64, mut ino: u64) -> F
 }
 
 /// Writes `data` at `off` of regular file `ino`.
-fn write_file(tx: &mut FsTx<'_>, ctx: Ctx, ino: u64, off: u64, data: &[u8]) -> FsResult<()> {
+fn write_file<'d>(
+    tx: &mut FsTx<'_, 'd>,
+    ctx: Ctx,
+    ino: u64,
+    off: u64,
+    data: &'d [u8],
+) -> FsResult<()> {
     let sb = tx.sb();
     let bs = tx.bs() as u64;
     let mut i = load(tx, sb, ino)?;
@@ -486,6 +492,12 @@ fn write_file(tx: &mut FsTx<'_>, ctx: Ctx, ino: u64, off: u64, data: &[u8]) -> F
     // Stage the data, one run per segment: whole blocks copied once from the request,
     // partial blocks (at most the first and last) merged with what was there.
     for (seg, was_written) in &plan {
+        let (s0, s1) = (seg.logical * bs, seg.end() * bs);
+        if s0 >= off && s1 <= end {
+            // Whole blocks: handed to the volume straight from the request buffer.
+            tx.write_data(seg.phys, &data[(s0 - off) as usize..(s1 - off) as usize]);
+            continue;
+        }
         let mut run = Vec::with_capacity((seg.len * bs) as usize);
         for k in 0..seg.len {
             let bstart = (seg.logical + k) * bs;
@@ -540,7 +552,7 @@ fn clear_setid_on_write(i: &mut Inode, ctx: Ctx) {
 }
 
 /// Sets the size of regular file `ino` (shrinking frees blocks and zeroes the tail).
-fn truncate_file(tx: &mut FsTx<'_>, i: &mut Inode, ino: u64, size: u64) -> FsResult<()> {
+fn truncate_file(tx: &mut FsTx<'_, '_>, i: &mut Inode, ino: u64, size: u64) -> FsResult<()> {
     if size > MAX_FILE_SIZE {
         return Err(FsError::FileTooLarge);
     }
@@ -576,7 +588,7 @@ fn truncate_file(tx: &mut FsTx<'_>, i: &mut Inode, ino: u64, size: u64) -> FsRes
     Ok(())
 }
 
-fn fallocate_file(tx: &mut FsTx<'_>, ino: u64, off: u64, len: u64) -> FsResult<()> {
+fn fallocate_file(tx: &mut FsTx<'_, '_>, ino: u64, off: u64, len: u64) -> FsResult<()> {
     let sb = tx.sb();
     let bs = tx.bs() as u64;
     let mut i = load(tx, sb, ino)?;
@@ -768,9 +780,9 @@ impl Fs {
     }
 
     /// Runs one transaction; `after` runs on its result with the lock still held.
-    fn mutate<T>(
+    fn mutate<'d, T>(
         &self,
-        f: impl Fn(&mut FsTx<'_>) -> FsResult<T>,
+        f: impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
         after: impl FnOnce(&T),
     ) -> FsResult<T> {
         let mut guard = self.write_core();
@@ -791,7 +803,10 @@ impl Fs {
         Ok(out)
     }
 
-    fn run_tx<T>(core: &mut Core, f: &impl Fn(&mut FsTx<'_>) -> FsResult<T>) -> FsResult<T> {
+    fn run_tx<'d, T>(
+        core: &mut Core,
+        f: &impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
+    ) -> FsResult<T> {
         let Core { vol, sb, alloc } = core;
         let (out, t, fin) = {
             let mut tx = FsTx::new(vol, alloc, sb);
@@ -1251,7 +1266,23 @@ impl Fs {
 
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (out, touch) = {
+        self.read_with(ino, off, size, <[u8]>::to_vec)
+    }
+
+    /// Reads up to `size` bytes at `off` and hands them to `f` (the FUSE reply), from a
+    /// per-thread buffer: no allocation or zeroing per read on the hot path.
+    pub fn read_with<R>(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (out, touch) = BUF.with(|cell| -> FsResult<(R, bool)> {
+            let mut buf = cell.borrow_mut();
             let core = self.read_core();
             let bs = core.vol.block_size() as u64;
             let i = load(&core.vol, &core.sb, ino)?;
@@ -1262,30 +1293,40 @@ impl Fs {
             }
             let end = off.saturating_add(u64::from(size)).min(i.size);
             if off >= end {
-                return Ok(Vec::new());
+                return Ok((f(&[]), false));
             }
             let (l0, l1) = (off / bs, end.div_ceil(bs));
-            let mut buf = vec![0u8; ((l1 - l0) * bs) as usize];
+            let len = ((l1 - l0) * bs) as usize;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
             let map = ExtentMap::load(&i, ino)?;
+            // Holes and unwritten extents read as zeros; everything else from the volume.
+            let mut filled = 0usize;
             for e in map.overlapping(&core.vol, l0, l1)? {
                 let Some(seg) = e.clip(l0, l1) else { continue };
-                if seg.unwritten {
-                    continue;
-                }
                 let at = ((seg.logical - l0) * bs) as usize;
-                core.vol
-                    .read_data(seg.phys, &mut buf[at..at + (seg.len * bs) as usize])?;
+                let n = (seg.len * bs) as usize;
+                buf[filled..at].fill(0);
+                if seg.unwritten {
+                    buf[at..at + n].fill(0);
+                } else {
+                    core.vol.read_data(seg.phys, &mut buf[at..at + n])?;
+                }
+                filled = at + n;
             }
+            buf[filled..].fill(0);
             let from = (off - l0 * bs) as usize;
-            buf.truncate((end - l0 * bs) as usize);
-            buf.drain(..from);
+            let to = (end - l0 * bs) as usize;
             // relatime: update atime when it is older than mtime/ctime or a day old.
             let t = now();
             let touch = self.opts.atime
                 && !core.vol.is_poisoned()
                 && (i.atime <= i.mtime || i.atime <= i.ctime || t.sec - i.atime.sec >= 86_400);
-            (buf, touch)
-        };
+            drop(core);
+            Ok((f(&buf[from..to]), touch))
+        })?;
         if touch {
             let r = self.mutate(
                 |tx| {

@@ -6,6 +6,7 @@
 //! [`Volume::commit`]. Dropping an unfinished `FsTx` (an error midway, e.g. ENOSPC) gives
 //! back its reservations: nothing of the operation happened.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -43,13 +44,13 @@ impl BlockRead for Volume {
 }
 
 /// See the module documentation.
-pub(crate) struct FsTx<'a> {
+pub(crate) struct FsTx<'a, 'd> {
     vol: &'a Volume,
     alloc: &'a mut Allocator,
     sb: &'a Superblock,
     meta: HashMap<BlockNo, Arc<[u8]>>,
-    /// Data runs by first block.
-    data: BTreeMap<BlockNo, Vec<u8>>,
+    /// Data runs by first block (borrowed from the request where possible).
+    data: BTreeMap<BlockNo, Cow<'d, [u8]>>,
     allocated: Vec<(BlockNo, u64)>,
     freed: Vec<(BlockNo, u64)>,
     inodes_allocated: Vec<u64>,
@@ -77,7 +78,7 @@ impl Finished {
     }
 }
 
-impl<'a> FsTx<'a> {
+impl<'a, 'd> FsTx<'a, 'd> {
     pub(crate) fn new(vol: &'a Volume, alloc: &'a mut Allocator, sb: &'a Superblock) -> Self {
         FsTx {
             vol,
@@ -141,8 +142,8 @@ impl<'a> FsTx<'a> {
 
     /// Stages file data for consecutive blocks from `start` (whole blocks; the runs of
     /// one transaction do not overlap).
-    pub(crate) fn write_data(&mut self, start: BlockNo, data: Vec<u8>) {
-        self.data.insert(start, data);
+    pub(crate) fn write_data(&mut self, start: BlockNo, data: impl Into<Cow<'d, [u8]>>) {
+        self.data.insert(start, data.into());
     }
 
     /// Reads a file-data block, seeing this transaction's own writes.
@@ -159,7 +160,7 @@ impl<'a> FsTx<'a> {
     }
 
     /// Adds the bitmap updates and returns the volume transaction.
-    pub(crate) fn finish(mut self) -> FsResult<(Transaction, Finished)> {
+    pub(crate) fn finish(mut self) -> FsResult<(Transaction<'d>, Finished)> {
         let bits_per_block = self.bs() as u64 * 8;
         let sb = self.sb;
         // Block bitmap: allocations set bits, frees clear them (in that order: a block
@@ -209,7 +210,7 @@ impl<'a> FsTx<'a> {
     }
 }
 
-impl Drop for FsTx<'_> {
+impl Drop for FsTx<'_, '_> {
     fn drop(&mut self) {
         if self.done {
             return;
@@ -223,7 +224,7 @@ impl Drop for FsTx<'_> {
     }
 }
 
-impl BlockRead for FsTx<'_> {
+impl BlockRead for FsTx<'_, '_> {
     fn bs(&self) -> usize {
         self.vol.block_size()
     }
@@ -235,7 +236,7 @@ impl BlockRead for FsTx<'_> {
     }
 }
 
-impl BlockWrite for FsTx<'_> {
+impl BlockWrite for FsTx<'_, '_> {
     fn write(&mut self, b: BlockNo, data: Vec<u8>) {
         self.meta.insert(b, Arc::from(data));
     }
