@@ -18,6 +18,7 @@ pub mod datadir;
 pub mod device;
 pub mod error;
 pub mod journal;
+pub mod repl;
 pub mod types;
 pub mod volume;
 

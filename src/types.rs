@@ -3,9 +3,13 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// A journal sequence number (DESIGN §3): strictly increasing along the log, persisted,
 /// never reused. `Seq(0)` means "none".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Seq(pub u64);
 
 impl Seq {
@@ -27,7 +31,7 @@ impl fmt::Display for Seq {
 pub type BlockNo = u64;
 
 /// The identity of a volume (shared by the FS superblock and the journal header).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct VolumeId(pub [u8; 16]);
 
 impl VolumeId {

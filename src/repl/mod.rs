@@ -1,0 +1,272 @@
+//! Replication of a volume to a peer node (DESIGN §4, docs/PROTOCOL.md).
+//!
+//! Sans-IO (STYLE.md, after `quinn-proto`): [`Replicator`] is a state machine that takes
+//! events — a connection came up or went down, a message arrived, a local journal entry
+//! became durable, the driver finished applying something, time passed — and hands out
+//! [`Action`]s: messages to send, entries to read and send, entries to apply, journal space
+//! to release, state to persist. It never touches a socket, a file or the clock. The QUIC
+//! transport and the daemon drive it; the deterministic simulation in `tests/repl_sim.rs`
+//! drives two of them through drops, duplicates, reordering, partitions and crashes.
+
+mod replicator;
+
+use serde::{Deserialize, Serialize};
+
+pub use replicator::{Action, CopyKind, EntryMeta, ReplConfig, Replicator, Status};
+
+use crate::types::{Seq, VolumeId};
+
+/// Protocol version spoken by this build (docs/PROTOCOL.md title).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Increases whenever the primary role moves; every message carries the sender's.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Epoch(pub u64);
+
+/// What a node is in its pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Writes, and streams its journal to the peer.
+    Primary,
+    /// Applies the primary's entries in order; its mount is read-only.
+    Secondary,
+}
+
+/// When a write is acknowledged to the application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mode {
+    /// After the local journal commit (DRBD protocol A).
+    Async,
+    /// After the peer has the entry durably (DRBD protocol C).
+    Sync,
+}
+
+/// The state of the pair (docs/PROTOCOL.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PairState {
+    /// No peer, or never paired.
+    Simplex,
+    /// Initial copy or bitmap resync in progress: the secondary is inconsistent.
+    Copying,
+    /// Entries stream in order; the secondary is consistent at every instant.
+    Pair,
+    /// The link is down: the primary retains entries, then marks a bitmap.
+    Suspended,
+}
+
+impl std::fmt::Display for PairState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PairState::Simplex => "simplex",
+            PairState::Copying => "copying",
+            PairState::Pair => "pair",
+            PairState::Suspended => "suspended",
+        })
+    }
+}
+
+/// One lineage of a node's data: a random id and the first seq written under it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Generation {
+    /// Random identifier.
+    pub id: u64,
+    /// First seq of this generation.
+    pub start: Seq,
+}
+
+/// How the primary keeps what the secondary has not applied yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Backlog {
+    /// Retained journal entries (the normal case).
+    Journal,
+    /// The difference bitmap: every block changed after `base` (the peer's applied seq
+    /// when the journal limit was reached) is marked.
+    Bitmap {
+        /// Peer's applied seq from which the bitmap covers the changes.
+        base: Seq,
+    },
+}
+
+/// What a node persists about its pair (the pair state file), written durably whenever an
+/// [`Action::Persist`] asks for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// This node's role.
+    pub role: Role,
+    /// Current epoch.
+    pub epoch: Epoch,
+    /// Lineages, oldest first.
+    pub generations: Vec<Generation>,
+    /// Primary: how the backlog is kept.
+    pub backlog: Backlog,
+    /// Secondary: a copy or resync is incomplete; consistent again once applied ≥ this seq
+    /// after the copy ended (`Some(Seq::NONE)` while the copy is still running).
+    pub inconsistent_until: Option<Seq>,
+    /// Secondary: the volume has never been filled from a primary.
+    pub empty: bool,
+    /// Primary: a peer has been paired at least once (so entries are kept for it).
+    pub paired: bool,
+}
+
+impl PersistedState {
+    /// A new primary with a first generation.
+    pub fn new_primary(generation_id: u64) -> Self {
+        PersistedState {
+            role: Role::Primary,
+            epoch: Epoch(1),
+            generations: vec![Generation {
+                id: generation_id,
+                start: Seq(1),
+            }],
+            backlog: Backlog::Journal,
+            inconsistent_until: None,
+            empty: false,
+            paired: false,
+        }
+    }
+
+    /// A new, empty secondary.
+    pub fn new_secondary() -> Self {
+        PersistedState {
+            role: Role::Secondary,
+            epoch: Epoch(0),
+            generations: Vec::new(),
+            backlog: Backlog::Journal,
+            inconsistent_until: None,
+            empty: true,
+            paired: false,
+        }
+    }
+}
+
+/// The first message on a connection, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version.
+    pub proto: u32,
+    /// Sender's node name.
+    pub node: String,
+    /// Volume id (a new secondary sends the nil id).
+    pub volume: VolumeId,
+    /// Block size.
+    pub block_size: u32,
+    /// Blocks of the normal area.
+    pub blocks: u64,
+    /// Sender's role.
+    pub role: Role,
+    /// Sender's epoch.
+    pub epoch: Epoch,
+    /// Sender's lineages.
+    pub generations: Vec<Generation>,
+    /// Newest seq in the sender's journal.
+    pub last_seq: Seq,
+    /// Secondary: newest seq applied durably.
+    pub applied: Seq,
+    /// Secondary: its volume is mid-copy and not consistent.
+    pub inconsistent: bool,
+    /// Secondary: never filled from a primary.
+    pub empty: bool,
+}
+
+/// One journal entry on the wire, with the content of every block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Its seq.
+    pub seq: Seq,
+    /// Seq of the entry before it.
+    pub prev_seq: Seq,
+    /// Host time of the entry.
+    pub timestamp_ns: u64,
+    /// `(block, content)` pairs.
+    pub blocks: Vec<WireBlock>,
+}
+
+/// One block of an entry or of a copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireBlock {
+    /// Block number.
+    pub block: u64,
+    /// Content (one block).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Messages between two nodes (docs/PROTOCOL.md §4). Every one carries the sender's epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Identity and progress, first on a connection.
+    Hello(Hello),
+    /// A journal entry (primary → secondary).
+    Entry {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// The entry.
+        entry: WireEntry,
+    },
+    /// Copy or resync data (primary → secondary).
+    CopyBlocks {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// The blocks.
+        blocks: Vec<WireBlock>,
+    },
+    /// The copy is complete: entries after `base` follow; the secondary is consistent once
+    /// it has applied `consistent_at`.
+    CopyEnd {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Seq the entries that follow continue from.
+        base: Seq,
+        /// Seq from which the secondary is consistent.
+        consistent_at: Seq,
+    },
+    /// Progress of the secondary (secondary → primary).
+    Ack {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Newest seq applied durably.
+        applied: Seq,
+    },
+    /// The connection will not be used, and why.
+    Refuse {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// The sender's epoch.
+    pub fn epoch(&self) -> Epoch {
+        match self {
+            Message::Hello(h) => h.epoch,
+            Message::Entry { epoch, .. }
+            | Message::CopyBlocks { epoch, .. }
+            | Message::CopyEnd { epoch, .. }
+            | Message::Ack { epoch, .. }
+            | Message::Refuse { epoch, .. } => *epoch,
+        }
+    }
+
+    /// The stream a message travels on (docs/PROTOCOL.md §3).
+    pub fn stream(&self) -> Stream {
+        match self {
+            Message::Entry { .. } | Message::CopyBlocks { .. } | Message::CopyEnd { .. } => {
+                Stream::Replication
+            }
+            _ => Stream::Control,
+        }
+    }
+}
+
+/// Which stream of the connection carries a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Hello, acks, refusals.
+    Control,
+    /// Entries and copy data.
+    Replication,
+}
