@@ -30,6 +30,11 @@ pub trait BlockDevice: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn sync(&self) -> io::Result<()>;
+    /// Byte ranges that may hold data, as `(offset, length)`: everything else reads as
+    /// zeros and was never written (sparse files). The default is the whole device.
+    fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        Ok(vec![(0, self.len()?)])
+    }
 }
 
 /// A device backed by a file (the production implementation).
@@ -95,6 +100,35 @@ impl BlockDevice for FileDevice {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let len = self.len()?;
+        let mut out = Vec::new();
+        let mut pos: u64 = 0;
+        while pos < len {
+            // SAFETY: lseek on a descriptor we own; errors are checked.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after pos
+                }
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    return Ok(vec![(0, len)]); // no SEEK_DATA support: assume all
+                }
+                return Err(e);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.push((data as u64, (hole - data) as u64));
+            pos = hole as u64;
+        }
+        Ok(out)
     }
 }
 
@@ -190,6 +224,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        (**self).data_ranges()
     }
 }
 

@@ -56,6 +56,14 @@ pub enum JournalError {
         /// Usable journal capacity.
         capacity: u64,
     },
+    /// An entry with an explicit seq that does not follow the journal's newest.
+    #[error("journal entry seq {seq} does not follow the newest seq {last}")]
+    SeqOrder {
+        /// The seq asked for.
+        seq: Seq,
+        /// The newest seq in the journal.
+        last: Seq,
+    },
     /// A retained entry read back for replay or streaming fails its checks.
     #[error("journal entry seq {seq} at offset {offset} is unreadable: {reason}")]
     BadEntry {
@@ -98,6 +106,21 @@ pub enum VolumeError {
     /// The volume was opened read-only.
     #[error("volume is read-only")]
     ReadOnly,
+    /// A journal entry asked for is no longer retained.
+    #[error("journal entry seq {seq} is no longer in the journal")]
+    EntryGone {
+        /// The seq asked for.
+        seq: Seq,
+    },
+    /// A retained entry's in-place block was overwritten and not saved aside: the entry
+    /// can no longer be sent as it was (replication falls back to the bitmap).
+    #[error("entry seq {seq}: block {block} was overwritten before it was replicated")]
+    InPlaceChanged {
+        /// The entry.
+        seq: Seq,
+        /// The block.
+        block: u64,
+    },
     /// Invalid parameters at creation.
     #[error("invalid volume parameters: {0}")]
     InvalidParams(String),

@@ -184,6 +184,9 @@ impl EntryInfo {
     }
 }
 
+/// The IMAGE contents of an entry in descriptor order (`None` for IN_PLACE blocks).
+pub type Images = Vec<Option<Vec<u8>>>;
+
 /// Where a retained entry is (the in-memory index of the log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryLoc {
@@ -197,11 +200,16 @@ pub struct EntryLoc {
     pub total_len: u64,
     /// Host time of the entry.
     pub timestamp_ns: u64,
+    /// Number of blocks it writes.
+    pub n_blocks: u32,
 }
 
 /// Fields of a new entry that the caller chooses.
 #[derive(Clone, Copy, Debug)]
 pub struct NewEntry<'a> {
+    /// The seq to give it: `None` takes the next one; a secondary passes the primary's seq
+    /// (it must be above every seq in the journal).
+    pub seq: Option<Seq>,
     /// Host time of the newest transaction in it.
     pub timestamp_ns: u64,
     /// Number of FS transactions merged into it.
@@ -371,6 +379,7 @@ impl Journal {
                 offset: e.offset,
                 total_len: e.total_len,
                 timestamp_ns: e.timestamp_ns,
+                n_blocks: e.descriptors.len() as u32,
             });
         }
         if let Some(last) = entries.last() {
@@ -486,6 +495,16 @@ impl Journal {
 
     /// Reads and fully validates the entry at `pos` that must follow `prev`.
     fn try_entry(&self, pos: u64, prev: Seq, min_gen: u64) -> Result<EntryInfo, String> {
+        self.try_entry_buf(pos, prev, min_gen).map(|(e, _)| e)
+    }
+
+    /// As `try_entry`, also returning the whole entry as read (header, descriptors, images).
+    fn try_entry_buf(
+        &self,
+        pos: u64,
+        prev: Seq,
+        min_gen: u64,
+    ) -> Result<(EntryInfo, Vec<u8>), String> {
         let bs = self.hdr.bs();
         let cap = self.hdr.capacity;
         if pos + bs > cap {
@@ -556,7 +575,7 @@ impl Journal {
                 at += bs as usize;
             }
         }
-        Ok(EntryInfo {
+        let info = EntryInfo {
             seq: raw.seq,
             prev_seq: raw.prev_seq,
             timestamp_ns: raw.timestamp_ns,
@@ -566,7 +585,8 @@ impl Journal {
             offset: pos,
             total_len: raw.total_len,
             descriptors,
-        })
+        };
+        Ok((info, buf))
     }
 
     /// Starts a writing session: a new `mount_gen`, `clean` cleared, the seq reservation
@@ -678,8 +698,17 @@ impl Journal {
             .filter(|(_, b)| matches!(b, EntryBlock::Image(_)))
             .count();
         let total_len = self.entry_len(e.blocks.len(), n_images);
+        let seq = match e.seq {
+            None => self.next_seq(),
+            Some(s) if s > self.last_seq => s,
+            Some(s) => {
+                return Err(JournalError::SeqOrder {
+                    seq: s,
+                    last: self.last_seq,
+                });
+            }
+        };
         let offset = self.place(total_len)?;
-        let seq = self.next_seq();
         if seq >= self.hdr.seq_reserved {
             let reserve = Seq(seq.0 + SEQ_RESERVE_STEP);
             self.update_header(|h| h.seq_reserved = reserve)?;
@@ -733,11 +762,12 @@ impl Journal {
             offset,
             total_len,
             timestamp_ns: e.timestamp_ns,
+            n_blocks: e.blocks.len() as u32,
         };
         self.retained.push_back(loc);
         self.head = offset + total_len;
         self.last_seq = seq;
-        self.next = seq.next();
+        self.next = self.next.max(seq.next());
         self.unsynced = true;
         Ok(loc)
     }
@@ -846,12 +876,37 @@ impl Journal {
 
     /// Reads and validates a retained entry (for replay and for the replication pump).
     pub fn read_entry(&self, loc: &EntryLoc) -> Result<EntryInfo, JournalError> {
-        self.try_entry(loc.offset, loc.prev_seq, 0)
+        self.read_entry_images(loc).map(|(e, _)| e)
+    }
+
+    /// Reads a retained entry with the content of its IMAGE blocks, in descriptor order
+    /// (IN_PLACE blocks are `None`: their content is in the normal area).
+    pub fn read_entry_images(&self, loc: &EntryLoc) -> Result<(EntryInfo, Images), JournalError> {
+        let (info, buf) = self
+            .try_entry_buf(loc.offset, loc.prev_seq, 0)
             .map_err(|reason| JournalError::BadEntry {
                 seq: loc.seq,
                 offset: loc.offset,
                 reason,
-            })
+            })?;
+        let bs = self.hdr.bs() as usize;
+        let mut at = EntryInfo::images_start(info.descriptors.len(), bs as u64) as usize;
+        let mut images = Vec::with_capacity(info.descriptors.len());
+        for d in &info.descriptors {
+            if d.kind == DescriptorKind::Image {
+                images.push(Some(buf[at..at + bs].to_vec()));
+                at += bs;
+            } else {
+                images.push(None);
+            }
+        }
+        Ok((info, images))
+    }
+
+    /// The retained entry with this seq.
+    pub fn find(&self, seq: Seq) -> Option<EntryLoc> {
+        let i = self.retained.partition_point(|e| e.seq < seq);
+        self.retained.get(i).filter(|e| e.seq == seq).copied()
     }
 }
 
@@ -902,6 +957,7 @@ mod tests {
             .map(|((n, _), i)| (*n, EntryBlock::Image(i)))
             .collect();
         j.append(&NewEntry {
+            seq: None,
             timestamp_ns: 42,
             n_tx: 1,
             blocks: &bl,
@@ -1003,6 +1059,7 @@ mod tests {
             .collect();
         let err = j
             .append(&NewEntry {
+                seq: None,
                 timestamp_ns: 1,
                 n_tx: 1,
                 blocks: &bl,
@@ -1013,6 +1070,7 @@ mod tests {
             (0..20).map(|n| (n, EntryBlock::Image(&imgs[0]))).collect();
         let err = j
             .append(&NewEntry {
+                seq: None,
                 timestamp_ns: 1,
                 n_tx: 1,
                 blocks: &bl,

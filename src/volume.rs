@@ -32,6 +32,7 @@ use crate::cache::BlockCache;
 use crate::device::BlockDevice;
 use crate::error::VolumeError;
 use crate::journal::{DescriptorKind, EntryBlock, Journal, JournalExpect, NewEntry};
+use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
 /// Tunables of a volume (policy apart from mechanism; defaults are safe).
@@ -51,6 +52,12 @@ pub struct VolumeOptions {
     pub inplace_min_blocks: usize,
     /// Open without writing anything (journal replayed in memory only).
     pub read_only: bool,
+    /// Replication is configured: journal entries stay after their checkpoint until the
+    /// replication driver releases them ([`Volume::set_release_limit`]).
+    pub retain: bool,
+    /// Bytes of overwritten, not yet replicated in-place data kept aside in memory (seed
+    /// 001 §0136); beyond it such entries fall back to a bitmap resync.
+    pub evacuation_limit: u64,
 }
 
 impl Default for VolumeOptions {
@@ -70,6 +77,10 @@ impl Default for VolumeOptions {
             // than the extra sync of the normal area an in-place write needs at fsync.
             inplace_min_blocks: 8,
             read_only: false,
+            retain: false,
+            // 64 MiB: overwrites of data the peer has not acknowledged yet are rare with a
+            // responsive peer; a slow one falls back to the bitmap rather than use memory.
+            evacuation_limit: 64 << 20,
         }
     }
 }
@@ -184,6 +195,17 @@ pub struct Volume {
     checkpoint_seq: Seq,
     stats: VolumeStats,
     recovery: RecoveryReport,
+    /// With `retain`: entries up to this seq may be released once checkpointed.
+    release_limit: Seq,
+    /// Newest durable seq handed to the replication driver.
+    reported_durable: Seq,
+    /// With `retain`: for blocks held IN_PLACE by a retained entry, the newest such seq.
+    inplace_refs: HashMap<BlockNo, Seq>,
+    /// Content of such blocks saved before an overwrite, by (entry seq, block).
+    evacuated: HashMap<(Seq, BlockNo), Arc<[u8]>>,
+    evacuated_bytes: u64,
+    /// Copy blocks are being written straight into the normal area (secondary).
+    copying: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -293,7 +315,9 @@ impl Volume {
             normal
                 .sync()
                 .map_err(VolumeError::io("syncing the replayed volume"))?;
-            journal.release_through(last);
+            if !opts.retain {
+                journal.release_through(last);
+            }
             journal.begin_session()?;
             journal.persist_tail(last, false)?;
             checkpoint_seq = last;
@@ -305,6 +329,16 @@ impl Volume {
                 last_seq = %last,
                 "journal replayed"
             );
+        }
+        let mut inplace_refs = HashMap::new();
+        if opts.retain {
+            for e in &entries {
+                for d in &e.descriptors {
+                    if d.kind == DescriptorKind::InPlace {
+                        inplace_refs.insert(d.block, e.seq);
+                    }
+                }
+            }
         }
         Ok(Volume {
             normal,
@@ -324,6 +358,12 @@ impl Volume {
             checkpoint_seq,
             stats: VolumeStats::default(),
             recovery,
+            release_limit: Seq::NONE,
+            reported_durable: last,
+            inplace_refs,
+            evacuated: HashMap::new(),
+            evacuated_bytes: 0,
+            copying: false,
         })
     }
 
@@ -487,6 +527,11 @@ impl Volume {
                 }
                 let chunk = &d[i * bs..j * bs];
                 if here {
+                    if !self.inplace_refs.is_empty() {
+                        for k in i..j {
+                            self.evacuate(start + k as u64)?;
+                        }
+                    }
                     if let Err(e) = self.normal.write_at(chunk, (start + i as u64) * bs as u64) {
                         return self.poison(VolumeError::Io {
                             op: "writing data in place",
@@ -582,6 +627,7 @@ impl Volume {
             })
             .collect();
         let entry = NewEntry {
+            seq: None,
             timestamp_ns: open.last_ts,
             n_tx: open.n_tx,
             blocks: &blocks,
@@ -605,6 +651,7 @@ impl Volume {
         }
         self.stats.entries += 1;
         self.stats.journal_image_bytes += open.image_bytes;
+        let seq = self.journal.last_seq();
         for (b, ob) in open.blocks {
             match ob {
                 OpenBlock::Image(d) => {
@@ -612,6 +659,9 @@ impl Volume {
                 }
                 OpenBlock::InPlace(_) => {
                     self.pending.remove(&b);
+                    if self.opts.retain {
+                        self.inplace_refs.insert(b, seq);
+                    }
                 }
             }
         }
@@ -650,11 +700,28 @@ impl Volume {
         self.stats.journal_syncs += 1;
         self.durable_tx = self.sealed_tx;
         let last = self.journal.last_seq();
-        if self.pending.is_empty() && self.journal.retained().is_empty() {
+        // What may leave the journal: everything checkpointed, unless replication still
+        // needs it.
+        let rel = if self.opts.retain {
+            self.release_limit.min(last)
+        } else {
+            last
+        };
+        let releasable = self
+            .journal
+            .retained()
+            .front()
+            .is_some_and(|e| e.seq <= rel);
+        if self.pending.is_empty() && !releasable {
             return Ok(());
         }
         let mut order: Vec<BlockNo> = self.pending.keys().copied().collect();
         order.sort_unstable();
+        if !self.inplace_refs.is_empty() {
+            for &b in &order {
+                self.evacuate(b)?;
+            }
+        }
         let mut buf = Vec::new();
         let mut i = 0;
         while i < order.len() {
@@ -681,11 +748,16 @@ impl Volume {
         }
         self.stats.normal_syncs += 1;
         self.normal_dirty = false;
-        self.journal.release_through(last);
+        self.journal.release_through(rel);
         if let Err(e) = self.journal.persist_tail(last, false) {
             return self.poison(e.into());
         }
         self.checkpoint_seq = last;
+        if !self.inplace_refs.is_empty() {
+            self.inplace_refs.retain(|_, s| *s > rel);
+            self.evacuated.retain(|(s, _), _| *s > rel);
+            self.evacuated_bytes = self.evacuated.len() as u64 * self.bs as u64;
+        }
         for (b, d) in self.pending.drain() {
             self.cache.insert(b, d);
         }
@@ -728,6 +800,290 @@ impl Volume {
             return self.poison(e.into());
         }
         Ok(())
+    }
+
+    /// Saves aside the current content of `b` if a retained entry holds it in place and it
+    /// is about to be overwritten (seed 001 §0136: the entry must still be sent with the
+    /// data it had). Beyond `evacuation_limit` nothing is saved: sending that entry then
+    /// fails its checksum and replication falls back to the bitmap.
+    fn evacuate(&mut self, b: BlockNo) -> Result<(), VolumeError> {
+        let Some(&seq) = self.inplace_refs.get(&b) else {
+            return Ok(());
+        };
+        if self.evacuated.contains_key(&(seq, b)) {
+            return Ok(());
+        }
+        if self.evacuated_bytes + self.bs as u64 > self.opts.evacuation_limit {
+            tracing::debug!(block = b, %seq, "evacuation limit reached");
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.bs];
+        if let Err(e) = self.normal.read_at(&mut buf, b * self.bs as u64) {
+            return self.poison(VolumeError::Io {
+                op: "saving data aside",
+                source: e,
+            });
+        }
+        self.evacuated.insert((seq, b), Arc::from(buf));
+        self.evacuated_bytes += self.bs as u64;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------- replication --
+
+    /// Replication: entries up to `seq` are no longer needed by the peer; they leave the
+    /// journal at the next checkpoint.
+    pub fn set_release_limit(&mut self, seq: Seq) {
+        self.release_limit = self.release_limit.max(seq);
+    }
+
+    /// Replication: releases entries up to `seq` now (after a checkpoint), whether or not
+    /// the peer has them (their blocks were recorded in the difference bitmap).
+    pub fn force_release(&mut self, seq: Seq) -> Result<(), VolumeError> {
+        self.set_release_limit(seq);
+        self.checkpoint()
+    }
+
+    /// Durable journal entries still retained, oldest first (for a new replicator).
+    pub fn retained_entries(&self) -> Vec<EntryMeta> {
+        let durable = self.journal.durable_seq();
+        self.journal
+            .retained()
+            .iter()
+            .filter(|e| e.seq <= durable)
+            .map(|e| self.entry_meta(e))
+            .collect()
+    }
+
+    fn entry_meta(&self, e: &crate::journal::EntryLoc) -> EntryMeta {
+        EntryMeta {
+            seq: e.seq,
+            prev_seq: e.prev_seq,
+            bytes: u64::from(e.n_blocks) * self.bs as u64,
+            timestamp_ns: e.timestamp_ns,
+        }
+    }
+
+    /// Entries that became durable since the last call (for the replication driver).
+    pub fn take_durable_entries(&mut self) -> Vec<EntryMeta> {
+        let durable = self.journal.durable_seq();
+        if durable <= self.reported_durable {
+            return Vec::new();
+        }
+        let from = self.reported_durable;
+        self.reported_durable = durable;
+        self.journal
+            .retained()
+            .iter()
+            .filter(|e| e.seq > from && e.seq <= durable)
+            .map(|e| self.entry_meta(e))
+            .collect()
+    }
+
+    /// The blocks written by retained entries up to `seq` (to mark them in the bitmap).
+    pub fn retained_blocks(&self, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
+        let mut out = Vec::new();
+        for loc in self.journal.retained().iter().take_while(|e| e.seq <= seq) {
+            let info = self.journal.read_entry(loc)?;
+            out.extend(info.descriptors.iter().map(|d| d.block));
+        }
+        Ok(out)
+    }
+
+    /// Reads a retained entry for sending: images from the journal, in-place blocks from
+    /// the volume (or from what was saved aside), every block checked against the entry's
+    /// checksum. `InPlaceChanged` means the entry cannot be sent faithfully any more.
+    pub fn read_wire_entry(&self, seq: Seq) -> Result<WireEntry, VolumeError> {
+        let loc = self
+            .journal
+            .find(seq)
+            .ok_or(VolumeError::EntryGone { seq })?;
+        let (info, images) = self.journal.read_entry_images(&loc)?;
+        let mut blocks = Vec::with_capacity(info.descriptors.len());
+        for (d, img) in info.descriptors.iter().zip(images) {
+            let data = match img {
+                Some(data) => data,
+                None => match self.evacuated.get(&(seq, d.block)) {
+                    Some(saved) => saved.to_vec(),
+                    None => {
+                        let mut buf = vec![0u8; self.bs];
+                        self.normal
+                            .read_at(&mut buf, d.block * self.bs as u64)
+                            .map_err(VolumeError::io("reading data to send"))?;
+                        buf
+                    }
+                },
+            };
+            if crc32c(&data) != d.crc {
+                return Err(VolumeError::InPlaceChanged {
+                    seq,
+                    block: d.block,
+                });
+            }
+            blocks.push(WireBlock {
+                block: d.block,
+                data,
+            });
+        }
+        Ok(WireEntry {
+            seq,
+            prev_seq: info.prev_seq,
+            timestamp_ns: info.timestamp_ns,
+            blocks,
+        })
+    }
+
+    /// Secondary: applies a replicated entry as one entry of this journal with the same
+    /// seq, durably (an entry without blocks only records the seq).
+    pub fn apply_replicated(&mut self, e: &WireEntry) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        if e.seq <= self.journal.last_seq() {
+            // Not an I/O problem: refuse without stopping the volume.
+            return Err(crate::error::JournalError::SeqOrder {
+                seq: e.seq,
+                last: self.journal.last_seq(),
+            }
+            .into());
+        }
+        for b in &e.blocks {
+            self.check_block(b.block)?;
+            if b.data.len() != self.bs {
+                return Err(VolumeError::InvalidParams(format!(
+                    "replicated block {} has {} bytes, block size is {}",
+                    b.block,
+                    b.data.len(),
+                    self.bs
+                )));
+            }
+        }
+        if self.normal_dirty {
+            // Copy blocks written straight into the volume: durable before the entry that
+            // ends the copy.
+            if let Err(e) = self.normal.sync() {
+                return self.poison(VolumeError::Io {
+                    op: "syncing copied blocks",
+                    source: e,
+                });
+            }
+            self.stats.normal_syncs += 1;
+            self.normal_dirty = false;
+        }
+        self.copying = false;
+        let images: Vec<(BlockNo, Arc<[u8]>)> = e
+            .blocks
+            .iter()
+            .map(|b| (b.block, Arc::from(b.data.as_slice())))
+            .collect();
+        let refs: Vec<(BlockNo, EntryBlock<'_>)> = images
+            .iter()
+            .map(|(b, d)| (*b, EntryBlock::Image(d)))
+            .collect();
+        let entry = NewEntry {
+            seq: Some(e.seq),
+            timestamp_ns: e.timestamp_ns,
+            n_tx: 1,
+            blocks: &refs,
+        };
+        let appended = match self.journal.append(&entry) {
+            Err(crate::error::JournalError::Full { .. }) => {
+                self.checkpoint_sealed()?;
+                self.journal.append(&entry)
+            }
+            r => r,
+        };
+        drop(refs);
+        if let Err(err) = appended {
+            return self.poison(err.into());
+        }
+        if let Err(err) = self.journal.sync() {
+            return self.poison(err.into());
+        }
+        self.stats.entries += 1;
+        self.stats.journal_syncs += 1;
+        self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
+        for (b, d) in images {
+            self.pending.insert(b, d);
+        }
+        Ok(())
+    }
+
+    /// Secondary: writes copy blocks straight into the volume (the replica is marked
+    /// inconsistent until the copy ends, so they need no journal).
+    pub fn write_copy_blocks(&mut self, blocks: &[WireBlock]) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        if !self.copying {
+            // Nothing older may be replayed over copied blocks after a crash.
+            self.checkpoint()?;
+            self.copying = true;
+        }
+        for b in blocks {
+            self.check_block(b.block)?;
+            if b.data.len() != self.bs {
+                return Err(VolumeError::InvalidParams(format!(
+                    "copied block {} has {} bytes",
+                    b.block,
+                    b.data.len()
+                )));
+            }
+            self.pending.remove(&b.block);
+            self.cache.remove(b.block);
+            if let Err(e) = self.normal.write_at(&b.data, b.block * self.bs as u64) {
+                return self.poison(VolumeError::Io {
+                    op: "writing copied blocks",
+                    source: e,
+                });
+            }
+        }
+        self.normal_dirty = true;
+        Ok(())
+    }
+
+    /// Reads the current content of block `b` (newest image, else the volume) without
+    /// caching it: what a copy sends.
+    pub fn read_current(&self, b: BlockNo, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_block(b)?;
+        if let Some(d) = self.newest_image(b) {
+            buf.copy_from_slice(&d);
+            return Ok(());
+        }
+        self.normal
+            .read_at(buf, b * self.bs as u64)
+            .map_err(VolumeError::io("reading a block to copy"))
+    }
+
+    /// Ranges of blocks ever written (holes of the sparse volume file are skipped): what
+    /// an initial copy sends.
+    pub fn written_ranges(&self) -> Result<Vec<(BlockNo, u64)>, VolumeError> {
+        let bs = self.bs as u64;
+        let ranges = self
+            .normal
+            .data_ranges()
+            .map_err(VolumeError::io("listing written ranges"))?;
+        let mut out: Vec<(BlockNo, u64)> = Vec::new();
+        for (off, len) in ranges {
+            let first = off / bs;
+            let end = (off + len).div_ceil(bs).min(self.blocks);
+            if end > first {
+                out.push((first, end - first));
+            }
+        }
+        // Blocks with images not yet checkpointed may lie in holes.
+        let mut extra: Vec<BlockNo> = self
+            .pending
+            .keys()
+            .chain(self.open.blocks.keys())
+            .copied()
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        for b in extra {
+            if !out.iter().any(|(s, n)| b >= *s && b < s + n) {
+                out.push((b, 1));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Bytes of images held in memory (open entry + sealed, not checkpointed).
@@ -946,5 +1302,152 @@ mod tests {
         assert_eq!(r.read_block(39 * 6).unwrap()[0], 39);
         assert_eq!(r.read_block(0).unwrap()[0], 0);
         assert_eq!(r.read_block(6).unwrap()[0], 1);
+    }
+
+    fn retaining() -> VolumeOptions {
+        VolumeOptions {
+            retain: true,
+            inplace_min_blocks: 2,
+            ..VolumeOptions::default()
+        }
+    }
+
+    #[test]
+    fn retained_entries_are_sent_with_their_data_even_after_overwrites() {
+        let d = devs(256, 64);
+        let mut v = open(&d, retaining());
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![1; 3 * BS]); // bulk: in place
+        tx.write_meta(5, blk(5));
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let metas = v.take_durable_entries();
+        assert_eq!(metas.len(), 1);
+        assert_eq!(metas[0].bytes, 4 * BS as u64);
+        assert!(v.take_durable_entries().is_empty(), "reported once");
+        let seq = metas[0].seq;
+        // Overwrite the in-place blocks before the entry was sent: saved aside first.
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![2; 3 * BS]);
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        v.checkpoint().unwrap();
+        let e = v.read_wire_entry(seq).unwrap();
+        assert_eq!(e.blocks.len(), 4);
+        for b in &e.blocks {
+            let want = if b.block == 5 { 5 } else { 1 };
+            assert!(b.data.iter().all(|&x| x == want), "block {}", b.block);
+        }
+        // Retained after checkpoint until released by the replication driver.
+        assert!(v.journal().find(seq).is_some());
+        v.set_release_limit(seq);
+        v.checkpoint().unwrap();
+        assert!(v.journal().find(seq).is_none());
+        assert!(matches!(
+            v.read_wire_entry(seq),
+            Err(VolumeError::EntryGone { .. })
+        ));
+    }
+
+    #[test]
+    fn without_room_to_save_aside_the_entry_is_refused_not_sent_wrong() {
+        let d = devs(256, 64);
+        let mut v = open(
+            &d,
+            VolumeOptions {
+                evacuation_limit: 0,
+                ..retaining()
+            },
+        );
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![1; 2 * BS]);
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let seq = v.take_durable_entries()[0].seq;
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![2; 2 * BS]);
+        v.commit(tx).unwrap();
+        assert!(matches!(
+            v.read_wire_entry(seq),
+            Err(VolumeError::InPlaceChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn retained_entries_survive_a_crash_of_the_primary() {
+        let d = devs(256, 64);
+        let mut v = open(&d, retaining());
+        let mut tx = Transaction::new();
+        tx.write_meta(9, blk(9));
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        v.checkpoint().unwrap();
+        let n = MemDevice::from_bytes(d.normal.crash_point().durable_image());
+        let j = MemDevice::from_bytes(d.journal.crash_point().durable_image());
+        let r = Volume::open(Box::new(n), Box::new(j), retaining()).unwrap();
+        let kept = r.retained_entries();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(r.read_wire_entry(kept[0].seq).unwrap().blocks[0].data[0], 9);
+    }
+
+    #[test]
+    fn secondary_applies_in_order_with_the_primarys_seqs_durably() {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        let e1 = WireEntry {
+            seq: Seq(10),
+            prev_seq: Seq::NONE,
+            timestamp_ns: 1,
+            blocks: vec![WireBlock {
+                block: 3,
+                data: vec![3; BS],
+            }],
+        };
+        v.apply_replicated(&e1).unwrap();
+        assert_eq!(v.read_block(3).unwrap()[0], 3);
+        let stale = WireEntry {
+            seq: Seq(10),
+            ..e1.clone()
+        };
+        assert!(v.apply_replicated(&stale).is_err(), "seqs only go forward");
+        // A copy, then the entry that ends it.
+        v.write_copy_blocks(&[WireBlock {
+            block: 3,
+            data: vec![7; BS],
+        }])
+        .unwrap();
+        v.apply_replicated(&WireEntry {
+            seq: Seq(20),
+            prev_seq: Seq(10),
+            timestamp_ns: 2,
+            blocks: vec![],
+        })
+        .unwrap();
+        let r = crash_open(&d);
+        assert_eq!(r.journal().last_seq(), Seq(20));
+        assert_eq!(
+            r.read_block(3).unwrap()[0],
+            7,
+            "nothing older replayed over the copy"
+        );
+    }
+
+    #[test]
+    fn written_ranges_skip_holes() {
+        let path = std::env::temp_dir().join(format!("pairfs-ranges-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let jpath = path.with_extension("j");
+        let _ = std::fs::remove_file(&jpath);
+        let n = crate::device::FileDevice::create(&path, 1 << 26).unwrap();
+        let j = crate::device::FileDevice::create(&jpath, 1 << 20).unwrap();
+        Volume::create(&n, &j, VolumeId([1; 16]), BS as u32).unwrap();
+        n.write_at(&[1; BS], 4096 * 1000).unwrap();
+        let v = Volume::open(Box::new(n), Box::new(j), VolumeOptions::default()).unwrap();
+        let r = v.written_ranges().unwrap();
+        assert!(r.iter().any(|(s, n)| *s <= 1000 && 1000 < s + n), "{r:?}");
+        let total: u64 = r.iter().map(|(_, n)| n).sum();
+        assert!(total < 1000, "holes are skipped: {r:?}");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&jpath).unwrap();
     }
 }

@@ -40,6 +40,7 @@ struct Coverage {
     reorders: u64,
     crashes: u64,
     sync_acks: u64,
+    unavailable: u64,
 }
 
 struct Rng(u64);
@@ -238,6 +239,12 @@ impl Sim {
         self.log(|| format!("P action {}", short(&a)));
         match a {
             Action::Send(m) => self.enqueue(0, m),
+            Action::SendEntry(meta) if self.faults && self.rng.chance(1) => {
+                // The entry's in-place data was overwritten before it could be sent.
+                self.log(|| format!("entry {} unavailable", meta.seq));
+                self.cov.unavailable += 1;
+                self.p.repl.handle_entry_unavailable(meta.seq);
+            }
             Action::SendEntry(meta) => {
                 let e = self.p.journal.get(&meta.seq).unwrap_or_else(|| {
                     panic!("SendEntry({}) for an entry not in the journal", meta.seq)
@@ -704,6 +711,7 @@ fn simulated_pair_keeps_its_invariants() {
                 total.reorders += c.reorders;
                 total.crashes += c.crashes;
                 total.sync_acks += c.sync_acks;
+                total.unavailable += c.unavailable;
             }
             Err(_) => {
                 panic!("simulation failed for seed {seed}: replay with PAIRFS_SIM_SEED={seed}")
@@ -728,5 +736,10 @@ fn simulated_pair_keeps_its_invariants() {
         ] {
             assert!(n >= seeds / 10, "only {n} {what} in {seeds} seeds");
         }
+        assert!(
+            c.unavailable >= seeds / 50,
+            "only {} unavailable entries in {seeds} seeds",
+            c.unavailable
+        );
     }
 }

@@ -628,6 +628,14 @@ impl Replicator {
         self.pump();
     }
 
+    /// Primary: the driver could not read entry `seq` as it was (an in-place block was
+    /// overwritten before it was sent and could not be saved aside): what the peer lacks
+    /// goes through the difference bitmap instead.
+    pub fn handle_entry_unavailable(&mut self, seq: Seq) {
+        tracing::warn!(%seq, "entry can no longer be sent as written: resync by bitmap");
+        self.enter_bitmap();
+    }
+
     /// The backlog outgrew the journal limit: keep it as a bitmap instead.
     fn enter_bitmap(&mut self) {
         let base = match self.persisted.backlog {
