@@ -1039,6 +1039,26 @@ impl Volume {
         Ok(())
     }
 
+    /// Secondary: takes the primary's volume identity before its first copy. Everything is
+    /// checkpointed and released first, so no entry of the old identity remains.
+    pub fn adopt_id(&mut self, id: VolumeId) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        if id == self.id {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        if !self.journal.retained().is_empty() {
+            return Err(VolumeError::InvalidParams(
+                "cannot change the volume identity while journal entries are retained".into(),
+            ));
+        }
+        if let Err(e) = self.journal.update_header(|h| h.volume_id = id) {
+            return self.poison(e.into());
+        }
+        self.id = id;
+        Ok(())
+    }
+
     /// Reads the current content of block `b` (newest image, else the volume) without
     /// caching it: what a copy sends.
     pub fn read_current(&self, b: BlockNo, buf: &mut [u8]) -> Result<(), VolumeError> {

@@ -3,7 +3,10 @@
 //! Wires the layers together: a data directory, its volume (with recovery), the FS core and
 //! the FUSE session; parses and checks every argument with a clear message.
 
+mod config;
+mod node;
 mod size;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,14 +17,17 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pairfs::datadir::{CreateParams, DataDir};
+use pairfs::repl::Role;
 use pairfs::{Volume, VolumeOptions};
 use pairfs_fs::fsck::fsck;
 use pairfs_fs::fuse::{FuseOptions, PairFuse};
 use pairfs_fs::{FormatOptions, Fs, FsOptions};
+use pairfs_transport::Identity;
 
+use crate::config::NodeConfig;
 use crate::size::parse_size;
 
-/// pairfs: a replicated NAS filesystem (this build: single node).
+/// pairfs: a replicated NAS filesystem.
 #[derive(Parser, Debug)]
 #[command(name = "pairfs", version, about, long_about = None)]
 struct Cli {
@@ -31,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create a node's data directory with an empty filesystem.
+    /// Create a node's data directory: a volume, a journal, a TLS identity, and (unless
+    /// --secondary) an empty filesystem.
     Init {
         /// The data directory (created if missing).
         #[arg(long)]
@@ -48,34 +55,56 @@ enum Cmd {
         /// Number of inodes (default: one per 16 KiB of volume).
         #[arg(long)]
         inodes: Option<u64>,
+        /// A blank secondary: no filesystem; its first pairing copies the primary's volume.
+        #[arg(long)]
+        secondary: bool,
+        /// Name written into the node's certificate.
+        #[arg(long, default_value = "pairfs")]
+        name: String,
         /// Overwrite an existing data directory.
         #[arg(long)]
         force: bool,
     },
-    /// Mount the filesystem and serve it in the foreground until unmounted or signalled.
-    Mount {
+    /// Print the fingerprint of a node's identity (for its peer's configuration).
+    Id {
         /// The data directory.
         #[arg(long)]
         data: PathBuf,
+    },
+    /// Mount the filesystem and serve it in the foreground until unmounted or signalled.
+    /// With --config, the node also replicates (a secondary's mount is read-only).
+    Mount {
+        /// The data directory (a node without replication).
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        data: Option<PathBuf>,
+        /// The node configuration (replication).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Where to mount.
         mountpoint: PathBuf,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// Seconds between group commits when nobody calls fsync.
-        #[arg(long, default_value_t = 1.0)]
-        commit_interval: f64,
-        /// Do not update access times.
+        #[command(flatten)]
+        opts: MountOpts,
+    },
+    /// Run a replicated node without a mount (until SIGINT/SIGTERM).
+    Serve {
+        /// The node configuration.
         #[arg(long)]
-        noatime: bool,
-        /// Let the kernel cache writes and send them in bulk (FUSE writeback cache).
+        config: PathBuf,
+    },
+    /// Show a running node's replication status.
+    Status {
+        /// The node configuration.
+        #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+        config: Option<PathBuf>,
+        /// Or its data directory.
         #[arg(long)]
-        writeback_cache: bool,
-        /// A write of at least this many blocks goes straight to the volume (written once);
-        /// smaller ones go through the journal. A huge value journals all file data (for
-        /// comparisons: large writes are then written twice).
-        #[arg(long, default_value_t = 8)]
-        inplace_min_blocks: usize,
+        data: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second.
+        #[arg(long)]
+        watch: bool,
     },
     /// Check every on-disk invariant; exits 1 with a report on any inconsistency.
     Fsck {
@@ -83,6 +112,27 @@ enum Cmd {
         #[arg(long)]
         data: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct MountOpts {
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Seconds between group commits when nobody calls fsync.
+    #[arg(long, default_value_t = 1.0)]
+    commit_interval: f64,
+    /// Do not update access times.
+    #[arg(long)]
+    noatime: bool,
+    /// Let the kernel cache writes and send them in bulk (FUSE writeback cache).
+    #[arg(long)]
+    writeback_cache: bool,
+    /// A write of at least this many blocks goes straight to the volume (written once);
+    /// smaller ones go through the journal. A huge value journals all file data (for
+    /// comparisons: large writes are then written twice).
+    #[arg(long, default_value_t = 8)]
+    inplace_min_blocks: usize,
 }
 
 fn main() -> ExitCode {
@@ -107,26 +157,46 @@ fn main() -> ExitCode {
             block_size,
             journal_size,
             inodes,
+            secondary,
+            name,
             force,
-        } => init(&data, size, block_size, journal_size, inodes, force).map(|()| ExitCode::SUCCESS),
-        Cmd::Mount {
-            data,
-            mountpoint,
-            threads,
-            commit_interval,
-            noatime,
-            writeback_cache,
-            inplace_min_blocks,
-        } => mount(
+        } => init(
             &data,
-            &mountpoint,
-            threads,
-            commit_interval,
-            noatime,
-            writeback_cache,
-            inplace_min_blocks,
+            &CreateParams {
+                size,
+                block_size,
+                journal_size,
+                force,
+            },
+            inodes,
+            secondary,
+            &name,
         )
         .map(|()| ExitCode::SUCCESS),
+        Cmd::Id { data } => Identity::load(&data)
+            .map(|i| {
+                println!("{}", i.fingerprint());
+                ExitCode::SUCCESS
+            })
+            .with_context(|| format!("reading the identity in {}", data.display())),
+        Cmd::Mount {
+            data,
+            config,
+            mountpoint,
+            opts,
+        } => match (data, config) {
+            (Some(d), _) => mount_standalone(&d, &mountpoint, &opts),
+            (None, Some(c)) => run_node(&c, Some((&mountpoint, &opts))),
+            (None, None) => Err(anyhow::anyhow!("give --data or --config")),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Cmd::Serve { config } => run_node(&config, None).map(|()| ExitCode::SUCCESS),
+        Cmd::Status {
+            config,
+            data,
+            json,
+            watch,
+        } => status(config.as_deref(), data.as_deref(), json, watch).map(|()| ExitCode::SUCCESS),
         Cmd::Fsck { data } => run_fsck(&data),
     };
     match r {
@@ -140,33 +210,42 @@ fn main() -> ExitCode {
 
 fn init(
     data: &Path,
-    size: u64,
-    block_size: u32,
-    journal_size: Option<u64>,
+    params: &CreateParams,
     inodes: Option<u64>,
-    force: bool,
+    secondary: bool,
+    name: &str,
 ) -> Result<()> {
-    let params = CreateParams {
-        size,
-        block_size,
-        journal_size,
-        force,
-    };
-    let (dd, id) = DataDir::create(data, &params)?;
+    let (dd, id) = DataDir::create(data, params)?;
+    let identity = Identity::generate(name).context("creating the node's identity")?;
+    identity.save(data).context("writing the node's identity")?;
     let (n, j) = dd.devices(false)?;
     let mut vol = Volume::open(n, j, VolumeOptions::default()).context("opening the new volume")?;
+    if secondary {
+        vol.close().context("flushing the new volume")?;
+        state::save_state(data, &pairfs::repl::PersistedState::new_secondary())?;
+        println!(
+            "pairfs: created blank secondary {} — {} blocks of {} bytes ({}); fingerprint {}",
+            data.display(),
+            vol.block_count(),
+            vol.block_size(),
+            size::human(vol.block_count() * vol.block_size() as u64),
+            identity.fingerprint()
+        );
+        return Ok(());
+    }
     Fs::format(&mut vol, &FormatOptions { inodes }).context("creating the filesystem")?;
     vol.close().context("flushing the new volume")?;
     let fs = Fs::open(vol, FsOptions::default()).context("checking the new filesystem")?;
     let sb = fs.superblock();
     println!(
-        "pairfs: created {} — volume {id}, {} blocks of {} bytes ({}), {} inodes, journal {}",
+        "pairfs: created {} — volume {id}, {} blocks of {} bytes ({}), {} inodes, journal {}; fingerprint {}",
         data.display(),
         sb.total_blocks,
         sb.block_size,
         size::human(sb.total_blocks * u64::from(sb.block_size)),
         sb.inode_count,
         size::human(fs.with_volume(|v| v.journal().header().capacity)),
+        identity.fingerprint()
     );
     Ok(())
 }
@@ -186,19 +265,11 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-fn mount(
-    data: &Path,
-    mountpoint: &Path,
-    threads: usize,
-    commit_interval: f64,
-    noatime: bool,
-    writeback_cache: bool,
-    inplace_min_blocks: usize,
-) -> Result<()> {
-    if !(0.001..=3600.0).contains(&commit_interval) {
+fn check_mount_opts(mountpoint: &Path, o: &MountOpts) -> Result<()> {
+    if !(0.001..=3600.0).contains(&o.commit_interval) {
         bail!("--commit-interval must be between 0.001 and 3600 seconds");
     }
-    if !(1..=64).contains(&threads) {
+    if !(1..=64).contains(&o.threads) {
         bail!("--threads must be between 1 and 64");
     }
     let md = std::fs::metadata(mountpoint)
@@ -206,16 +277,13 @@ fn mount(
     if !md.is_dir() {
         bail!("mountpoint {} is not a directory", mountpoint.display());
     }
-    let sigset = block_signals();
-    let dd = DataDir::open(data)?;
+    Ok(())
+}
+
+fn open_volume(dd: &DataDir, opts: VolumeOptions) -> Result<Volume> {
     let (n, j) = dd.devices(false)?;
-    let opts = VolumeOptions {
-        commit_interval: Duration::from_secs_f64(commit_interval),
-        inplace_min_blocks: inplace_min_blocks.max(1),
-        ..VolumeOptions::default()
-    };
     let vol = Volume::open(n, j, opts)
-        .with_context(|| format!("opening the volume in {}", data.display()))?;
+        .with_context(|| format!("opening the volume in {}", dd.path().display()))?;
     let rec = vol.recovery().clone();
     if rec.unclean {
         tracing::warn!(
@@ -225,21 +293,64 @@ fn mount(
             "recovered after an unclean shutdown"
         );
     }
+    Ok(vol)
+}
+
+fn mount_standalone(data: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()> {
+    check_mount_opts(mountpoint, o)?;
+    let sigset = block_signals();
+    let dd = DataDir::open(data)?;
+    if state::load_state(data)?.is_some() {
+        bail!(
+            "{} belongs to a replicated pair: mount it with --config",
+            data.display()
+        );
+    }
+    let vol = open_volume(
+        &dd,
+        VolumeOptions {
+            commit_interval: Duration::from_secs_f64(o.commit_interval),
+            inplace_min_blocks: o.inplace_min_blocks.max(1),
+            ..VolumeOptions::default()
+        },
+    )?;
     let fs = Arc::new(
         Fs::open(
             vol,
             FsOptions {
                 track_lookups: true,
-                atime: !noatime,
+                atime: !o.noatime,
+                read_only: false,
             },
         )
         .context("opening the filesystem")?,
     );
+    serve_fuse(&fs, mountpoint, o, data, sigset, |_| {})?;
+    drop(dd);
+    Ok(())
+}
+
+/// Mounts `fs` and serves it until unmounted or signalled; flushes on the way out.
+fn serve_fuse(
+    fs: &Arc<Fs>,
+    mountpoint: &Path,
+    o: &MountOpts,
+    data: &Path,
+    sigset: libc::sigset_t,
+    on_session: impl FnOnce(&fuser::Session<PairFuse>),
+) -> Result<()> {
+    let read_only = fs.is_read_only();
     let adapter = PairFuse::new(
         fs.clone(),
         FuseOptions {
-            writeback_cache,
-            ..FuseOptions::default()
+            writeback_cache: o.writeback_cache && !read_only,
+            ttl: if read_only {
+                // A replica changes underneath: entries are also invalidated explicitly,
+                // a short TTL bounds what a missed invalidation can show.
+                Duration::from_secs(1)
+            } else {
+                FuseOptions::default().ttl
+            },
         },
     );
     let mut config = fuser::Config::default();
@@ -247,12 +358,16 @@ fn mount(
         fuser::MountOption::FSName(format!("pairfs:{}", data.display())),
         fuser::MountOption::Subtype("pairfs".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::RW,
+        if read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
         fuser::MountOption::Dev,
         fuser::MountOption::Suid,
     ];
     config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(threads);
+    config.n_threads = Some(o.threads);
     config.clone_fd = true;
     let mut session = fuser::Session::new(adapter, mountpoint, &config).with_context(|| {
         format!(
@@ -260,6 +375,7 @@ fn mount(
             mountpoint.display()
         )
     })?;
+    on_session(&session);
     let mut unmounter = session.unmount_callable();
     let stop = Arc::new(AtomicBool::new(false));
     let mp = mountpoint.to_path_buf();
@@ -286,7 +402,7 @@ fn mount(
             .name("maintenance".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(20));
                     if let Err(e) = fs.maintain() {
                         tracing::error!(error = %e, "background commit failed");
                     }
@@ -300,6 +416,7 @@ fn mount(
         mountpoint = %mountpoint.display(),
         uuid = %sb.uuid,
         size = %size::human(sb.total_blocks * u64::from(sb.block_size)),
+        read_only,
         "mounted"
     );
     let run = session.run();
@@ -317,8 +434,223 @@ fn mount(
         r => r.context("FUSE session")?,
     }
     tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+/// A replicated node: `pairfs serve` (no mount) or `pairfs mount --config`.
+fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
+    let cfg = NodeConfig::load(config)?;
+    if let Some((mp, o)) = mount {
+        check_mount_opts(mp, o)?;
+    }
+    let sigset = block_signals();
+    let dd = DataDir::open(&cfg.data)?;
+    let st = node::initial_state(&cfg)?;
+    let role = st.role;
+    let commit = mount.map_or(1.0, |(_, o)| o.commit_interval);
+    let vopts = VolumeOptions {
+        // With a peer, entries become durable (and sendable) at least every 50 ms: the
+        // replication lag is bounded by it.
+        commit_interval: Duration::from_secs_f64(if cfg.peer.is_some() {
+            commit.min(0.05)
+        } else {
+            commit
+        }),
+        inplace_min_blocks: mount.map_or(8, |(_, o)| o.inplace_min_blocks.max(1)),
+        retain: cfg.peer.is_some() && role == Role::Primary,
+        // Entries stay small enough for one frame each on the wire.
+        max_entry_bytes: 8 << 20,
+        ..VolumeOptions::default()
+    };
+    let vol = open_volume(&dd, vopts)?;
+    tracing::info!(node = %cfg.name, role = ?role, peer = ?cfg.peer.as_ref().map(|p| &p.name), "node starting");
+    let fs_opts = |read_only| FsOptions {
+        track_lookups: true,
+        atime: !mount.is_some_and(|(_, o)| o.noatime),
+        read_only,
+    };
+    let host = if mount.is_some() && (role == Role::Primary || node::mountable(&st)) {
+        let fs =
+            Fs::open(vol, fs_opts(role == Role::Secondary)).context("opening the filesystem")?;
+        node::Host::with_fs(Arc::new(fs))
+    } else {
+        node::Host::bare(vol)
+    };
+    let handle = node::start(cfg.clone(), host.clone(), st)?;
+    if let Some(fs) = host_fs(&host) {
+        fs.set_hooks(handle.shared.clone());
+    }
+    match mount {
+        None => {
+            // Serve until signalled, with periodic commits of the bare volume.
+            let stop = Arc::new(AtomicBool::new(false));
+            {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut sig: libc::c_int = 0;
+                    // SAFETY: waits for one of the blocked signals of `sigset`.
+                    unsafe { libc::sigwait(&sigset, &mut sig) };
+                    tracing::info!(signal = sig, "stopping");
+                    stop.store(true, Ordering::Relaxed);
+                });
+            }
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                host.maintain();
+            }
+            drop(handle);
+            host.close()?;
+        }
+        Some((mp, o)) => {
+            if host_fs(&host).is_none() {
+                // A secondary without a consistent filesystem yet: wait for its copy.
+                tracing::info!("secondary has no consistent copy yet: waiting before mounting");
+                loop {
+                    std::thread::sleep(Duration::from_millis(200));
+                    host.maintain();
+                    if let Ok(s) = node::query_status(&cfg.data) {
+                        if s.role == "secondary" && !s.inconsistent && s.applied_seq > 0 {
+                            break;
+                        }
+                    }
+                }
+                host.promote(|v| Fs::open(v, fs_opts(true)))
+                    .context("opening the replicated filesystem")?;
+            }
+            let fs = host_fs(&host).context("no filesystem")?;
+            let h2 = host.clone();
+            serve_fuse(&fs, mp, o, &cfg.data, sigset, move |s| {
+                h2.set_notifier(s.notifier());
+            })?;
+            drop(handle);
+        }
+    }
     drop(dd);
     Ok(())
+}
+
+fn host_fs(h: &node::Host) -> Option<Arc<Fs>> {
+    h.fs_arc()
+}
+
+fn status(config: Option<&Path>, data: Option<&Path>, json: bool, watch: bool) -> Result<()> {
+    let dir = match (config, data) {
+        (Some(c), _) => NodeConfig::load(c)?.data,
+        (None, Some(d)) => d.to_path_buf(),
+        (None, None) => bail!("give --config or --data"),
+    };
+    loop {
+        let s = node::query_status(&dir)?;
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", status_text(&s));
+        }
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn status_text(s: &node::StatusReport) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node      {} ({}, {} replication, epoch {})",
+        s.node, s.role, s.mode, s.epoch
+    );
+    let _ = writeln!(
+        o,
+        "peer      {} {} — {}",
+        s.peer.as_deref().unwrap_or("(none)"),
+        s.peer_address.as_deref().unwrap_or(""),
+        if s.connected {
+            "connected"
+        } else {
+            "unreachable"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "state     {}{}{}",
+        s.state,
+        if s.inconsistent {
+            " — replica NOT write-order consistent until the copy ends"
+        } else {
+            ""
+        },
+        if s.sync_degraded {
+            " — sync degraded"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "seqs      committed {} · durable {} · sent {} · applied {}",
+        s.committed_seq, s.durable_seq, s.sent_seq, s.applied_seq
+    );
+    let _ = writeln!(
+        o,
+        "lag       {} entries · {} · {:.2} s",
+        s.lag_entries,
+        size::human(s.lag_bytes),
+        s.lag_seconds
+    );
+    let _ = writeln!(
+        o,
+        "journal   {} of {} used · backlog in {}{}",
+        size::human(s.journal_used),
+        size::human(s.journal_capacity),
+        s.backlog,
+        if s.bitmap_blocks > 0 {
+            format!(" ({} blocks marked)", s.bitmap_blocks)
+        } else {
+            String::new()
+        }
+    );
+    if let (Some(sent), Some(total)) = (s.copy_sent, s.copy_total) {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            sent as f64 * 100.0 / total as f64
+        };
+        let width = 30;
+        let filled = ((pct / 100.0) * width as f64) as usize;
+        let rate = s.copy_rate_bps.unwrap_or(0.0);
+        let eta = if rate > 0.0 && total > sent {
+            let bs = 4096.0;
+            format!("{:.0} s", (total - sent) as f64 * bs / rate)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            o,
+            "copy      [{}{}] {:5.1}% {}/{} blocks · {}/s · ETA {}",
+            "#".repeat(filled),
+            "-".repeat(width - filled.min(width)),
+            pct,
+            sent,
+            total,
+            size::human(rate as u64),
+            eta
+        );
+    }
+    if let Some(r) = &s.refused {
+        let _ = writeln!(o, "refused   {r}");
+    }
+    let _ = writeln!(
+        o,
+        "wire      sent {} · received {}",
+        size::human(s.wire_bytes_sent),
+        size::human(s.wire_bytes_received)
+    );
+    o
 }
 
 fn run_fsck(data: &Path) -> Result<ExitCode> {

@@ -556,6 +556,45 @@ impl BTree {
     }
 }
 
+/// The `(name, inode)` entries of a directory leaf.
+pub(crate) type LeafNames = Vec<(Vec<u8>, u64)>;
+
+/// Reads a block as a directory leaf, if it is one (for cache invalidation on a
+/// replica): its owner and its `(name, inode)` entries. Anything else gives `None`.
+pub(crate) fn decode_dir_leaf(buf: &[u8]) -> Option<(u64, LeafNames)> {
+    if buf.len() < HDR + CRC
+        || get_u16(buf, 0) != MAGIC
+        || buf[2] != KIND_LEAF
+        || buf[3] != TREE_DIR
+    {
+        return None;
+    }
+    let owner = get_u64(buf, 8);
+    let t = BTree {
+        root: 0,
+        tree: TREE_DIR,
+        owner,
+    };
+    struct One<'a>(&'a [u8]);
+    impl BlockRead for One<'_> {
+        fn bs(&self) -> usize {
+            self.0.len()
+        }
+        fn read(&self, _b: BlockNo) -> FsResult<Arc<[u8]>> {
+            Ok(Arc::from(self.0))
+        }
+    }
+    let Ok(Node::Leaf(l)) = t.load(&One(buf), 0) else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(l.slots.len());
+    for i in 0..l.slots.len() {
+        let e = crate::dir::decode(l.val(i)).ok()?;
+        out.push((e.name, e.ino));
+    }
+    Some((owner, out))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::{BTreeMap, HashMap};

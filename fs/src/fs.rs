@@ -43,6 +43,18 @@ pub struct FsOptions {
     pub track_lookups: bool,
     /// Update access times (relatime rules); off is `noatime`.
     pub atime: bool,
+    /// Refuse every change (EROFS): the mount of a secondary, whose volume changes only by
+    /// replication underneath.
+    pub read_only: bool,
+}
+
+/// Callbacks into the node that runs the filesystem (replication).
+pub trait FsHooks: Send + Sync {
+    /// Journal entries may have become durable (after a sync or a group commit).
+    fn durable(&self);
+    /// A change was committed; called outside the filesystem's lock before the operation
+    /// returns (sync-mode replication makes the writer wait here).
+    fn committed(&self, fs: &Fs);
 }
 
 impl Default for FsOptions {
@@ -50,6 +62,7 @@ impl Default for FsOptions {
         FsOptions {
             track_lookups: false,
             atime: true,
+            read_only: false,
         }
     }
 }
@@ -193,6 +206,7 @@ pub struct Fs {
     core: RwLock<Core>,
     lookups: Mutex<HashMap<u64, u64>>,
     opts: FsOptions,
+    hooks: std::sync::OnceLock<std::sync::Arc<dyn FsHooks>>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -745,12 +759,16 @@ impl Fs {
                 return Err(FsError::corrupt(format!("inode {ino} is not a directory")));
             }
         }
+        let read_only = opts.read_only;
         let fs = Fs {
             core: RwLock::new(Core { vol, sb, alloc }),
             lookups: Mutex::new(HashMap::new()),
             opts,
+            hooks: std::sync::OnceLock::new(),
         };
-        fs.reap_all_orphans()?;
+        if !read_only {
+            fs.reap_all_orphans()?;
+        }
         Ok(fs)
     }
 
@@ -785,22 +803,77 @@ impl Fs {
         f: impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
         after: impl FnOnce(&T),
     ) -> FsResult<T> {
-        let mut guard = self.write_core();
-        let core = &mut *guard;
-        let durable = core.vol.durable_tx();
-        core.alloc.release_durable(durable);
-        let out = match Self::run_tx(core, &f) {
-            // Blocks freed by transactions not yet durable: make them durable and retry.
-            Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
-                core.vol.sync()?;
-                let durable = core.vol.durable_tx();
-                core.alloc.release_durable(durable);
-                Self::run_tx(core, &f)
-            }
-            r => r,
-        }?;
-        after(&out);
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let out = {
+            let mut guard = self.write_core();
+            let core = &mut *guard;
+            let durable = core.vol.durable_tx();
+            core.alloc.release_durable(durable);
+            let out = match Self::run_tx(core, &f) {
+                // Blocks freed by transactions not yet durable: make them durable and retry.
+                Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
+                    core.vol.sync()?;
+                    let durable = core.vol.durable_tx();
+                    core.alloc.release_durable(durable);
+                    Self::run_tx(core, &f)
+                }
+                r => r,
+            }?;
+            after(&out);
+            out
+        };
+        if let Some(h) = self.hooks.get() {
+            h.committed(self);
+        }
         Ok(out)
+    }
+
+    /// True for a replica's mount (changes refused).
+    pub fn is_read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// Installs the node's callbacks (once).
+    pub fn set_hooks(&self, hooks: std::sync::Arc<dyn FsHooks>) {
+        let _ = self.hooks.set(hooks);
+    }
+
+    fn notify_durable(&self) {
+        if let Some(h) = self.hooks.get() {
+            h.durable();
+        }
+    }
+
+    /// Runs `f` with the volume under the write lock (replication applies, copies).
+    pub fn with_volume_mut<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> T {
+        f(&mut self.write_core().vol)
+    }
+
+    /// After replication changed the volume underneath (a secondary): reload the in-memory
+    /// allocation state if a bitmap block was among `changed`.
+    pub fn refresh_after_apply(&self, changed: &[pairfs::BlockNo]) -> FsResult<()> {
+        let mut core = self.write_core();
+        let Core { vol, sb, alloc } = &mut *core;
+        if changed
+            .iter()
+            .any(|&b| b >= sb.bbm_start && b < sb.itab_start)
+        {
+            *alloc = Allocator::load(vol, sb)?;
+        }
+        Ok(())
+    }
+
+    /// Reloads the superblock and allocation state after the whole volume was replaced by
+    /// a copy (a secondary's first copy).
+    pub fn reload(&self) -> FsResult<()> {
+        let mut core = self.write_core();
+        let Core { vol, sb, alloc } = &mut *core;
+        let b0 = vol.read_block(0)?;
+        *sb = Superblock::decode(&b0, vol.block_count()).map_err(FsError::BadSuperblock)?;
+        *alloc = Allocator::load(vol, sb)?;
+        Ok(())
     }
 
     fn run_tx<'d, T>(
@@ -1322,6 +1395,7 @@ impl Fs {
             // relatime: update atime when it is older than mtime/ctime or a day old.
             let t = now();
             let touch = self.opts.atime
+                && !self.opts.read_only
                 && !core.vol.is_poisoned()
                 && (i.atime <= i.mtime || i.atime <= i.ctime || t.sec - i.atime.sec >= 86_400);
             drop(core);
@@ -1518,10 +1592,16 @@ impl Fs {
 
     /// Makes everything written so far durable (fsync, fsyncdir, syncfs).
     pub fn sync(&self) -> FsResult<()> {
-        let mut core = self.write_core();
-        core.vol.sync()?;
-        let durable = core.vol.durable_tx();
-        core.alloc.release_durable(durable);
+        if self.opts.read_only {
+            return Ok(()); // nothing to make durable: changes come by replication
+        }
+        {
+            let mut core = self.write_core();
+            core.vol.sync()?;
+            let durable = core.vol.durable_tx();
+            core.alloc.release_durable(durable);
+        }
+        self.notify_durable();
         Ok(())
     }
 
@@ -1545,7 +1625,7 @@ impl Fs {
                 None => false,
             }
         };
-        if !gone || core.vol.is_poisoned() {
+        if !gone || core.vol.is_poisoned() || self.opts.read_only {
             return;
         }
         let orphan =
@@ -1560,10 +1640,16 @@ impl Fs {
 
     /// Periodic work (group commit timer, checkpoints); call about every 100 ms.
     pub fn maintain(&self) -> FsResult<()> {
-        let mut core = self.write_core();
-        core.vol.maintain(Instant::now())?;
-        let durable = core.vol.durable_tx();
-        core.alloc.release_durable(durable);
+        let did = {
+            let mut core = self.write_core();
+            let did = core.vol.maintain(Instant::now())?;
+            let durable = core.vol.durable_tx();
+            core.alloc.release_durable(durable);
+            did
+        };
+        if did {
+            self.notify_durable();
+        }
         Ok(())
     }
 

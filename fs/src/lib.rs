@@ -17,11 +17,13 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod replica;
 mod siphash;
 mod tx;
 mod xattr;
 
 pub use error::{FsError, FsResult};
 pub use fs::{
-    Attr, Ctx, DirItem, FormatOptions, Fs, FsOptions, RenameFlags, SetAttr, StatFs, TimeSet,
+    Attr, Ctx, DirItem, FormatOptions, Fs, FsHooks, FsOptions, RenameFlags, SetAttr, StatFs,
+    TimeSet,
 };

@@ -1,0 +1,277 @@
+//! The node configuration file (TOML), documented in the README with an example in
+//! `examples/`. Every value is checked here; a bad one is an error that names the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pairfs::repl::{Mode, Role};
+use pairfs_transport::Fingerprint;
+use serde::Deserialize;
+
+use crate::size::parse_size;
+
+/// A validated node configuration.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeConfig {
+    /// This node's name.
+    pub(crate) name: String,
+    /// Its data directory.
+    pub(crate) data: PathBuf,
+    /// Where it listens for its peer (QUIC).
+    pub(crate) listen: SocketAddr,
+    /// Its role when the pair is first created.
+    pub(crate) role: Role,
+    /// The peer, if any.
+    pub(crate) peer: Option<PeerConfig>,
+    /// Replication settings.
+    pub(crate) mode: Mode,
+    /// Backlog kept in the journal before falling back to the bitmap.
+    pub(crate) journal_limit: u64,
+    /// Keep-alive interval.
+    pub(crate) keepalive: Duration,
+    /// A silent peer is declared gone after this long.
+    pub(crate) idle_timeout: Duration,
+}
+
+/// The peer of a node.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerConfig {
+    /// Its name.
+    pub(crate) name: String,
+    /// Its address.
+    pub(crate) address: SocketAddr,
+    /// The fingerprint of its certificate (`pairfs id`).
+    pub(crate) fingerprint: Fingerprint,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    data: PathBuf,
+    listen: String,
+    #[serde(default = "default_role")]
+    role: String,
+    peer: Option<RawPeer>,
+    #[serde(default)]
+    replication: RawReplication,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    address: String,
+    fingerprint: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    mode: Option<String>,
+    journal_limit: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    keepalive: Option<String>,
+    idle: Option<String>,
+}
+
+fn default_role() -> String {
+    "primary".into()
+}
+
+/// Parses `250ms`, `1s`, `1.5s`, `2m`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        return Err(format!(
+            "invalid duration '{s}': use a unit, e.g. 250ms, 1s, 2m"
+        ));
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}': use a number and a unit, e.g. 250ms"))?;
+    if !(v.is_finite() && v > 0.0 && v * mult <= 86_400.0) {
+        return Err(format!("invalid duration '{s}': out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+fn field<T>(name: &str, r: Result<T, String>) -> Result<T> {
+    r.map_err(|e| anyhow::anyhow!("field `{name}`: {e}"))
+}
+
+impl NodeConfig {
+    /// Reads and checks a configuration file.
+    pub(crate) fn load(path: &Path) -> Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
+    }
+
+    /// Parses and checks configuration text.
+    pub(crate) fn parse(text: &str) -> Result<NodeConfig> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if raw.name.trim().is_empty() || raw.name.len() > 64 {
+            bail!("field `name`: must be 1 to 64 characters");
+        }
+        let listen = field(
+            "listen",
+            raw.listen
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("'{}' is not an address:port ({e})", raw.listen)),
+        )?;
+        let role = match raw.role.as_str() {
+            "primary" => Role::Primary,
+            "secondary" => Role::Secondary,
+            other => bail!("field `role`: '{other}' is neither `primary` nor `secondary`"),
+        };
+        let peer = match raw.peer {
+            None => None,
+            Some(p) => {
+                if p.name == raw.name {
+                    bail!("field `peer.name`: the peer must have another name than this node");
+                }
+                if p.name.trim().is_empty() {
+                    bail!("field `peer.name`: must not be empty");
+                }
+                let address = field(
+                    "peer.address",
+                    p.address
+                        .parse::<SocketAddr>()
+                        .map_err(|e| format!("'{}' is not an address:port ({e})", p.address)),
+                )?;
+                let fingerprint = field(
+                    "peer.fingerprint",
+                    p.fingerprint.parse::<Fingerprint>().map_err(|e| {
+                        format!("{e} (get it with `pairfs id --data DIR` on the peer)")
+                    }),
+                )?;
+                Some(PeerConfig {
+                    name: p.name,
+                    address,
+                    fingerprint,
+                })
+            }
+        };
+        let mode = match raw.replication.mode.as_deref().unwrap_or("async") {
+            "async" => Mode::Async,
+            "sync" => Mode::Sync,
+            other => bail!("field `replication.mode`: '{other}' is neither `async` nor `sync`"),
+        };
+        let journal_limit = match raw.replication.journal_limit {
+            None => 512 << 20,
+            Some(s) => field("replication.journal_limit", parse_size(&s))?,
+        };
+        let keepalive = match raw.timeouts.keepalive {
+            None => Duration::from_millis(250),
+            Some(s) => field("timeouts.keepalive", parse_duration(&s))?,
+        };
+        let idle_timeout = match raw.timeouts.idle {
+            None => Duration::from_secs(1),
+            Some(s) => field("timeouts.idle", parse_duration(&s))?,
+        };
+        if keepalive >= idle_timeout {
+            bail!(
+                "field `timeouts.keepalive`: must be shorter than `timeouts.idle` ({keepalive:?} ≥ {idle_timeout:?})"
+            );
+        }
+        Ok(NodeConfig {
+            name: raw.name,
+            data: raw.data,
+            listen,
+            role,
+            peer,
+            mode,
+            journal_limit,
+            keepalive,
+            idle_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn base() -> String {
+        format!(
+            "name = \"a\"\ndata = \"/tmp/a\"\nlisten = \"127.0.0.1:7001\"\n\
+             [peer]\nname = \"b\"\naddress = \"127.0.0.1:7002\"\nfingerprint = \"{FP}\"\n"
+        )
+    }
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = NodeConfig::parse(&base()).unwrap();
+        assert_eq!(c.name, "a");
+        assert_eq!(c.role, Role::Primary);
+        assert_eq!(c.mode, Mode::Async);
+        assert_eq!(c.peer.unwrap().address.port(), 7002);
+        assert_eq!(c.idle_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (
+                base().replace("127.0.0.1:7001", "nowhere"),
+                "field `listen`",
+            ),
+            (
+                base().replace("127.0.0.1:7002", "x:y"),
+                "field `peer.address`",
+            ),
+            (base().replace(FP, "sha256:12"), "field `peer.fingerprint`"),
+            (
+                base().replace("name = \"b\"", "name = \"a\""),
+                "field `peer.name`",
+            ),
+            (
+                format!("{}[replication]\nmode = \"fast\"\n", base()),
+                "field `replication.mode`",
+            ),
+            (
+                format!("{}[replication]\njournal_limit = \"lots\"\n", base()),
+                "field `replication.journal_limit`",
+            ),
+            (
+                format!("{}[timeouts]\nidle = \"soon\"\n", base()),
+                "field `timeouts.idle`",
+            ),
+            (format!("{}bogus = 1\n", base()), "bogus"),
+            (
+                base().replace("listen = \"127.0.0.1:7001\"\n", ""),
+                "listen",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", NodeConfig::parse(&text).unwrap_err());
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

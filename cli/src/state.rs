@@ -1,0 +1,202 @@
+//! Files a replicated node keeps next to its volume (docs/PROTOCOL.md §1, §5.1):
+//!
+//! - `pair.state`: the replicator's persisted state (role, epoch, generations, backlog);
+//! - `diff.bitmap`: the difference bitmap (blocks changed and not known to be on the peer).
+//!
+//! Both are small and rewritten whole: temp file, fsync, rename, fsync of the directory
+//! (STYLE.md "Durable file replacement"), with a magic and a CRC-32C so that a damaged
+//! file is an error, never a silently wrong state.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use bitvec::prelude::*;
+use pairfs::repl::PersistedState;
+use pairfs::types::crc32c;
+
+const STATE_MAGIC: &[u8; 8] = b"PFSTATE1";
+const BITMAP_MAGIC: &[u8; 8] = b"PFDBMAP1";
+
+/// Name of the pair state file in the data directory.
+pub(crate) const STATE_FILE: &str = "pair.state";
+/// Name of the difference bitmap file in the data directory.
+pub(crate) const BITMAP_FILE: &str = "diff.bitmap";
+
+/// Replaces `path` durably with `bytes`.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        pairfs::datadir::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn framed(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + payload.len());
+    v.extend_from_slice(magic);
+    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(&crc32c(payload).to_le_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn unframe<'a>(magic: &[u8; 8], bytes: &'a [u8], what: &Path) -> Result<&'a [u8]> {
+    if bytes.len() < 16 || &bytes[..8] != magic {
+        bail!(
+            "{} is not a pairfs file of this kind (bad magic)",
+            what.display()
+        );
+    }
+    let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+    let payload = bytes
+        .get(16..16 + len)
+        .with_context(|| format!("{} is truncated", what.display()))?;
+    if crc32c(payload) != crc {
+        bail!("{} is corrupt (checksum mismatch)", what.display());
+    }
+    Ok(payload)
+}
+
+/// Reads `pair.state`, if it exists.
+pub(crate) fn load_state(dir: &Path) -> Result<Option<PersistedState>> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let payload = unframe(STATE_MAGIC, &bytes, &path)?;
+    let st = bincode::deserialize(payload)
+        .with_context(|| format!("{} does not decode", path.display()))?;
+    Ok(Some(st))
+}
+
+/// Writes `pair.state` durably.
+pub(crate) fn save_state(dir: &Path, st: &PersistedState) -> Result<()> {
+    let payload = bincode::serialize(st).context("encoding the pair state")?;
+    write_durably(&dir.join(STATE_FILE), &framed(STATE_MAGIC, &payload))
+}
+
+/// The difference bitmap: one bit per block of the volume.
+pub(crate) struct DiffBitmap {
+    path: PathBuf,
+    bits: BitVec<u64, Lsb0>,
+}
+
+impl DiffBitmap {
+    /// Loads the bitmap of a volume of `blocks` blocks (empty if there is none yet).
+    pub(crate) fn load(dir: &Path, blocks: u64) -> Result<DiffBitmap> {
+        let path = dir.join(BITMAP_FILE);
+        let mut bits = bitvec![u64, Lsb0; 0; blocks as usize];
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let payload = unframe(BITMAP_MAGIC, &bytes, &path)?;
+                if payload.len() < 8 {
+                    bail!("{} is truncated", path.display());
+                }
+                let n = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                if n != blocks {
+                    bail!(
+                        "{} is for a volume of {n} blocks, this one has {blocks}",
+                        path.display()
+                    );
+                }
+                let raw = &payload[8..];
+                let stored = BitSlice::<u8, Lsb0>::from_slice(raw);
+                if stored.len() < blocks as usize {
+                    bail!("{} is truncated", path.display());
+                }
+                for i in stored[..blocks as usize].iter_ones() {
+                    bits.set(i, true);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        Ok(DiffBitmap { path, bits })
+    }
+
+    /// Marks blocks as changed.
+    pub(crate) fn mark(&mut self, blocks: impl IntoIterator<Item = u64>) {
+        for b in blocks {
+            if let Some(mut bit) = self.bits.get_mut(b as usize) {
+                *bit = true;
+            }
+        }
+    }
+
+    /// Clears every mark.
+    pub(crate) fn clear(&mut self) {
+        self.bits.fill(false);
+    }
+
+    /// Marked blocks, in order.
+    pub(crate) fn marked(&self) -> Vec<u64> {
+        self.bits.iter_ones().map(|i| i as u64).collect()
+    }
+
+    /// Number of marked blocks.
+    pub(crate) fn count(&self) -> u64 {
+        self.bits.count_ones() as u64
+    }
+
+    /// Writes the bitmap durably.
+    pub(crate) fn persist(&self) -> Result<()> {
+        let mut payload = Vec::with_capacity(8 + self.bits.len() / 8 + 8);
+        payload.extend_from_slice(&(self.bits.len() as u64).to_le_bytes());
+        let mut bytes: BitVec<u8, Lsb0> = BitVec::with_capacity(self.bits.len());
+        bytes.extend_from_bitslice(&self.bits);
+        payload.extend_from_slice(bytes.as_raw_slice());
+        write_durably(&self.path, &framed(BITMAP_MAGIC, &payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("pairfs-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn state_round_trip_and_corruption() {
+        let d = tmp("state");
+        assert!(load_state(&d).unwrap().is_none());
+        let st = PersistedState::new_primary(42);
+        save_state(&d, &st).unwrap();
+        assert_eq!(load_state(&d).unwrap().unwrap(), st);
+        let p = d.join(STATE_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 1] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        assert!(format!("{:#}", load_state(&d).unwrap_err()).contains("corrupt"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bitmap_round_trip() {
+        let d = tmp("bitmap");
+        let mut m = DiffBitmap::load(&d, 1000).unwrap();
+        m.mark([3, 999, 5000]);
+        m.persist().unwrap();
+        let m2 = DiffBitmap::load(&d, 1000).unwrap();
+        assert_eq!(m2.marked(), vec![3, 999]);
+        assert!(DiffBitmap::load(&d, 999).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,512 @@
+//! Replication on real processes: two nodes on loopback (two data dirs, two ports, two
+//! mounts), killed with SIGKILL, frozen, and talked to by strangers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{bin, is_mounted, require_fuse, run, sh};
+
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port() -> u16 {
+    let base = 17_000 + (std::process::id() % 2000) as u16 * 8;
+    base + PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+struct PairNode {
+    name: &'static str,
+    root: PathBuf,
+    data: PathBuf,
+    mnt: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl PairNode {
+    fn json(&self) -> serde_json::Value {
+        let out = run(Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(&self.config));
+        if !out.status.success() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn u(&self, key: &str) -> u64 {
+        self.json()[key].as_u64().unwrap_or(0)
+    }
+
+    fn start(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none());
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["mount", "--config"])
+            .arg(&self.config)
+            .arg(&self.mnt)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn wait_mounted(&mut self) {
+        let t = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("{} exited with {st}: {}", self.name, self.log_text());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{} did not mount: {}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let mut c = self.child.take().unwrap();
+        let _ = c.wait();
+        let _ = run(Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt));
+    }
+
+    fn stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "{} exited with {st}: {}",
+                    self.name,
+                    self.log_text()
+                );
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{} did not stop",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for PairNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .output();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+struct Pair {
+    a: PairNode,
+    b: PairNode,
+}
+
+fn node(tag: &str, name: &'static str) -> PairNode {
+    let root = PathBuf::from(format!(
+        "/var/tmp/pairfs-pair-{}-{tag}-{name}",
+        std::process::id()
+    ));
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(root.join("mnt"))
+        .output();
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("mnt")).unwrap();
+    PairNode {
+        name,
+        data: root.join("data"),
+        mnt: root.join("mnt"),
+        config: root.join("node.toml"),
+        log: root.join("node.log"),
+        root,
+        child: None,
+    }
+}
+
+fn fingerprint(data: &Path) -> String {
+    let out = run(Command::new(bin()).args(["id", "--data"]).arg(data));
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn write_config(
+    n: &PairNode,
+    listen: u16,
+    role: &str,
+    peer: &str,
+    peer_port: u16,
+    fp: &str,
+    extra: &str,
+) {
+    let text = format!(
+        "name = \"{}\"\ndata = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nrole = \"{role}\"\n\
+         [peer]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\nfingerprint = \"{fp}\"\n{extra}",
+        n.name,
+        n.data.display()
+    );
+    std::fs::write(&n.config, text).unwrap();
+}
+
+/// A fresh pair: `a` primary (initialised with a filesystem), `b` a blank secondary.
+fn pair(tag: &str, size: &str, replication: &str) -> Pair {
+    require_fuse();
+    let a = node(tag, "a");
+    let b = node(tag, "b");
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr))
+    };
+    ok(run(Command::new(bin())
+        .args(["init", "--size", size, "--name", "a", "--data"])
+        .arg(&a.data)));
+    ok(run(Command::new(bin())
+        .args([
+            "init",
+            "--size",
+            size,
+            "--name",
+            "b",
+            "--secondary",
+            "--data",
+        ])
+        .arg(&b.data)));
+    let (pa, pb) = (port(), port());
+    let (fa, fb) = (fingerprint(&a.data), fingerprint(&b.data));
+    write_config(&a, pa, "primary", "b", pb, &fb, replication);
+    write_config(&b, pb, "secondary", "a", pa, &fa, replication);
+    Pair { a, b }
+}
+
+impl Pair {
+    fn start(&mut self) {
+        self.a.start(&[]);
+        self.b.start(&[]);
+        self.a.wait_mounted();
+        self.b.wait_mounted();
+    }
+
+    /// Waits until the secondary applied everything the primary has committed.
+    fn caught_up(&self, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let (ja, jb) = (self.a.json(), self.b.json());
+            let committed = ja["durable_seq"].as_u64().unwrap_or(0);
+            let applied = jb["applied_seq"].as_u64().unwrap_or(0);
+            let consistent = jb["inconsistent"] == serde_json::Value::Bool(false);
+            if committed > 0 && applied >= committed && consistent && ja["state"] == "pair" {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "no catch-up: primary {ja}\nsecondary {jb}\nlogs:\n{}\n{}",
+                self.a.log_text(),
+                self.b.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn fsync_a(&self) {
+        sh(&format!(
+            "python3 -c \"import os; os.fsync(os.open('{}', os.O_RDONLY))\"",
+            self.a.mnt.display()
+        ));
+    }
+}
+
+#[test]
+fn two_nodes_replicate_a_real_tree() {
+    let mut p = pair("tree", "2G", "");
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    sh(&format!(
+        "cp -a /usr/include {ma}/inc && mkdir {ma}/d && echo hello > {ma}/d/f && ln -s d/f {ma}/l"
+    ));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    sh(&format!("diff -r --no-dereference {ma} {mb}"));
+    let sums = |m: &str| {
+        sh(&format!(
+            "cd {m} && find . -type f -print0 | sort -z | xargs -0 md5sum"
+        ))
+    };
+    assert_eq!(sums(&ma), sums(&mb));
+    assert_eq!(sh(&format!("cat {mb}/d/f")), "hello\n");
+    // The secondary's mount is read-only.
+    let out = run(Command::new("touch").arg(format!("{mb}/x")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only"));
+    // Changes after the first copy stream as journal entries and appear on the replica.
+    sh(&format!(
+        "rm -rf {ma}/inc/linux && mv {ma}/d {ma}/e && echo more >> {ma}/e/f"
+    ));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(30));
+    let t = Instant::now();
+    while sh(&format!("cat {mb}/e/f 2>/dev/null || true")) != "hello\nmore\n" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the replica mount did not refresh"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sh(&format!("diff -r --no-dereference {ma} {mb}"));
+    p.b.stop();
+    p.a.stop();
+}
+
+#[test]
+fn killed_secondary_catches_up_from_the_journal() {
+    let mut p = pair("kill", "4G", "[replication]\njournal_limit = \"1G\"\n");
+    p.start();
+    let ma = p.a.mnt.display().to_string();
+    sh(&format!("head -c 50000000 /dev/urandom > {ma}/before"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    p.b.kill9();
+    // The backlog: 30 MB written while the secondary is down.
+    sh(&format!("head -c 30000000 /dev/urandom > {ma}/during"));
+    p.fsync_a();
+    p.b.start(&[]);
+    p.b.wait_mounted();
+    p.caught_up(Duration::from_secs(60));
+    let received = p.b.u("wire_bytes_received");
+    assert!(
+        received < 60_000_000,
+        "catch-up moved {received} bytes for a 30 MB backlog (a full copy would be > 80 MB)"
+    );
+    assert!(
+        received > 25_000_000,
+        "catch-up moved only {received} bytes"
+    );
+    sh(&format!("cmp {ma}/during {}/during", p.b.mnt.display()));
+    sh(&format!("cmp {ma}/before {}/before", p.b.mnt.display()));
+    p.b.stop();
+    p.a.stop();
+}
+
+#[test]
+fn link_loss_resyncs_by_journal_then_by_bitmap() {
+    let mut p = pair(
+        "link",
+        "2G",
+        "[replication]\njournal_limit = \"8M\"\n[timeouts]\nkeepalive = \"100ms\"\nidle = \"500ms\"\n",
+    );
+    p.start();
+    let ma = p.a.mnt.display().to_string();
+    let mb = p.b.mnt.display().to_string();
+    sh(&format!("echo start > {ma}/start"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    // Link loss (the peer stops answering), a backlog the journal holds, then return.
+    p.b.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    while p.a.json()["connected"] == serde_json::Value::Bool(true) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the primary did not notice the loss"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let noticed = t.elapsed();
+    assert!(
+        noticed < Duration::from_secs(3),
+        "loss noticed after {noticed:?}"
+    );
+    sh(&format!("head -c 2000000 /dev/urandom > {ma}/small"));
+    p.fsync_a();
+    assert_eq!(p.a.json()["backlog"], "journal");
+    p.b.signal(libc::SIGCONT);
+    p.caught_up(Duration::from_secs(30));
+    sh(&format!("cmp {ma}/small {mb}/small"));
+    // A longer outage: more than the journal limit, so the bitmap takes over.
+    p.b.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    while p.a.json()["connected"] == serde_json::Value::Bool(true) {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sh(&format!(
+        "head -c 20000000 /dev/urandom > {ma}/big && echo tail > {ma}/tail"
+    ));
+    p.fsync_a();
+    let j = p.a.json();
+    assert_eq!(j["backlog"], "bitmap", "{j}");
+    assert!(j["bitmap_blocks"].as_u64().unwrap() > 1000, "{j}");
+    p.b.signal(libc::SIGCONT);
+    p.caught_up(Duration::from_secs(60));
+    assert_eq!(p.a.json()["backlog"], "journal", "bitmap resync completed");
+    sh(&format!(
+        "cmp {ma}/big {mb}/big && cmp {ma}/tail {mb}/tail && diff -r --no-dereference {ma} {mb}"
+    ));
+    p.b.stop();
+    p.a.stop();
+}
+
+#[test]
+fn sync_mode_kill_of_the_primary_after_a_write_loses_nothing() {
+    let mut p = pair("sync", "1G", "[replication]\nmode = \"sync\"\n");
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    sh(&format!("echo warm > {ma}/warm"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    // Plain writes (no fsync): each returns only once the secondary has it durably.
+    for i in 0..20 {
+        sh(&format!("echo line-{i} >> {ma}/log"));
+    }
+    p.a.kill9();
+    let want: String = (0..20).map(|i| format!("line-{i}\n")).collect();
+    let t = Instant::now();
+    loop {
+        let got = sh(&format!("cat {mb}/log 2>/dev/null || true"));
+        if got == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "secondary has {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And durably: the secondary restarted without its peer still has it.
+    p.b.kill9();
+    p.b.start(&[]);
+    p.b.wait_mounted();
+    assert_eq!(sh(&format!("cat {mb}/log")), want);
+    p.b.stop();
+}
+
+#[test]
+fn unpinned_peers_and_garbage_are_refused_without_disturbing_the_pair() {
+    let mut p = pair("pin", "1G", "");
+    p.start();
+    let ma = p.a.mnt.display().to_string();
+    // A third node with its own identity (its name sorts first, so it dials the primary).
+    let mut c = node("pin", "0c");
+    run(Command::new(bin())
+        .args([
+            "init",
+            "--size",
+            "1G",
+            "--name",
+            "0c",
+            "--secondary",
+            "--data",
+        ])
+        .arg(&c.data));
+    let a_listen = std::fs::read_to_string(&p.a.config)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("listen"))
+        .unwrap()
+        .split('"')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let a_port: u16 = a_listen.rsplit(':').next().unwrap().parse().unwrap();
+    write_config(
+        &c,
+        port(),
+        "secondary",
+        "a",
+        a_port,
+        &fingerprint(&p.a.data),
+        "",
+    );
+    c.start(&[]);
+    // Garbage datagrams at the primary's QUIC port, meanwhile.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x1234_5678;
+    for i in 0..2000 {
+        let len = 1 + (i * 37) % 1400;
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = sock.send_to(&buf, &a_listen);
+    }
+    sh(&format!("echo still-working > {ma}/ok"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(30));
+    assert_eq!(
+        sh(&format!("cat {}/ok", p.b.mnt.display())),
+        "still-working\n"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let log = p.a.log_text();
+    assert!(
+        log.contains("not the pinned"),
+        "the primary did not log the refusal:\n{log}\nthe stranger's log:\n{}",
+        c.log_text()
+    );
+    assert_eq!(c.json()["connected"], serde_json::Value::Bool(false));
+    c.stop_quietly();
+    p.b.stop();
+    p.a.stop();
+}
+
+impl PairNode {
+    fn stop_quietly(&mut self) {
+        if let Some(mut ch) = self.child.take() {
+            let _ = ch.kill();
+            let _ = ch.wait();
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Endpoints, connections and framed streams over QUIC (quinn).
+//!
+//! An [`Endpoint`] is one UDP socket that is both a QUIC server and a QUIC client, for
+//! exactly one peer: both directions use the TLS configurations of [`crate::tls`], pinned
+//! to the peer's fingerprint. Which node dials and when to reconnect (with [`Backoff`](crate::Backoff))
+//! is the caller's policy (docs/PROTOCOL.md §3: the node whose name sorts first dials).
+//!
+//! [`Endpoint::accept`] never fails because of a stranger: an incoming connection that
+//! presents the wrong certificate, the wrong ALPN or garbage is logged and skipped, and
+//! the endpoint keeps listening. UDP datagrams that are not QUIC are dropped by quinn.
+//!
+//! A [`Connection`] hands out streams as a [`FrameSender`] (write half) and a
+//! [`FrameReceiver`] (read half), which carry whole messages as frames ([`crate::frame`]).
+//! A receiver that meets a bad frame returns [`TransportError::Frame`]; the stream is then
+//! out of step and the caller should close the connection with
+//! [`Connection::close_with_error`], which tells the peer why.
+//!
+//! Liveness: both sides send a keep-alive every [`TransportConfig::keepalive`] and close
+//! the connection after [`TransportConfig::idle_timeout`] without hearing anything, so a
+//! dead peer or a cut link is noticed in about a second ([`TransportError::is_timeout`]).
+//!
+//! Each connection has a `tracing` span (`conn`, with the remote address and direction)
+//! that its streams' log events are attached to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Span;
+
+use crate::frame::{self, FrameError, HEADER_LEN, Header};
+use crate::tls::{self, SERVER_NAME};
+use crate::{Fingerprint, Identity, Result, TransportError};
+
+/// Application close code of an orderly close.
+pub const CLOSE_NORMAL: u32 = 0;
+/// Application close code after a bad frame (the reason names the check that failed).
+pub const CLOSE_FRAME_ERROR: u32 = 1;
+
+/// Default keep-alive interval: four per idle timeout, so that losing up to three
+/// consecutive keep-alives (or their acks) on a lossy link does not end the connection.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_millis(250);
+/// Default idle timeout: a dead peer is noticed in about a second (docs/PROTOCOL.md §3),
+/// which bounds how long writers wait in `sync` mode before the pair is suspended.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tuning of the transport; the defaults are those of docs/PROTOCOL.md §3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Interval between keep-alive packets when nothing else is sent.
+    pub keepalive: Duration,
+    /// A connection that hears nothing for this long is closed (the shorter of the two
+    /// peers' values applies). Must be longer than `keepalive`.
+    pub idle_timeout: Duration,
+    /// Largest frame payload sent or accepted, in bytes.
+    pub max_frame: u32,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            keepalive: DEFAULT_KEEPALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The quinn transport configuration with keep-alive and idle timeout set.
+    fn quinn(&self) -> Result<quinn::TransportConfig> {
+        if self.keepalive.is_zero() || self.keepalive >= self.idle_timeout {
+            return Err(TransportError::InvalidConfig(format!(
+                "keepalive ({:?}) must be non-zero and shorter than idle_timeout ({:?})",
+                self.keepalive, self.idle_timeout
+            )));
+        }
+        if self.max_frame == 0 {
+            return Err(TransportError::InvalidConfig("max_frame is 0".into()));
+        }
+        let idle = IdleTimeout::try_from(self.idle_timeout).map_err(|_| {
+            TransportError::InvalidConfig(format!(
+                "idle_timeout {:?} is out of range",
+                self.idle_timeout
+            ))
+        })?;
+        let mut config = quinn::TransportConfig::default();
+        config
+            .keep_alive_interval(Some(self.keepalive))
+            .max_idle_timeout(Some(idle));
+        Ok(config)
+    }
+}
+
+/// A QUIC endpoint that accepts from and dials to one pinned peer.
+#[derive(Debug)]
+pub struct Endpoint {
+    inner: quinn::Endpoint,
+    peer: Fingerprint,
+    max_frame: u32,
+}
+
+impl Endpoint {
+    /// Binds `listen` (port 0 for any) with our `identity`, accepting only `peer`, as both
+    /// server and client. Must be called within a Tokio runtime.
+    pub fn bind(
+        listen: SocketAddr,
+        identity: &Identity,
+        peer: Fingerprint,
+        cfg: TransportConfig,
+    ) -> Result<Endpoint> {
+        let transport = Arc::new(cfg.quinn()?);
+
+        let server_tls = tls::server_config(identity, peer)?;
+        let server_crypto = QuicServerConfig::try_from(server_tls)
+            .map_err(|e| TransportError::InvalidConfig(format!("QUIC server TLS: {e}")))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(Arc::clone(&transport));
+
+        let client_tls = tls::client_config(identity, peer)?;
+        let client_crypto = QuicClientConfig::try_from(client_tls)
+            .map_err(|e| TransportError::InvalidConfig(format!("QUIC client TLS: {e}")))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+
+        let mut inner =
+            quinn::Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
+                addr: listen,
+                source,
+            })?;
+        inner.set_default_client_config(client);
+        tracing::info!(
+            local = ?inner.local_addr().ok(),
+            me = %identity.fingerprint(),
+            peer = %peer,
+            "transport endpoint bound"
+        );
+        Ok(Endpoint {
+            inner,
+            peer,
+            max_frame: cfg.max_frame,
+        })
+    }
+
+    /// The address the socket is bound to (with the real port if bound to port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.inner
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })
+    }
+
+    /// The fingerprint this endpoint accepts.
+    pub fn peer(&self) -> Fingerprint {
+        self.peer
+    }
+
+    /// Dials the peer at `addr`. Fails with [`TransportError::Handshake`] if it is
+    /// unreachable (after the idle timeout) or does not present the pinned certificate.
+    ///
+    /// In TLS 1.3 the client's certificate is checked after the client considers the
+    /// handshake done, so a server that refuses *our* certificate shows up as a
+    /// connection closed right after this returns (its reason names our fingerprint).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Connection> {
+        let connecting = self
+            .inner
+            .connect(addr, SERVER_NAME)
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        let conn = connecting.await.map_err(|source| {
+            tracing::warn!(%addr, error = %source, "dialling the peer failed");
+            TransportError::Handshake { addr, source }
+        })?;
+        Connection::new(conn, "out", self.max_frame)
+    }
+
+    /// Waits for the peer to connect. Connections that fail the handshake (wrong
+    /// certificate, wrong ALPN, timeout) are logged and skipped. `None` once the endpoint
+    /// is closed.
+    ///
+    /// Handshakes are completed one at a time; each is bounded by the idle timeout, so a
+    /// stranger can delay the peer by about that much at most.
+    pub async fn accept(&self) -> Result<Option<Connection>> {
+        loop {
+            let Some(incoming) = self.inner.accept().await else {
+                return Ok(None);
+            };
+            let addr = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => match Connection::new(conn, "in", self.max_frame) {
+                    Ok(conn) => return Ok(Some(conn)),
+                    Err(e) => tracing::warn!(%addr, error = %e, "incoming connection unusable"),
+                },
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "incoming connection refused or failed");
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with `code` and `reason` and stops accepting; pending and
+    /// later [`Endpoint::accept`] calls return `None`.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.inner.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    /// Waits until every connection is closed and its close has been sent (call after
+    /// [`Endpoint::close`] before exiting, so the peer hears of it rather than timing out).
+    pub async fn wait_idle(&self) {
+        self.inner.wait_idle().await;
+    }
+}
+
+/// Bytes and packets of one connection (UDP payload, headers and retransmissions included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnStats {
+    /// UDP payload bytes sent.
+    pub bytes_sent: u64,
+    /// UDP payload bytes received.
+    pub bytes_received: u64,
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets declared lost.
+    pub packets_lost: u64,
+    /// Current smoothed round-trip time estimate.
+    pub rtt: Duration,
+}
+
+/// An authenticated connection to the pinned peer. Cheap to clone (a handle).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: quinn::Connection,
+    peer: Fingerprint,
+    max_frame: u32,
+    span: Span,
+}
+
+impl Connection {
+    fn new(inner: quinn::Connection, direction: &'static str, max_frame: u32) -> Result<Self> {
+        let peer = inner
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().map(|cert| Fingerprint::of_cert(cert)))
+            .ok_or(TransportError::NoPeerCertificate)?;
+        let span = tracing::info_span!(
+            "conn",
+            remote = %inner.remote_address(),
+            dir = direction,
+            id = inner.stable_id(),
+        );
+        tracing::info!(parent: &span, %peer, "connection established");
+        Ok(Connection {
+            inner,
+            peer,
+            max_frame,
+            span,
+        })
+    }
+
+    /// The fingerprint of the certificate the peer authenticated with (always the pinned
+    /// one: anything else is refused during the handshake).
+    pub fn peer_fingerprint(&self) -> Fingerprint {
+        self.peer
+    }
+
+    /// The peer's current UDP address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.remote_address()
+    }
+
+    /// The `tracing` span of this connection, for the caller's own events.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Opens a bidirectional stream. The peer learns of it (and its
+    /// [`Connection::accept_bi`] returns) only when the first frame is sent on it.
+    pub async fn open_bi(&self) -> Result<(FrameSender, FrameReceiver)> {
+        let (send, recv) = self.inner.open_bi().await?;
+        tracing::debug!(parent: &self.span, stream = %send.id(), "opened bidirectional stream");
+        Ok((self.sender(send), self.receiver(recv)))
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(FrameSender, FrameReceiver)> {
+        let (send, recv) = self.inner.accept_bi().await?;
+        tracing::debug!(parent: &self.span, stream = %send.id(), "accepted bidirectional stream");
+        Ok((self.sender(send), self.receiver(recv)))
+    }
+
+    /// Opens a unidirectional stream towards the peer.
+    pub async fn open_uni(&self) -> Result<FrameSender> {
+        let send = self.inner.open_uni().await?;
+        tracing::debug!(parent: &self.span, stream = %send.id(), "opened unidirectional stream");
+        Ok(self.sender(send))
+    }
+
+    /// Waits for the peer to open a unidirectional stream.
+    pub async fn accept_uni(&self) -> Result<FrameReceiver> {
+        let recv = self.inner.accept_uni().await?;
+        tracing::debug!(parent: &self.span, stream = %recv.id(), "accepted unidirectional stream");
+        Ok(self.receiver(recv))
+    }
+
+    /// Waits until the connection is closed, by either side or by the idle timeout, and
+    /// returns why ([`TransportError::is_timeout`] tells a dead peer).
+    pub async fn closed(&self) -> TransportError {
+        let reason = self.inner.closed().await;
+        tracing::info!(parent: &self.span, %reason, "connection closed");
+        TransportError::Connection(reason)
+    }
+
+    /// Why the connection is closed, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<TransportError> {
+        self.inner.close_reason().map(TransportError::Connection)
+    }
+
+    /// Closes the connection at once with an application `code` and `reason` (sent to the
+    /// peer). Data not yet acknowledged is abandoned.
+    pub fn close(&self, code: u32, reason: &str) {
+        tracing::info!(parent: &self.span, code, reason, "closing connection");
+        self.inner.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    /// Closes the connection after a bad frame, with [`CLOSE_FRAME_ERROR`] and the
+    /// failed check as reason.
+    pub fn close_with_error(&self, err: &FrameError) {
+        tracing::warn!(parent: &self.span, error = %err, "closing connection after a bad frame");
+        let reason = format!("bad frame: {err}");
+        self.inner
+            .close(VarInt::from_u32(CLOSE_FRAME_ERROR), reason.as_bytes());
+    }
+
+    /// Traffic counters of this connection.
+    pub fn stats(&self) -> ConnStats {
+        let stats = self.inner.stats();
+        ConnStats {
+            bytes_sent: stats.udp_tx.bytes,
+            bytes_received: stats.udp_rx.bytes,
+            packets_sent: stats.path.sent_packets,
+            packets_lost: stats.path.lost_packets,
+            rtt: stats.path.rtt,
+        }
+    }
+
+    fn sender(&self, send: quinn::SendStream) -> FrameSender {
+        FrameSender {
+            send,
+            max_frame: self.max_frame,
+            span: self.span.clone(),
+        }
+    }
+
+    fn receiver(&self, recv: quinn::RecvStream) -> FrameReceiver {
+        FrameReceiver {
+            recv,
+            max_frame: self.max_frame,
+            span: self.span.clone(),
+            header: [0; HEADER_LEN],
+            state: ReadState::Header { filled: 0 },
+        }
+    }
+}
+
+/// The write half of a stream: sends messages as frames.
+#[derive(Debug)]
+pub struct FrameSender {
+    send: quinn::SendStream,
+    max_frame: u32,
+    span: Span,
+}
+
+impl FrameSender {
+    /// Encodes `msg` as a frame of `kind` and writes it. Returns once the bytes are handed
+    /// to QUIC (flow control permitting), not when the peer has them. A message over the
+    /// frame limit is refused with [`FrameError::TooLarge`] and nothing is written.
+    ///
+    /// Not cancel-safe: if the future is dropped midway the stream holds part of a frame
+    /// and must be reset.
+    pub async fn send<M: Serialize + ?Sized>(&mut self, kind: u8, msg: &M) -> Result<()> {
+        let bytes = frame::encode(kind, msg, self.max_frame)?;
+        self.send_encoded(&bytes).await
+    }
+
+    /// Writes a frame already made by [`frame::encode`] (to encode off the async path,
+    /// or once for several streams). The peer refuses anything that is not a frame.
+    pub async fn send_encoded(&mut self, frame_bytes: &[u8]) -> Result<()> {
+        self.send.write_all(frame_bytes).await?;
+        tracing::trace!(parent: &self.span, stream = %self.send.id(), bytes = frame_bytes.len(), "frame sent");
+        Ok(())
+    }
+
+    /// Ends the stream cleanly: the peer's [`FrameReceiver::recv`] returns `None` after
+    /// the last frame.
+    pub fn finish(&mut self) -> Result<()> {
+        self.send.finish().map_err(|_| TransportError::StreamClosed)
+    }
+
+    /// Abandons the stream with an application `code`; unsent data is dropped.
+    pub fn reset(&mut self, code: u32) -> Result<()> {
+        self.send
+            .reset(VarInt::from_u32(code))
+            .map_err(|_| TransportError::StreamClosed)
+    }
+
+    /// Waits until the peer has received everything sent on the finished stream (or stops
+    /// it).
+    pub async fn stopped(&mut self) -> Result<Option<u32>> {
+        match self.send.stopped().await {
+            Ok(None) => Ok(None),
+            // Application codes we send are u32; a larger one from a peer is saturated.
+            Ok(Some(code)) => Ok(Some(u32::try_from(code.into_inner()).unwrap_or(u32::MAX))),
+            Err(quinn::StoppedError::ConnectionLost(e)) => Err(TransportError::Connection(e)),
+            Err(quinn::StoppedError::ZeroRttRejected) => Err(TransportError::StreamClosed),
+        }
+    }
+}
+
+/// Where a [`FrameReceiver`] is within the current frame.
+#[derive(Debug)]
+enum ReadState {
+    /// Reading the 12-byte header; `filled` bytes of it are in `header`.
+    Header { filled: usize },
+    /// Reading the payload announced by `header`; `filled` bytes of it are in `payload`.
+    Payload {
+        header: Header,
+        payload: Vec<u8>,
+        filled: usize,
+    },
+}
+
+/// The read half of a stream: receives frames and decodes them.
+#[derive(Debug)]
+pub struct FrameReceiver {
+    recv: quinn::RecvStream,
+    max_frame: u32,
+    span: Span,
+    header: [u8; HEADER_LEN],
+    state: ReadState,
+}
+
+impl FrameReceiver {
+    /// Receives the next message: `(kind, message)`, or `None` when the peer finished the
+    /// stream cleanly between two frames.
+    ///
+    /// Cancel-safe: the partial frame is kept, so this may be used in `tokio::select!`.
+    pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<(u8, M)>> {
+        let Some((header, payload)) = self.recv_frame().await? else {
+            return Ok(None);
+        };
+        let msg = frame::decode_payload(&header, &payload).map_err(|e| self.bad_frame(e))?;
+        Ok(Some((header.kind, msg)))
+    }
+
+    /// Receives the next frame without decoding its payload (to choose the message type
+    /// from `header.kind`, then [`frame::decode_payload`]). The header is already checked
+    /// (magic, version, size); the CRC is checked by `decode_payload`. Cancel-safe.
+    pub async fn recv_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>> {
+        loop {
+            match &mut self.state {
+                ReadState::Header { filled } => {
+                    if *filled == HEADER_LEN {
+                        let header = frame::decode_header(&self.header, self.max_frame)
+                            .map_err(|e| self.bad_frame(e))?;
+                        self.state = ReadState::Payload {
+                            header,
+                            // Bounded by max_frame (checked just above).
+                            payload: vec![0; header.len as usize],
+                            filled: 0,
+                        };
+                        continue;
+                    }
+                    match self.recv.read(&mut self.header[*filled..]).await? {
+                        Some(n) => *filled += n,
+                        None if *filled == 0 => return Ok(None),
+                        None => {
+                            return Err(TransportError::TruncatedFrame {
+                                received: *filled,
+                                expected: HEADER_LEN,
+                            });
+                        }
+                    }
+                }
+                ReadState::Payload {
+                    header,
+                    payload,
+                    filled,
+                } => {
+                    if *filled == payload.len() {
+                        let header = *header;
+                        let payload = std::mem::take(payload);
+                        self.state = ReadState::Header { filled: 0 };
+                        tracing::trace!(parent: &self.span, stream = %self.recv.id(), kind = header.kind, len = header.len, "frame received");
+                        return Ok(Some((header, payload)));
+                    }
+                    match self.recv.read(&mut payload[*filled..]).await? {
+                        Some(n) => *filled += n,
+                        None => {
+                            return Err(TransportError::TruncatedFrame {
+                                received: HEADER_LEN + *filled,
+                                expected: HEADER_LEN + payload.len(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream, with an application `code`.
+    pub fn stop(&mut self, code: u32) -> Result<()> {
+        self.recv
+            .stop(VarInt::from_u32(code))
+            .map_err(|_| TransportError::StreamClosed)
+    }
+
+    fn bad_frame(&self, err: FrameError) -> TransportError {
+        tracing::warn!(parent: &self.span, stream = %self.recv.id(), error = %err, "bad frame received");
+        TransportError::Frame(err)
+    }
+}
