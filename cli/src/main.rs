@@ -3,6 +3,7 @@
 //! Wires the layers together: a data directory, its volume (with recovery), the FS core and
 //! the FUSE session; parses and checks every argument with a clear message.
 
+mod bench;
 mod config;
 mod node;
 mod size;
@@ -106,6 +107,16 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Measure this build's raw loopback QUIC throughput (benchmark baseline).
+    #[command(hide = true)]
+    BenchQuic {
+        /// Seconds to stream.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// 4 KiB blocks per message.
+        #[arg(long, default_value_t = 256)]
+        blocks: usize,
+    },
     /// Check every on-disk invariant; exits 1 with a report on any inconsistency.
     Fsck {
         /// The data directory.
@@ -197,6 +208,9 @@ fn main() -> ExitCode {
             json,
             watch,
         } => status(config.as_deref(), data.as_deref(), json, watch).map(|()| ExitCode::SUCCESS),
+        Cmd::BenchQuic { seconds, blocks } => {
+            bench::bench_quic(seconds, blocks).map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Fsck { data } => run_fsck(&data),
     };
     match r {
