@@ -22,6 +22,8 @@ fn port() -> u16 {
 
 struct PairNode {
     name: &'static str,
+    /// Runs in this network namespace (a separate host).
+    netns: Option<String>,
     root: PathBuf,
     data: PathBuf,
     mnt: PathBuf,
@@ -52,7 +54,17 @@ impl PairNode {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                // Only the network namespace: `ip netns exec` would also give the node its
+                // own mount namespace, hiding its mount from this host.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["mount", "--config"])
             .arg(&self.config)
             .arg(&self.mnt)
@@ -167,6 +179,7 @@ fn node(tag: &str, name: &'static str) -> PairNode {
     std::fs::create_dir_all(root.join("mnt")).unwrap();
     PairNode {
         name,
+        netns: None,
         data: root.join("data"),
         mnt: root.join("mnt"),
         config: root.join("node.toml"),
@@ -191,13 +204,89 @@ fn write_config(
     fp: &str,
     extra: &str,
 ) {
+    write_config_at(
+        n,
+        ("127.0.0.1", listen),
+        role,
+        peer,
+        ("127.0.0.1", peer_port),
+        fp,
+        extra,
+    );
+}
+
+fn write_config_at(
+    n: &PairNode,
+    listen: (&str, u16),
+    role: &str,
+    peer: &str,
+    peer_at: (&str, u16),
+    fp: &str,
+    extra: &str,
+) {
     let text = format!(
-        "name = \"{}\"\ndata = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nrole = \"{role}\"\n\
-         [peer]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\nfingerprint = \"{fp}\"\n{extra}",
+        "name = \"{}\"\ndata = \"{}\"\nlisten = \"{}:{}\"\nrole = \"{role}\"\n\
+         [peer]\nname = \"{peer}\"\naddress = \"{}:{}\"\nfingerprint = \"{fp}\"\n{extra}",
         n.name,
-        n.data.display()
+        n.data.display(),
+        listen.0,
+        listen.1,
+        peer_at.0,
+        peer_at.1,
     );
     std::fs::write(&n.config, text).unwrap();
+}
+
+/// A second host: a network namespace joined to this one by a veth pair, whose link can be
+/// cut and restored.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let id = std::process::id() % 250 + 1;
+        let name = format!("pfs-{tag}-{id}");
+        let host_if = format!("pfa{tag}{id}");
+        let ns_if = format!("pfb{tag}{id}");
+        let (host_ip, ns_ip) = (format!("10.213.{id}.1"), format!("10.213.{id}.2"));
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        sh(&format!(
+            "ip netns add {name} && ip link add {host_if} type veth peer name {ns_if} \
+             && ip link set {ns_if} netns {name} && ip addr add {host_ip}/24 dev {host_if} \
+             && ip link set {host_if} up && ip netns exec {name} ip addr add {ns_ip}/24 dev {ns_if} \
+             && ip netns exec {name} ip link set {ns_if} up && ip netns exec {name} ip link set lo up"
+        ));
+        Netns {
+            name,
+            host_if,
+            host_ip,
+            ns_ip,
+        }
+    }
+
+    fn link(&self, up: bool) {
+        sh(&format!(
+            "ip link set {} {}",
+            self.host_if,
+            if up { "up" } else { "down" }
+        ));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
 
 /// A fresh pair: `a` primary (initialised with a filesystem), `b` a blank secondary.
@@ -276,6 +365,9 @@ fn two_nodes_replicate_a_real_tree() {
     ));
     p.fsync_a();
     p.caught_up(Duration::from_secs(60));
+    // The first copy moved the blocks ever written, not the 2 GiB volume.
+    let moved = p.b.u("wire_bytes_received");
+    assert!(moved < 600_000_000, "the initial copy moved {moved} bytes");
     sh(&format!("diff -r --no-dereference {ma} {mb}"));
     let sums = |m: &str| {
         sh(&format!(
@@ -315,9 +407,14 @@ fn killed_secondary_catches_up_from_the_journal() {
     sh(&format!("head -c 50000000 /dev/urandom > {ma}/before"));
     p.fsync_a();
     p.caught_up(Duration::from_secs(60));
+    // Killed mid-stream: a writer is filling the primary while the secondary dies.
+    let writer = {
+        let ma = ma.clone();
+        std::thread::spawn(move || sh(&format!("head -c 30000000 /dev/urandom > {ma}/during")))
+    };
+    std::thread::sleep(Duration::from_millis(100));
     p.b.kill9();
-    // The backlog: 30 MB written while the secondary is down.
-    sh(&format!("head -c 30000000 /dev/urandom > {ma}/during"));
+    writer.join().unwrap();
     p.fsync_a();
     p.b.start(&[]);
     p.b.wait_mounted();
@@ -339,28 +436,51 @@ fn killed_secondary_catches_up_from_the_journal() {
 
 #[test]
 fn link_loss_resyncs_by_journal_then_by_bitmap() {
-    let mut p = pair(
-        "link",
-        "2G",
-        "[replication]\njournal_limit = \"8M\"\n[timeouts]\nkeepalive = \"100ms\"\nidle = \"500ms\"\n",
+    // Node b on a second host (a network namespace); the link between them is cut.
+    let net = Netns::new("ll");
+    let extra = "[replication]\njournal_limit = \"8M\"\n[timeouts]\nkeepalive = \"100ms\"\nidle = \"500ms\"\n";
+    let mut p = pair("link", "2G", extra);
+    let (pa, pb) = (port(), port());
+    let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
+    write_config_at(
+        &p.a,
+        (&net.host_ip, pa),
+        "primary",
+        "b",
+        (&net.ns_ip, pb),
+        &fb,
+        extra,
     );
+    write_config_at(
+        &p.b,
+        (&net.ns_ip, pb),
+        "secondary",
+        "a",
+        (&net.host_ip, pa),
+        &fa,
+        extra,
+    );
+    p.b.netns = Some(net.name.clone());
     p.start();
     let ma = p.a.mnt.display().to_string();
     let mb = p.b.mnt.display().to_string();
     sh(&format!("echo start > {ma}/start"));
     p.fsync_a();
     p.caught_up(Duration::from_secs(60));
-    // Link loss (the peer stops answering), a backlog the journal holds, then return.
-    p.b.signal(libc::SIGSTOP);
-    let t = Instant::now();
-    while p.a.json()["connected"] == serde_json::Value::Bool(true) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the primary did not notice the loss"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let noticed = t.elapsed();
+    let wait_disconnected = |p: &Pair| {
+        let t = Instant::now();
+        while p.a.json()["connected"] == serde_json::Value::Bool(true) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the primary did not notice the loss"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t.elapsed()
+    };
+    // Link loss, a backlog the journal holds, then the link returns.
+    net.link(false);
+    let noticed = wait_disconnected(&p);
     assert!(
         noticed < Duration::from_secs(3),
         "loss noticed after {noticed:?}"
@@ -368,16 +488,12 @@ fn link_loss_resyncs_by_journal_then_by_bitmap() {
     sh(&format!("head -c 2000000 /dev/urandom > {ma}/small"));
     p.fsync_a();
     assert_eq!(p.a.json()["backlog"], "journal");
-    p.b.signal(libc::SIGCONT);
+    net.link(true);
     p.caught_up(Duration::from_secs(30));
     sh(&format!("cmp {ma}/small {mb}/small"));
     // A longer outage: more than the journal limit, so the bitmap takes over.
-    p.b.signal(libc::SIGSTOP);
-    let t = Instant::now();
-    while p.a.json()["connected"] == serde_json::Value::Bool(true) {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    net.link(false);
+    wait_disconnected(&p);
     sh(&format!(
         "head -c 20000000 /dev/urandom > {ma}/big && echo tail > {ma}/tail"
     ));
@@ -385,7 +501,7 @@ fn link_loss_resyncs_by_journal_then_by_bitmap() {
     let j = p.a.json();
     assert_eq!(j["backlog"], "bitmap", "{j}");
     assert!(j["bitmap_blocks"].as_u64().unwrap() > 1000, "{j}");
-    p.b.signal(libc::SIGCONT);
+    net.link(true);
     p.caught_up(Duration::from_secs(60));
     assert_eq!(p.a.json()["backlog"], "journal", "bitmap resync completed");
     sh(&format!(

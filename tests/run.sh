@@ -11,6 +11,9 @@ need_apt=()
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v rsync >/dev/null || need_apt+=(rsync)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

@@ -716,9 +716,12 @@ impl Driver {
                 let seq = e.seq;
                 let first_copy_end = e.blocks.is_empty();
                 if let Some(fs) = self.host.fs() {
-                    let inv = fs.apply_replicated(&e).context("applying an entry")?;
+                    let mut inv = fs.apply_replicated(&e).context("applying an entry")?;
                     if first_copy_end {
+                        // The end of a copy: anything may have changed underneath.
                         fs.reload().context("reloading after a copy")?;
+                        inv.inodes = fs.referenced_inode_list();
+                        inv.inodes.push(1);
                     }
                     self.host.invalidate(&inv);
                 } else {

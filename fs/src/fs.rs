@@ -1675,6 +1675,12 @@ impl Fs {
         self.lookups().len()
     }
 
+    /// The inodes the kernel holds references to (to invalidate them all on a replica
+    /// whose volume was replaced by a copy).
+    pub fn referenced_inode_list(&self) -> Vec<u64> {
+        self.lookups().keys().copied().collect()
+    }
+
     /// Gives the volume back (after `close`), e.g. to run `fsck` on it.
     pub fn into_volume(self) -> Volume {
         self.core
