@@ -132,6 +132,9 @@ pub enum DescriptorKind {
     Image,
     /// The content was written into the normal area before the entry.
     InPlace,
+    /// As `InPlace`, and the block was free before the entry: a replica may also write
+    /// it in place ahead of applying the entry without changing any visible state.
+    InPlaceFresh,
 }
 
 /// One block of an entry.
@@ -152,6 +155,8 @@ pub enum EntryBlock<'a> {
     Image(&'a [u8]),
     /// Content already in the normal area, with its checksum.
     InPlace(u32),
+    /// As `InPlace`, for a block that was free before the entry.
+    InPlaceFresh(u32),
 }
 
 /// A decoded entry: its header fields and descriptors (not the images).
@@ -552,6 +557,7 @@ impl Journal {
             let kind = match d[8] {
                 1 => DescriptorKind::Image,
                 2 => DescriptorKind::InPlace,
+                3 => DescriptorKind::InPlaceFresh,
                 k => return Err(format!("unknown descriptor kind {k}")),
             };
             if kind == DescriptorKind::Image {
@@ -728,6 +734,10 @@ impl Journal {
                 }
                 EntryBlock::InPlace(crc) => {
                     d[8] = 2;
+                    put_u32(d, 12, *crc);
+                }
+                EntryBlock::InPlaceFresh(crc) => {
+                    d[8] = 3;
                     put_u32(d, 12, *crc);
                 }
             }

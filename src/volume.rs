@@ -58,6 +58,9 @@ pub struct VolumeOptions {
     /// Bytes of overwritten, not yet replicated in-place data kept aside in memory (seed
     /// 001 §0136); beyond it such entries fall back to a bitmap resync.
     pub evacuation_limit: u64,
+    /// With `retain`: seal the open entry when its blocks (in-place data included) reach
+    /// this many bytes, so that one entry is one message on the wire.
+    pub max_entry_wire_bytes: u64,
 }
 
 impl Default for VolumeOptions {
@@ -81,6 +84,9 @@ impl Default for VolumeOptions {
             // 64 MiB: overwrites of data the peer has not acknowledged yet are rare with a
             // responsive peer; a slow one falls back to the bitmap rather than use memory.
             evacuation_limit: 64 << 20,
+            // 32 MiB: a normal-area sync per 32 MiB of bulk data costs little, and the
+            // peer buffers one such message at a time.
+            max_entry_wire_bytes: 32 << 20,
         }
     }
 }
@@ -94,9 +100,9 @@ pub struct TxId(pub u64);
 pub struct Transaction<'d> {
     meta: BTreeMap<BlockNo, Arc<[u8]>>,
     /// File data as runs of consecutive blocks: (first block, bytes, a multiple of the
-    /// block size), possibly borrowed from the caller's request buffer. Runs do not
-    /// overlap each other or the metadata blocks.
-    data: Vec<(BlockNo, Cow<'d, [u8]>)>,
+    /// block size, whether the blocks were free before), possibly borrowed from the caller's
+    /// request buffer. Runs do not overlap each other or the metadata blocks.
+    data: Vec<(BlockNo, Cow<'d, [u8]>, bool)>,
 }
 
 impl<'d> Transaction<'d> {
@@ -109,9 +115,11 @@ impl<'d> Transaction<'d> {
         self.meta.insert(block, data);
     }
     /// Writes file data to consecutive blocks from `start` (may be written in place, see
-    /// the module documentation); `data` is a whole number of blocks.
-    pub fn write_data(&mut self, start: BlockNo, data: impl Into<Cow<'d, [u8]>>) {
-        self.data.push((start, data.into()));
+    /// the module documentation); `data` is a whole number of blocks. `fresh`: the blocks
+    /// were free before this transaction (newly allocated), which lets a replica write them
+    /// in place too.
+    pub fn write_data(&mut self, start: BlockNo, data: impl Into<Cow<'d, [u8]>>, fresh: bool) {
+        self.data.push((start, data.into(), fresh));
     }
     /// True if nothing is written.
     pub fn is_empty(&self) -> bool {
@@ -122,7 +130,8 @@ impl<'d> Transaction<'d> {
 #[derive(Debug, Clone)]
 enum OpenBlock {
     Image(Arc<[u8]>),
-    InPlace(u32),
+    /// Written in place: checksum, and whether the block was free before.
+    InPlace(u32, bool),
 }
 
 #[derive(Debug, Default)]
@@ -334,7 +343,7 @@ impl Volume {
         if opts.retain {
             for e in &entries {
                 for d in &e.descriptors {
-                    if d.kind == DescriptorKind::InPlace {
+                    if d.kind != DescriptorKind::Image {
                         inplace_refs.insert(d.block, e.seq);
                     }
                 }
@@ -501,7 +510,7 @@ impl Volume {
             }
         }
         let mut data_blocks = 0usize;
-        for (start, d) in &tx.data {
+        for (start, d, _) in &tx.data {
             if d.is_empty() || d.len() % bs != 0 {
                 return Err(VolumeError::InvalidParams(format!(
                     "data run at block {start} of {} bytes is not whole blocks",
@@ -513,8 +522,8 @@ impl Volume {
         }
         let bulk = data_blocks >= self.opts.inplace_min_blocks;
         let mut images: Vec<(BlockNo, Arc<[u8]>)> = tx.meta.into_iter().collect();
-        let mut inplace: Vec<(BlockNo, u32)> = Vec::new();
-        for (start, d) in &tx.data {
+        let mut inplace: Vec<(BlockNo, u32, bool)> = Vec::new();
+        for (start, d, fresh) in &tx.data {
             let n = d.len() / bs;
             let mut i = 0;
             while i < n {
@@ -543,7 +552,7 @@ impl Volume {
                     for (k, blk) in chunk.chunks_exact(bs).enumerate() {
                         let b = start + (i + k) as u64;
                         self.cache.remove(b);
-                        inplace.push((b, crc32c(blk)));
+                        inplace.push((b, crc32c(blk), *fresh));
                     }
                 } else {
                     for (k, blk) in chunk.chunks_exact(bs).enumerate() {
@@ -567,8 +576,18 @@ impl Volume {
             put(b, OpenBlock::Image(d));
         }
         if !inplace.is_empty() {
-            for (b, crc) in inplace {
-                put(b, OpenBlock::InPlace(crc));
+            for (b, crc, fresh) in inplace {
+                // Merged with an earlier write of the same open entry, a block stays fresh
+                // only if it was fresh then too (and an image there means it was not).
+                let prev_fresh = match open.blocks.get(&b) {
+                    None => true,
+                    Some(OpenBlock::InPlace(_, f)) => *f,
+                    Some(OpenBlock::Image(_)) => false,
+                };
+                let new = OpenBlock::InPlace(crc, fresh && prev_fresh);
+                if let Some(OpenBlock::Image(old)) = open.blocks.insert(b, new) {
+                    open.image_bytes -= old.len() as u64;
+                }
             }
             open.has_inplace = true;
         }
@@ -580,7 +599,11 @@ impl Volume {
         self.next_tx = TxId(id.0 + 1);
         self.stats.transactions += 1;
         let descr = self.open.blocks.len() as u64 * crate::journal::DESCRIPTOR_LEN as u64;
-        if self.open.image_bytes + descr >= self.max_entry_bytes() {
+        // With a peer, an entry must also fit one message on the wire, in-place data included.
+        let wire = self.open.blocks.len() as u64 * self.bs as u64;
+        if self.open.image_bytes + descr >= self.max_entry_bytes()
+            || (self.opts.retain && wire >= self.opts.max_entry_wire_bytes)
+        {
             self.seal()?;
         }
         Ok(id)
@@ -621,7 +644,8 @@ impl Volume {
                     b,
                     match ob {
                         OpenBlock::Image(d) => EntryBlock::Image(d),
-                        OpenBlock::InPlace(c) => EntryBlock::InPlace(*c),
+                        OpenBlock::InPlace(c, false) => EntryBlock::InPlace(*c),
+                        OpenBlock::InPlace(c, true) => EntryBlock::InPlaceFresh(*c),
                     },
                 )
             })
@@ -657,7 +681,7 @@ impl Volume {
                 OpenBlock::Image(d) => {
                     self.pending.insert(b, d);
                 }
-                OpenBlock::InPlace(_) => {
+                OpenBlock::InPlace(..) => {
                     self.pending.remove(&b);
                     if self.opts.retain {
                         self.inplace_refs.insert(b, seq);
@@ -860,6 +884,7 @@ impl Volume {
             seq: e.seq,
             prev_seq: e.prev_seq,
             bytes: u64::from(e.n_blocks) * self.bs as u64,
+            journal_bytes: e.total_len,
             timestamp_ns: e.timestamp_ns,
         }
     }
@@ -923,6 +948,7 @@ impl Volume {
             blocks.push(WireBlock {
                 block: d.block,
                 data,
+                fresh: d.kind == DescriptorKind::InPlaceFresh,
             });
         }
         Ok(WireEntry {
@@ -970,15 +996,47 @@ impl Volume {
             self.normal_dirty = false;
         }
         self.copying = false;
-        let images: Vec<(BlockNo, Arc<[u8]>)> = e
-            .blocks
-            .iter()
-            .map(|b| (b.block, Arc::from(b.data.as_slice())))
-            .collect();
-        let refs: Vec<(BlockNo, EntryBlock<'_>)> = images
+        // Blocks that were free before this entry go straight to their place (written
+        // once); the others, which the state before the entry still uses, go through the
+        // journal so that the entry applies atomically.
+        let mut images: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
+        let mut inplace: Vec<(BlockNo, u32, bool)> = Vec::new();
+        for b in &e.blocks {
+            if b.fresh && !self.pending.contains_key(&b.block) {
+                self.evacuate(b.block)?;
+                self.cache.remove(b.block);
+                if let Err(err) = self.normal.write_at(&b.data, b.block * self.bs as u64) {
+                    return self.poison(VolumeError::Io {
+                        op: "writing replicated data in place",
+                        source: err,
+                    });
+                }
+                inplace.push((b.block, crc32c(&b.data), true));
+            } else {
+                images.push((b.block, Arc::from(b.data.as_slice())));
+            }
+        }
+        if !inplace.is_empty() {
+            self.stats.inplace_bytes += (inplace.len() * self.bs) as u64;
+            // FORMAT.md §2.4 rule 2: in-place data durable before the entry naming it.
+            if let Err(err) = self.normal.sync() {
+                return self.poison(VolumeError::Io {
+                    op: "syncing replicated data",
+                    source: err,
+                });
+            }
+            self.stats.normal_syncs += 1;
+        }
+        let mut refs: Vec<(BlockNo, EntryBlock<'_>)> = images
             .iter()
             .map(|(b, d)| (*b, EntryBlock::Image(d)))
             .collect();
+        refs.extend(
+            inplace
+                .iter()
+                .map(|&(b, crc, _)| (b, EntryBlock::InPlaceFresh(crc))),
+        );
+        refs.sort_unstable_by_key(|(b, _)| *b);
         let entry = NewEntry {
             seq: Some(e.seq),
             timestamp_ns: e.timestamp_ns,
@@ -1004,6 +1062,9 @@ impl Volume {
         self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
         for (b, d) in images {
             self.pending.insert(b, d);
+        }
+        for (b, _, _) in inplace {
+            self.pending.remove(&b);
         }
         Ok(())
     }
@@ -1213,12 +1274,12 @@ mod tests {
         let mut v = open(&d, opts);
         let mut tx = Transaction::new();
         for b in 100..108 {
-            tx.write_data(b, vec![b as u8; BS]);
+            tx.write_data(b, vec![b as u8; BS], true);
         }
         tx.write_meta(5, blk(5));
         v.commit(tx).unwrap();
         let mut tx = Transaction::new();
-        tx.write_data(120, vec![120; BS]);
+        tx.write_data(120, vec![120; BS], true);
         v.commit(tx).unwrap();
         v.sync().unwrap();
         let s = v.stats();
@@ -1244,11 +1305,11 @@ mod tests {
         };
         let mut v = open(&d, opts);
         let mut tx = Transaction::new();
-        tx.write_data(50, vec![1; BS]); // small: an image
+        tx.write_data(50, vec![1; BS], true); // small: an image
         v.commit(tx).unwrap();
         v.sync().unwrap(); // sealed, durable, not checkpointed
         let mut tx = Transaction::new();
-        tx.write_data(50, vec![2; 2 * BS]);
+        tx.write_data(50, vec![2; 2 * BS], false);
         v.commit(tx).unwrap(); // bulk, but 50 has a pending image: journaled
         v.sync().unwrap();
         assert_eq!(v.stats().inplace_bytes, BS as u64, "only block 51 in place");
@@ -1337,7 +1398,7 @@ mod tests {
         let d = devs(256, 64);
         let mut v = open(&d, retaining());
         let mut tx = Transaction::new();
-        tx.write_data(100, vec![1; 3 * BS]); // bulk: in place
+        tx.write_data(100, vec![1; 3 * BS], true); // bulk: in place
         tx.write_meta(5, blk(5));
         v.commit(tx).unwrap();
         v.sync().unwrap();
@@ -1348,7 +1409,7 @@ mod tests {
         let seq = metas[0].seq;
         // Overwrite the in-place blocks before the entry was sent: saved aside first.
         let mut tx = Transaction::new();
-        tx.write_data(100, vec![2; 3 * BS]);
+        tx.write_data(100, vec![2; 3 * BS], false);
         v.commit(tx).unwrap();
         v.sync().unwrap();
         v.checkpoint().unwrap();
@@ -1380,12 +1441,12 @@ mod tests {
             },
         );
         let mut tx = Transaction::new();
-        tx.write_data(100, vec![1; 2 * BS]);
+        tx.write_data(100, vec![1; 2 * BS], true);
         v.commit(tx).unwrap();
         v.sync().unwrap();
         let seq = v.take_durable_entries()[0].seq;
         let mut tx = Transaction::new();
-        tx.write_data(100, vec![2; 2 * BS]);
+        tx.write_data(100, vec![2; 2 * BS], false);
         v.commit(tx).unwrap();
         assert!(matches!(
             v.read_wire_entry(seq),
@@ -1421,6 +1482,7 @@ mod tests {
             blocks: vec![WireBlock {
                 block: 3,
                 data: vec![3; BS],
+                fresh: false,
             }],
         };
         v.apply_replicated(&e1).unwrap();
@@ -1434,6 +1496,7 @@ mod tests {
         v.write_copy_blocks(&[WireBlock {
             block: 3,
             data: vec![7; BS],
+            fresh: false,
         }])
         .unwrap();
         v.apply_replicated(&WireEntry {

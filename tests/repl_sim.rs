@@ -259,6 +259,7 @@ impl Sim {
                         .map(|(b, d)| WireBlock {
                             block: *b,
                             data: d.clone(),
+                            fresh: false,
                         })
                         .collect(),
                 };
@@ -360,6 +361,7 @@ impl Sim {
                 seq,
                 prev_seq: e.prev,
                 bytes,
+                journal_bytes: bytes,
                 timestamp_ns: 0,
             });
             self.run_actions();
@@ -381,6 +383,7 @@ impl Sim {
                         .get(&b)
                         .cloned()
                         .unwrap_or_else(|| vec![0; BS]),
+                    fresh: false,
                 });
             }
         }
@@ -519,6 +522,7 @@ impl Sim {
                 seq: e.seq,
                 prev_seq: e.prev,
                 bytes: (e.blocks.len() * BS) as u64,
+                journal_bytes: (e.blocks.len() * BS) as u64,
                 timestamp_ns: 0,
             })
             .collect();

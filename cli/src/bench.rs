@@ -41,6 +41,7 @@ pub(crate) fn bench_quic(seconds: f64, blocks: usize) -> Result<f64> {
                 .map(|i| WireBlock {
                     block: i,
                     data: vec![(i % 251) as u8; 4096],
+                    fresh: false,
                 })
                 .collect(),
         };

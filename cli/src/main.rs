@@ -472,7 +472,6 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
         }),
         inplace_min_blocks: mount.map_or(8, |(_, o)| o.inplace_min_blocks.max(1)),
         retain: cfg.peer.is_some() && role == Role::Primary,
-        // Entries stay small enough for one frame each on the wire.
         max_entry_bytes: 8 << 20,
         ..VolumeOptions::default()
     };

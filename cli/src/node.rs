@@ -31,6 +31,9 @@ use crate::state::{DiffBitmap, load_state, save_state};
 /// Frame kinds on the wire (the transport carries them, the node reads them).
 const KIND_CONTROL: u8 = 1;
 const KIND_REPLICATION: u8 = 2;
+/// Largest message: an entry of up to `max_entry_wire_bytes` (32 MiB) of blocks plus
+/// their numbers and the encoding's lengths.
+const MAX_FRAME: u32 = 40 << 20;
 /// Blocks per copy message: 256 × 4 KiB = 1 MiB frames, well under the frame limit.
 const COPY_BATCH: usize = 256;
 /// Replication messages queued per connection before the driver waits (back-pressure).
@@ -376,7 +379,7 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
                 TransportConfig {
                     keepalive: cfg.keepalive,
                     idle_timeout: cfg.idle_timeout,
-                    ..TransportConfig::default()
+                    max_frame: MAX_FRAME,
                 },
             )
             .with_context(|| format!("listening on {}", cfg.listen))?,
@@ -910,7 +913,11 @@ fn copy_blocks(
             for &b in chunk {
                 let mut data = vec![0u8; bs];
                 v.read_current(b, &mut data)?;
-                blocks.push(WireBlock { block: b, data });
+                blocks.push(WireBlock {
+                    block: b,
+                    data,
+                    fresh: false,
+                });
             }
             Ok(())
         })?;

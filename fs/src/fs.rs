@@ -509,7 +509,11 @@ fn write_file<'d>(
         let (s0, s1) = (seg.logical * bs, seg.end() * bs);
         if s0 >= off && s1 <= end {
             // Whole blocks: handed to the volume straight from the request buffer.
-            tx.write_data(seg.phys, &data[(s0 - off) as usize..(s1 - off) as usize]);
+            tx.write_data(
+                seg.phys,
+                &data[(s0 - off) as usize..(s1 - off) as usize],
+                !was_written,
+            );
             continue;
         }
         let mut run = Vec::with_capacity((seg.len * bs) as usize);
@@ -530,7 +534,7 @@ fn write_file<'d>(
             }
             blk[from as usize..to as usize].copy_from_slice(src);
         }
-        tx.write_data(seg.phys, run);
+        tx.write_data(seg.phys, run, !was_written);
     }
     let before = tx.meta_delta();
     if changed {
@@ -590,7 +594,7 @@ fn truncate_file(tx: &mut FsTx<'_, '_>, i: &mut Inode, ino: u64, size: u64) -> F
                     let mut b = vec![0u8; bs as usize];
                     tx.read_data_block(phys, &mut b)?;
                     b[(size % bs) as usize..].fill(0);
-                    tx.write_data(phys, b);
+                    tx.write_data(phys, b, false);
                 }
             }
         }
@@ -1049,7 +1053,7 @@ impl Fs {
                             let (phys, _) = tx.alloc_data(0, 1)?;
                             let mut b = vec![0u8; tx.bs()];
                             b[..target.len()].copy_from_slice(target);
-                            tx.write_data(phys, b);
+                            tx.write_data(phys, b, true);
                             let mut map = ExtentMap::empty(ino);
                             map.insert_merge(
                                 tx,

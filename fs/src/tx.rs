@@ -49,8 +49,9 @@ pub(crate) struct FsTx<'a, 'd> {
     alloc: &'a mut Allocator,
     sb: &'a Superblock,
     meta: HashMap<BlockNo, Arc<[u8]>>,
-    /// Data runs by first block (borrowed from the request where possible).
-    data: BTreeMap<BlockNo, Cow<'d, [u8]>>,
+    /// Data runs by first block (borrowed from the request where possible), and whether
+    /// their blocks were free before this transaction.
+    data: BTreeMap<BlockNo, (Cow<'d, [u8]>, bool)>,
     allocated: Vec<(BlockNo, u64)>,
     freed: Vec<(BlockNo, u64)>,
     inodes_allocated: Vec<u64>,
@@ -141,15 +142,21 @@ impl<'a, 'd> FsTx<'a, 'd> {
     }
 
     /// Stages file data for consecutive blocks from `start` (whole blocks; the runs of
-    /// one transaction do not overlap).
-    pub(crate) fn write_data(&mut self, start: BlockNo, data: impl Into<Cow<'d, [u8]>>) {
-        self.data.insert(start, data.into());
+    /// one transaction do not overlap). `fresh`: the blocks were free before (newly
+    /// allocated or never written), see `Transaction::write_data`.
+    pub(crate) fn write_data(
+        &mut self,
+        start: BlockNo,
+        data: impl Into<Cow<'d, [u8]>>,
+        fresh: bool,
+    ) {
+        self.data.insert(start, (data.into(), fresh));
     }
 
     /// Reads a file-data block, seeing this transaction's own writes.
     pub(crate) fn read_data_block(&self, b: BlockNo, buf: &mut [u8]) -> FsResult<()> {
         let bs = buf.len();
-        if let Some((&start, d)) = self.data.range(..=b).next_back() {
+        if let Some((&start, (d, _))) = self.data.range(..=b).next_back() {
             let at = (b - start) as usize * bs;
             if at < d.len() {
                 buf.copy_from_slice(&d[at..at + bs]);
@@ -198,8 +205,8 @@ impl<'a, 'd> FsTx<'a, 'd> {
         for (b, d) in self.meta.drain() {
             t.write_meta(b, d);
         }
-        for (b, d) in std::mem::take(&mut self.data) {
-            t.write_data(b, d);
+        for (b, (d, fresh)) in std::mem::take(&mut self.data) {
+            t.write_data(b, d, fresh);
         }
         self.done = true;
         let fin = Finished {

@@ -191,6 +191,9 @@ pub struct WireBlock {
     /// Content (one block).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// The block was free before this entry (a replica may write it in place before the
+    /// entry is applied: no visible state changes until then).
+    pub fresh: bool,
 }
 
 /// Messages between two nodes (docs/PROTOCOL.md §4). Every one carries the sender's epoch.

@@ -71,8 +71,11 @@ pub struct EntryMeta {
     pub seq: Seq,
     /// The seq before it.
     pub prev_seq: Seq,
-    /// Its size on the wire (block data), for flow control and the journal limit.
+    /// Its size on the wire (block data), for flow control.
     pub bytes: u64,
+    /// The space it takes in the journal (data written in place takes none), for the
+    /// journal limit.
+    pub journal_bytes: u64,
     /// Host time of the entry.
     pub timestamp_ns: u64,
 }
@@ -193,6 +196,7 @@ pub struct Replicator {
     last_seq: Seq,
     /// Durable entries the peer has not acknowledged (or that were never sent).
     retained: VecDeque<EntryMeta>,
+    /// Journal bytes of the retained entries (the journal limit applies to these).
     retained_bytes: u64,
     /// Newest seq sent on this connection.
     sent_upto: Seq,
@@ -221,7 +225,7 @@ impl Replicator {
         retained: Vec<EntryMeta>,
         last_seq: Seq,
     ) -> Self {
-        let retained_bytes = retained.iter().map(|e| e.bytes).sum();
+        let retained_bytes = retained.iter().map(|e| e.journal_bytes).sum();
         let state = if persisted.role == Role::Primary && !persisted.paired {
             PairState::Simplex
         } else {
@@ -599,7 +603,7 @@ impl Replicator {
             self.out.push_back(Action::MarkBitmap(base));
             while self.retained.front().is_some_and(|e| e.seq <= base) {
                 if let Some(e) = self.retained.pop_front() {
-                    self.retained_bytes -= e.bytes;
+                    self.retained_bytes -= e.journal_bytes;
                 }
             }
         }
@@ -620,7 +624,7 @@ impl Replicator {
             return;
         }
         self.retained.push_back(e);
-        self.retained_bytes += e.bytes;
+        self.retained_bytes += e.journal_bytes;
         if self.retained_bytes > self.cfg.journal_limit {
             self.enter_bitmap();
             return;
@@ -683,7 +687,7 @@ impl Replicator {
         let mut any = false;
         while self.retained.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = self.retained.pop_front() {
-                self.retained_bytes -= e.bytes;
+                self.retained_bytes -= e.journal_bytes;
                 any = true;
             }
         }
