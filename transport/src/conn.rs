@@ -8,6 +8,8 @@
 //! [`Endpoint::accept`] never fails because of a stranger: an incoming connection that
 //! presents the wrong certificate, the wrong ALPN or garbage is logged and skipped, and
 //! the endpoint keeps listening. UDP datagrams that are not QUIC are dropped by quinn.
+//! Handshakes run concurrently (bounded, with QUIC Retry under load), so a stranger's
+//! half-open handshake does not hold up the peer's.
 //!
 //! A [`Connection`] hands out streams as a [`FrameSender`] (write half) and a
 //! [`FrameReceiver`] (read half), which carry whole messages as frames ([`crate::frame`]).
@@ -31,6 +33,8 @@ use quinn::{IdleTimeout, VarInt};
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Span;
 
 use crate::frame::{self, FrameError, HEADER_LEN, Header};
@@ -97,12 +101,90 @@ impl TransportConfig {
     }
 }
 
+/// Handshakes in progress at once on the accepting side. Only one peer can complete
+/// one; the others are strangers (scanners, misconfigured nodes, spoofed Initials), each
+/// lasting at most the idle timeout (in quinn at least three probe timeouts: about 3 s
+/// before any round trip is measured). Enough that a burst of strangers does not refuse the
+/// real peer, few enough to bound the memory and CPU they can take.
+const MAX_HANDSHAKES: usize = 64;
+/// Above this many handshakes in progress, a client whose address is not yet validated
+/// is sent a QUIC Retry first: a spoofed source address cannot answer it, so it cannot
+/// hold a handshake slot. Below it, no extra round trip for the real peer.
+const RETRY_ABOVE: usize = 4;
+/// Accepted connections waiting for [`Endpoint::accept`]; with one peer, more than a few
+/// means the caller is not accepting, and handshakes then wait (counting towards
+/// [`MAX_HANDSHAKES`]).
+const ACCEPTED_QUEUE: usize = 4;
+
 /// A QUIC endpoint that accepts from and dials to one pinned peer.
+///
+/// Incoming handshakes run concurrently in a background task (spawned by
+/// [`Endpoint::bind`], ended when the endpoint is closed or dropped), so a stranger's
+/// half-open handshake never delays the peer's.
 #[derive(Debug)]
 pub struct Endpoint {
     inner: quinn::Endpoint,
     peer: Fingerprint,
     max_frame: u32,
+    accepted: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // The task holds a handle on the quinn endpoint: stop it so the socket is released.
+        self.acceptor.abort();
+    }
+}
+
+/// Takes incoming connections, completes their handshakes concurrently, and queues the
+/// ones that succeed. Ends when the quinn endpoint is closed.
+async fn run_acceptor(endpoint: quinn::Endpoint, queue: mpsc::Sender<Connection>, max_frame: u32) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+        };
+        let addr = incoming.remote_address();
+        if handshakes.len() >= MAX_HANDSHAKES {
+            tracing::warn!(%addr, in_progress = handshakes.len(), "too many handshakes in progress; refusing");
+            incoming.refuse();
+            continue;
+        }
+        if handshakes.len() >= RETRY_ABOVE
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            tracing::debug!(%addr, "asking an unvalidated address to retry");
+            if let Err(e) = incoming.retry() {
+                // Only fails if `may_retry` was false, which was just checked.
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        let queue = queue.clone();
+        handshakes.spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "incoming connection refused or failed");
+                    return;
+                }
+            };
+            match Connection::new(conn, "in", max_frame) {
+                // An error means the endpoint is gone: the connection is dropped (closed).
+                Ok(conn) => {
+                    let _ = queue.send(conn).await;
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "incoming connection unusable"),
+            }
+        });
+    }
+    tracing::debug!("endpoint closed; acceptor ends");
 }
 
 impl Endpoint {
@@ -114,6 +196,12 @@ impl Endpoint {
         peer: Fingerprint,
         cfg: TransportConfig,
     ) -> Result<Endpoint> {
+        // Checked first: spawning the acceptor outside a runtime would panic.
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            TransportError::InvalidConfig(
+                "Endpoint::bind must be called within a Tokio runtime".into(),
+            )
+        })?;
         let transport = Arc::new(cfg.quinn()?);
 
         let server_tls = tls::server_config(identity, peer)?;
@@ -140,21 +228,20 @@ impl Endpoint {
             peer = %peer,
             "transport endpoint bound"
         );
+        let (queue, accepted) = mpsc::channel(ACCEPTED_QUEUE);
+        let acceptor = runtime.spawn(run_acceptor(inner.clone(), queue, cfg.max_frame));
         Ok(Endpoint {
             inner,
             peer,
             max_frame: cfg.max_frame,
+            accepted: tokio::sync::Mutex::new(accepted),
+            acceptor,
         })
     }
 
     /// The address the socket is bound to (with the real port if bound to port 0).
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.inner
-            .local_addr()
-            .map_err(|source| TransportError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })
+        self.inner.local_addr().map_err(TransportError::Socket)
     }
 
     /// The fingerprint this endpoint accepts.
@@ -162,8 +249,10 @@ impl Endpoint {
         self.peer
     }
 
-    /// Dials the peer at `addr`. Fails with [`TransportError::Handshake`] if it is
-    /// unreachable (after the idle timeout) or does not present the pinned certificate.
+    /// Dials the peer at `addr`. Fails with [`TransportError::Handshake`] if it does not
+    /// present the pinned certificate, or if it does not answer: after the idle timeout,
+    /// but no sooner than three probe timeouts, which before any round trip is measured
+    /// (quinn's initial RTT estimate, 333 ms) come to about 3 s.
     ///
     /// In TLS 1.3 the client's certificate is checked after the client considers the
     /// handshake done, so a server that refuses *our* certificate shows up as a
@@ -184,24 +273,9 @@ impl Endpoint {
     /// certificate, wrong ALPN, timeout) are logged and skipped. `None` once the endpoint
     /// is closed.
     ///
-    /// Handshakes are completed one at a time; each is bounded by the idle timeout, so a
-    /// stranger can delay the peer by about that much at most.
+    /// Cancel-safe; concurrent callers are served one connection each.
     pub async fn accept(&self) -> Result<Option<Connection>> {
-        loop {
-            let Some(incoming) = self.inner.accept().await else {
-                return Ok(None);
-            };
-            let addr = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => match Connection::new(conn, "in", self.max_frame) {
-                    Ok(conn) => return Ok(Some(conn)),
-                    Err(e) => tracing::warn!(%addr, error = %e, "incoming connection unusable"),
-                },
-                Err(e) => {
-                    tracing::warn!(%addr, error = %e, "incoming connection refused or failed");
-                }
-            }
-        }
+        Ok(self.accepted.lock().await.recv().await)
     }
 
     /// Closes every connection with `code` and `reason` and stops accepting; pending and
@@ -422,17 +496,18 @@ impl FrameSender {
     }
 }
 
+/// Payload bytes reserved when a header arrives; a larger payload grows the buffer as its
+/// bytes actually arrive. Most frames (acks, hellos, small entries) fit; a header alone,
+/// announcing 16 MiB on each of many streams, reserves no more than this per stream.
+const PAYLOAD_RESERVE: usize = 256 * 1024;
+
 /// Where a [`FrameReceiver`] is within the current frame.
 #[derive(Debug)]
 enum ReadState {
     /// Reading the 12-byte header; `filled` bytes of it are in `header`.
     Header { filled: usize },
-    /// Reading the payload announced by `header`; `filled` bytes of it are in `payload`.
-    Payload {
-        header: Header,
-        payload: Vec<u8>,
-        filled: usize,
-    },
+    /// Reading the payload announced by `header` into `payload`.
+    Payload { header: Header, payload: Vec<u8> },
 }
 
 /// The read half of a stream: receives frames and decodes them.
@@ -468,11 +543,11 @@ impl FrameReceiver {
                     if *filled == HEADER_LEN {
                         let header = frame::decode_header(&self.header, self.max_frame)
                             .map_err(|e| self.bad_frame(e))?;
+                        // header.len <= max_frame, a u32: fits in usize (>= 32 bits).
+                        let reserve = (header.len as usize).min(PAYLOAD_RESERVE);
                         self.state = ReadState::Payload {
                             header,
-                            // Bounded by max_frame (checked just above).
-                            payload: vec![0; header.len as usize],
-                            filled: 0,
+                            payload: Vec::with_capacity(reserve),
                         };
                         continue;
                     }
@@ -487,24 +562,29 @@ impl FrameReceiver {
                         }
                     }
                 }
-                ReadState::Payload {
-                    header,
-                    payload,
-                    filled,
-                } => {
-                    if *filled == payload.len() {
+                ReadState::Payload { header, payload } => {
+                    let expected = header.len as usize;
+                    if payload.len() == expected {
                         let header = *header;
                         let payload = std::mem::take(payload);
                         self.state = ReadState::Header { filled: 0 };
-                        tracing::trace!(parent: &self.span, stream = %self.recv.id(), kind = header.kind, len = header.len, "frame received");
+                        tracing::trace!(
+                            parent: &self.span,
+                            stream = %self.recv.id(),
+                            kind = header.kind,
+                            len = header.len,
+                            "frame received"
+                        );
                         return Ok(Some((header, payload)));
                     }
-                    match self.recv.read(&mut payload[*filled..]).await? {
-                        Some(n) => *filled += n,
+                    // Ordered, at most the rest of this frame: the next frame's bytes stay
+                    // in the stream. Cancel-safe like `read`.
+                    match self.recv.read_chunk(expected - payload.len(), true).await? {
+                        Some(chunk) => payload.extend_from_slice(&chunk.bytes),
                         None => {
                             return Err(TransportError::TruncatedFrame {
-                                received: HEADER_LEN + *filled,
-                                expected: HEADER_LEN + payload.len(),
+                                received: HEADER_LEN + payload.len(),
+                                expected: HEADER_LEN + expected,
                             });
                         }
                     }

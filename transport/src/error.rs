@@ -91,6 +91,10 @@ pub enum TransportError {
         source: io::Error,
     },
 
+    /// The bound socket could not be queried.
+    #[error("socket: {0}")]
+    Socket(#[source] io::Error),
+
     /// The endpoint refused to start a connection (closed endpoint, unusable address).
     #[error("connecting to {addr}: {source}")]
     Connect {

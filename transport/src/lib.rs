@@ -16,6 +16,29 @@
 //!
 //! The message types are the caller's: anything `Serialize`/`DeserializeOwned`, tagged
 //! with a `kind` byte that the transport carries but does not interpret.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use pairfs_transport::{Endpoint, Fingerprint, Identity, TransportConfig};
+//!
+//! let me = Identity::load("/var/lib/pairfs".as_ref())?;
+//! let peer: Fingerprint =
+//!     "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".parse()?;
+//! let endpoint = Endpoint::bind("0.0.0.0:7000".parse()?, &me, peer, TransportConfig::default())?;
+//!
+//! // The dialler; the other node calls `endpoint.accept()` and `conn.accept_bi()`.
+//! let conn = endpoint.connect("192.0.2.7:7000".parse()?).await?;
+//! let (mut send, mut recv) = conn.open_bi().await?;
+//! send.send(1, &("hello", 42u64)).await?;
+//! match recv.recv::<(String, u64)>().await {
+//!     Ok(Some((kind, reply))) => println!("kind {kind}: {reply:?}"),
+//!     Ok(None) => println!("the peer finished the stream"),
+//!     Err(pairfs_transport::TransportError::Frame(bad)) => conn.close_with_error(&bad),
+//!     Err(other) => return Err(other.into()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backoff;
 pub mod conn;

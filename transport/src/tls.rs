@@ -76,7 +76,6 @@ pub fn client_config(identity: &Identity, peer: Fingerprint) -> Result<rustls::C
 }
 
 /// The rejection reason given to rustls (and so, in the CONNECTION_CLOSE, to the peer).
-#[derive(Debug)]
 struct NotPinned {
     presented: Fingerprint,
 }
@@ -84,6 +83,13 @@ struct NotPinned {
 impl fmt::Display for NotPinned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "certificate {} is not the pinned peer", self.presented)
+    }
+}
+
+impl fmt::Debug for NotPinned {
+    /// rustls formats `CertificateError::Other` with `Debug`: make it the readable text.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
