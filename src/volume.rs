@@ -520,6 +520,21 @@ impl Volume {
             self.check_block(start + (d.len() / bs) as u64 - 1)?;
             data_blocks += d.len() / bs;
         }
+        if self.opts.retain {
+            // With a peer an entry must fit one message (PROTOCOL.md §4): seal the open
+            // entry first if this transaction would take it over the limit.
+            let limit = self.opts.max_entry_wire_bytes;
+            let tx_bytes = (tx.meta.len() + data_blocks) as u64 * bs as u64;
+            if tx_bytes > limit {
+                return Err(VolumeError::InvalidParams(format!(
+                    "a transaction of {tx_bytes} bytes exceeds the replication entry limit \
+                     of {limit} bytes"
+                )));
+            }
+            if (self.open.blocks.len() as u64 * bs as u64) + tx_bytes > limit {
+                self.seal()?;
+            }
+        }
         let bulk = data_blocks >= self.opts.inplace_min_blocks;
         let mut images: Vec<(BlockNo, Arc<[u8]>)> = tx.meta.into_iter().collect();
         let mut inplace: Vec<(BlockNo, u32, bool)> = Vec::new();
@@ -599,11 +614,7 @@ impl Volume {
         self.next_tx = TxId(id.0 + 1);
         self.stats.transactions += 1;
         let descr = self.open.blocks.len() as u64 * crate::journal::DESCRIPTOR_LEN as u64;
-        // With a peer, an entry must also fit one message on the wire, in-place data included.
-        let wire = self.open.blocks.len() as u64 * self.bs as u64;
-        if self.open.image_bytes + descr >= self.max_entry_bytes()
-            || (self.opts.retain && wire >= self.opts.max_entry_wire_bytes)
-        {
+        if self.open.image_bytes + descr >= self.max_entry_bytes() {
             self.seal()?;
         }
         Ok(id)
@@ -1391,6 +1402,32 @@ mod tests {
             inplace_min_blocks: 2,
             ..VolumeOptions::default()
         }
+    }
+
+    #[test]
+    fn retained_entries_never_exceed_the_wire_limit() {
+        let d = devs(256, 64);
+        let opts = VolumeOptions {
+            max_entry_wire_bytes: 5 * BS as u64,
+            ..retaining()
+        };
+        let mut v = open(&d, opts);
+        for i in 0..4u64 {
+            let mut tx = Transaction::new();
+            tx.write_data(100 + 2 * i, vec![1; 2 * BS], true);
+            v.commit(tx).unwrap();
+        }
+        v.sync().unwrap();
+        let metas = v.take_durable_entries();
+        let blocks: Vec<usize> = metas
+            .iter()
+            .map(|m| v.read_wire_entry(m.seq).unwrap().blocks.len())
+            .collect();
+        // Sealed before the third 2-block transaction would make 6 blocks.
+        assert_eq!(blocks, vec![4, 4]);
+        let mut tx = Transaction::new();
+        tx.write_data(120, vec![1; 6 * BS], true);
+        assert!(matches!(v.commit(tx), Err(VolumeError::InvalidParams(_))));
     }
 
     #[test]
