@@ -140,7 +140,6 @@ struct OpenEntry {
     image_bytes: u64,
     n_tx: u32,
     has_inplace: bool,
-    since: Option<Instant>,
     last_ts: u64,
     last_tx: TxId,
 }
@@ -195,6 +194,9 @@ pub struct Volume {
     cache: BlockCache,
     /// In-place writes since the normal area was last synced.
     normal_dirty: bool,
+    /// When the oldest transaction not yet durable was committed: the group commit is due
+    /// one `commit_interval` later, however many entries were sealed since.
+    unsynced_since: Option<Instant>,
     poisoned: bool,
     next_tx: TxId,
     /// Newest transaction in a sealed entry.
@@ -360,6 +362,7 @@ impl Volume {
             open: OpenEntry::default(),
             pending,
             normal_dirty: false,
+            unsynced_since: None,
             poisoned: false,
             next_tx: TxId(1),
             sealed_tx: TxId(0),
@@ -607,7 +610,7 @@ impl Volume {
             open.has_inplace = true;
         }
         open.n_tx += 1;
-        open.since.get_or_insert(now);
+        self.unsynced_since.get_or_insert(now);
         open.last_ts = now_ns();
         let id = self.next_tx;
         open.last_tx = id;
@@ -711,6 +714,7 @@ impl Volume {
         if self.durable_tx == self.sealed_tx
             && self.journal.durable_seq() == self.journal.last_seq()
         {
+            self.unsynced_since = None;
             return Ok(());
         }
         if let Err(e) = self.journal.sync() {
@@ -718,6 +722,7 @@ impl Volume {
         }
         self.stats.journal_syncs += 1;
         self.durable_tx = self.sealed_tx;
+        self.unsynced_since = None;
         Ok(())
     }
 
@@ -734,6 +739,9 @@ impl Volume {
         }
         self.stats.journal_syncs += 1;
         self.durable_tx = self.sealed_tx;
+        if self.open.blocks.is_empty() {
+            self.unsynced_since = None;
+        }
         let last = self.journal.last_seq();
         // What may leave the journal: everything checkpointed, unless replication still
         // needs it.
@@ -808,8 +816,7 @@ impl Volume {
         }
         let mut did = false;
         if self
-            .open
-            .since
+            .unsynced_since
             .is_some_and(|s| now.duration_since(s) >= self.opts.commit_interval)
         {
             self.sync()?;
@@ -841,6 +848,31 @@ impl Volume {
     /// is about to be overwritten (seed 001 §0136: the entry must still be sent with the
     /// data it had). Beyond `evacuation_limit` nothing is saved: sending that entry then
     /// fails its checksum and replication falls back to the bitmap.
+    /// Writes whole blocks into the normal area, each run of consecutive block numbers in
+    /// one write (a replicated entry or copy batch holds thousands of 4 KiB blocks).
+    fn write_blocks(
+        &mut self,
+        blocks: &[(BlockNo, &[u8])],
+        op: &'static str,
+    ) -> Result<(), VolumeError> {
+        let mut buf = Vec::new();
+        for run in block_runs(blocks, |&(b, _)| b, self.bs) {
+            let r = if let [(b, data)] = run {
+                self.normal.write_at(data, b * self.bs as u64)
+            } else {
+                buf.clear();
+                for (_, data) in run {
+                    buf.extend_from_slice(data);
+                }
+                self.normal.write_at(&buf, run[0].0 * self.bs as u64)
+            };
+            if let Err(source) = r {
+                return self.poison(VolumeError::Io { op, source });
+            }
+        }
+        Ok(())
+    }
+
     fn evacuate(&mut self, b: BlockNo) -> Result<(), VolumeError> {
         let Some(&seq) = self.inplace_refs.get(&b) else {
             return Ok(());
@@ -934,21 +966,31 @@ impl Volume {
             .journal
             .find(seq)
             .ok_or(VolumeError::EntryGone { seq })?;
-        let (info, images) = self.journal.read_entry_images(&loc)?;
+        let (info, mut images) = self.journal.read_entry_images(&loc)?;
+        // Blocks written in place: from the copy saved aside, else from the normal area,
+        // contiguous runs in one read each.
+        let mut from_disk: Vec<(usize, BlockNo)> = Vec::new();
+        for (i, (d, img)) in info.descriptors.iter().zip(images.iter_mut()).enumerate() {
+            if img.is_none() {
+                match self.evacuated.get(&(seq, d.block)) {
+                    Some(saved) => *img = Some(saved.to_vec()),
+                    None => from_disk.push((i, d.block)),
+                }
+            }
+        }
+        for run in block_runs(&from_disk, |&(_, b)| b, self.bs) {
+            let mut buf = vec![0u8; run.len() * self.bs];
+            self.normal
+                .read_at(&mut buf, run[0].1 * self.bs as u64)
+                .map_err(VolumeError::io("reading data to send"))?;
+            for (&(i, _), data) in run.iter().zip(buf.chunks_exact(self.bs)) {
+                images[i] = Some(data.to_vec());
+            }
+        }
         let mut blocks = Vec::with_capacity(info.descriptors.len());
         for (d, img) in info.descriptors.iter().zip(images) {
-            let data = match img {
-                Some(data) => data,
-                None => match self.evacuated.get(&(seq, d.block)) {
-                    Some(saved) => saved.to_vec(),
-                    None => {
-                        let mut buf = vec![0u8; self.bs];
-                        self.normal
-                            .read_at(&mut buf, d.block * self.bs as u64)
-                            .map_err(VolumeError::io("reading data to send"))?;
-                        buf
-                    }
-                },
+            let Some(data) = img else {
+                unreachable!("every in-place block was read above")
             };
             if crc32c(&data) != d.crc {
                 return Err(VolumeError::InPlaceChanged {
@@ -1012,21 +1054,18 @@ impl Volume {
         // journal so that the entry applies atomically.
         let mut images: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
         let mut inplace: Vec<(BlockNo, u32, bool)> = Vec::new();
+        let mut direct: Vec<(BlockNo, &[u8])> = Vec::new();
         for b in &e.blocks {
             if b.fresh && !self.pending.contains_key(&b.block) {
                 self.evacuate(b.block)?;
                 self.cache.remove(b.block);
-                if let Err(err) = self.normal.write_at(&b.data, b.block * self.bs as u64) {
-                    return self.poison(VolumeError::Io {
-                        op: "writing replicated data in place",
-                        source: err,
-                    });
-                }
+                direct.push((b.block, &b.data));
                 inplace.push((b.block, crc32c(&b.data), true));
             } else {
                 images.push((b.block, Arc::from(b.data.as_slice())));
             }
         }
+        self.write_blocks(&direct, "writing replicated data in place")?;
         if !inplace.is_empty() {
             self.stats.inplace_bytes += (inplace.len() * self.bs) as u64;
             // FORMAT.md §2.4 rule 2: in-place data durable before the entry naming it.
@@ -1098,15 +1137,13 @@ impl Volume {
                     b.data.len()
                 )));
             }
+        }
+        for b in blocks {
             self.pending.remove(&b.block);
             self.cache.remove(b.block);
-            if let Err(e) = self.normal.write_at(&b.data, b.block * self.bs as u64) {
-                return self.poison(VolumeError::Io {
-                    op: "writing copied blocks",
-                    source: e,
-                });
-            }
         }
+        let direct: Vec<(BlockNo, &[u8])> = blocks.iter().map(|b| (b.block, &b.data[..])).collect();
+        self.write_blocks(&direct, "writing copied blocks")?;
         self.normal_dirty = true;
         Ok(())
     }
@@ -1187,6 +1224,30 @@ impl Volume {
     pub fn checkpoint_seq(&self) -> Seq {
         self.checkpoint_seq
     }
+}
+
+/// Largest run [`block_runs`] makes, in bytes: bounds the staging buffer of one I/O.
+const MAX_RUN_BYTES: usize = 8 << 20;
+
+/// Splits `items` into runs whose block numbers (`block(item)`) follow each other, each at
+/// most [`MAX_RUN_BYTES`] of `bs`-byte blocks, so that every run is one contiguous I/O.
+fn block_runs<T>(
+    items: &[T],
+    block: impl Fn(&T) -> BlockNo,
+    bs: usize,
+) -> impl Iterator<Item = &[T]> {
+    let max = (MAX_RUN_BYTES / bs.max(1)).max(1);
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let first = block(rest.first()?);
+        let mut n = 1;
+        while n < rest.len() && n < max && block(&rest[n]).checked_sub(first) == Some(n as u64) {
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
+    })
 }
 
 #[cfg(test)]
@@ -1428,6 +1489,32 @@ mod tests {
         let mut tx = Transaction::new();
         tx.write_data(120, vec![1; 6 * BS], true);
         assert!(matches!(v.commit(tx), Err(VolumeError::InvalidParams(_))));
+    }
+
+    #[test]
+    fn the_commit_interval_counts_from_the_oldest_change_not_yet_durable() {
+        // Sustained writes seal an entry at every wire limit; the group commit must still
+        // happen one interval after the first of them, not wait for a quiet moment.
+        let d = devs(256, 64);
+        let opts = VolumeOptions {
+            max_entry_wire_bytes: 5 * BS as u64,
+            commit_interval: Duration::from_millis(200),
+            ..retaining()
+        };
+        let mut v = open(&d, opts);
+        let write = |v: &mut Volume, b: u64| {
+            let mut tx = Transaction::new();
+            tx.write_data(b, vec![1; 2 * BS], true);
+            v.commit(tx).unwrap();
+        };
+        write(&mut v, 100);
+        write(&mut v, 102);
+        std::thread::sleep(Duration::from_millis(150));
+        write(&mut v, 104); // seals the first two; a fresh open entry
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(v.maintain(Instant::now()).unwrap(), "no group commit");
+        let metas = v.take_durable_entries();
+        assert_eq!(metas.len(), 2, "everything committed 250 ms ago is durable");
     }
 
     #[test]

@@ -33,10 +33,15 @@ impl Fs {
         let itab = sb.itab_start..sb.itab_start + sb.itab_blocks;
         // Old content of the blocks that are (or were) inode-table blocks or directory
         // leaves, read before the apply (a freed leaf's entries vanish without a new image).
+        // A block the primary marked fresh was free before this entry: nothing the kernel
+        // holds came from it, so the bulk of a data write is not read back here.
         let mut old: HashMap<u64, Vec<u8>> = HashMap::new();
         self.with_volume(|v| {
             let mut buf = vec![0u8; v.block_size()];
             for b in &e.blocks {
+                if b.fresh && !itab.contains(&b.block) {
+                    continue;
+                }
                 if v.read_current(b.block, &mut buf).is_err() {
                     continue;
                 }
