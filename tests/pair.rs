@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -507,6 +508,62 @@ fn link_loss_resyncs_by_journal_then_by_bitmap() {
     sh(&format!(
         "cmp {ma}/big {mb}/big && cmp {ma}/tail {mb}/tail && diff -r --no-dereference {ma} {mb}"
     ));
+    p.b.stop();
+    p.a.stop();
+}
+
+#[test]
+fn async_writers_wait_while_the_peer_is_further_behind_than_max_lag() {
+    // A peer that stops applying but stays connected (SIGSTOP; the idle timeout is far
+    // away): once the oldest entry it has not applied is older than max_lag, writers on
+    // the primary wait for it, so what a failover could lose stays bounded.
+    let cfg = "[replication]\nmax_lag = \"1s\"\n[timeouts]\nkeepalive = \"1s\"\nidle = \"60s\"\n";
+    let mut p = pair("lag", "2G", cfg);
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    sh(&format!("echo warm > {ma}/warm"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    p.b.signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    // 64 KiB + fsync for 8 s; the seconds since t0 at which each one completed.
+    let writer = {
+        let ma = ma.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut done = Vec::new();
+            let mut f = std::fs::File::create(format!("{ma}/stream")).unwrap();
+            let mut i = 0u8;
+            while start.elapsed() < Duration::from_secs(8) {
+                f.write_all(&[i; 65536]).unwrap();
+                f.sync_all().unwrap();
+                done.push(t0.elapsed().as_secs_f64());
+                i = i.wrapping_add(1);
+            }
+            done
+        })
+    };
+    std::thread::sleep(Duration::from_secs(6));
+    p.b.signal(libc::SIGCONT);
+    let done = writer.join().unwrap();
+    let early = done.iter().filter(|&&t| t < 0.9).count();
+    let held = done.iter().filter(|&&t| (2.5..4.5).contains(&t)).count();
+    let after = done.iter().filter(|&&t| t > 6.5).count();
+    assert!(
+        early >= 5,
+        "the writer barely ran before the limit: {early} writes"
+    );
+    assert!(
+        held <= 1,
+        "{held} writes completed between 2.5 s and 4.5 s while the peer was 1.5 s+ behind (max_lag 1s)"
+    );
+    assert!(
+        after >= 5,
+        "writes did not resume once the peer did: {after}"
+    );
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    sh(&format!("cmp {ma}/stream {mb}/stream"));
     p.b.stop();
     p.a.stop();
 }

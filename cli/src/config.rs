@@ -29,6 +29,8 @@ pub(crate) struct NodeConfig {
     pub(crate) mode: Mode,
     /// Backlog kept in the journal before falling back to the bitmap.
     pub(crate) journal_limit: u64,
+    /// Async mode: how far the connected peer may fall behind before writers wait.
+    pub(crate) max_lag: Option<Duration>,
     /// Keep-alive interval.
     pub(crate) keepalive: Duration,
     /// A silent peer is declared gone after this long.
@@ -74,6 +76,7 @@ struct RawPeer {
 struct RawReplication {
     mode: Option<String>,
     journal_limit: Option<String>,
+    max_lag: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -82,6 +85,9 @@ struct RawTimeouts {
     keepalive: Option<String>,
     idle: Option<String>,
 }
+
+/// `replication.max_lag` when not set.
+const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 
 fn default_role() -> String {
     "primary".into()
@@ -177,6 +183,14 @@ impl NodeConfig {
             None => 512 << 20,
             Some(s) => field("replication.journal_limit", parse_size(&s))?,
         };
+        let max_lag = match raw.replication.max_lag.as_deref().map(str::trim) {
+            None => Some(DEFAULT_MAX_LAG),
+            Some("off") => None,
+            Some(s) => Some(field(
+                "replication.max_lag",
+                parse_duration(s).map_err(|e| format!("{e}, or `off`")),
+            )?),
+        };
         let keepalive = match raw.timeouts.keepalive {
             None => Duration::from_millis(250),
             Some(s) => field("timeouts.keepalive", parse_duration(&s))?,
@@ -198,6 +212,7 @@ impl NodeConfig {
             peer,
             mode,
             journal_limit,
+            max_lag,
             keepalive,
             idle_timeout,
         })
@@ -225,6 +240,13 @@ mod tests {
         assert_eq!(c.mode, Mode::Async);
         assert_eq!(c.peer.unwrap().address.port(), 7002);
         assert_eq!(c.idle_timeout, Duration::from_secs(1));
+        assert_eq!(c.max_lag, Some(Duration::from_secs(5)));
+        let off =
+            NodeConfig::parse(&format!("{}[replication]\nmax_lag = \"off\"\n", base())).unwrap();
+        assert_eq!(off.max_lag, None);
+        let one =
+            NodeConfig::parse(&format!("{}[replication]\nmax_lag = \"1s\"\n", base())).unwrap();
+        assert_eq!(one.max_lag, Some(Duration::from_secs(1)));
     }
 
     #[test]
@@ -250,6 +272,10 @@ mod tests {
             (
                 format!("{}[replication]\njournal_limit = \"lots\"\n", base()),
                 "field `replication.journal_limit`",
+            ),
+            (
+                format!("{}[replication]\nmax_lag = \"never\"\n", base()),
+                "field `replication.max_lag`",
             ),
             (
                 format!("{}[timeouts]\nidle = \"soon\"\n", base()),

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pairfs::repl::{
-    Action, CopyKind, Message, Mode, PersistedState, ReplConfig, Replicator, Role, Stream,
-    WireBlock,
+    Action, Backpressure, CopyKind, Message, Mode, PersistedState, ReplConfig, Replicator, Role,
+    Stream, WireBlock, WireEntry,
 };
 use pairfs::{Seq, Volume, VolumeError};
 use pairfs_fs::replica::Invalidations;
@@ -24,6 +24,7 @@ use pairfs_fs::{Fs, FsHooks};
 use pairfs_transport::{Backoff, Connection, Endpoint, Identity, TransportConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::block_in_place;
 
 use crate::config::NodeConfig;
 use crate::state::{DiffBitmap, load_state, save_state};
@@ -239,6 +240,42 @@ pub(crate) struct Shared {
     degraded: AtomicBool,
     wire_sent: AtomicU64,
     wire_received: AtomicU64,
+    /// Async mode: the backlog writers are held to (`Replicator::backpressure`), published
+    /// by the driver after every event.
+    backpressure: Mutex<Option<Backpressure>>,
+    backpressure_cv: Condvar,
+    /// A writer gave up waiting for the backlog to shrink (logged once per episode).
+    lag_warned: AtomicBool,
+}
+
+impl Shared {
+    /// Async mode: waits while the peer is further behind than `max_lag` allows (for at
+    /// most [`SYNC_WAIT_LIMIT`] per write, so a peer that stalls without disconnecting
+    /// slows writers down but does not stop them).
+    fn lag_wait(&self) {
+        let mut bp = self.backpressure.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + SYNC_WAIT_LIMIT;
+        while let Some(b) = *bp {
+            if !b.exceeded(pairfs::types::now_ns()) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if !self.lag_warned.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        lag_bytes = b.bytes,
+                        "replication: the peer stays behind the lag limit; writers go on without waiting for it"
+                    );
+                }
+                return;
+            }
+            bp = self
+                .backpressure_cv
+                .wait_timeout(bp, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
 }
 
 impl FsHooks for Shared {
@@ -248,6 +285,7 @@ impl FsHooks for Shared {
 
     fn committed(&self, fs: &Fs) {
         if !self.sync_waits.load(Ordering::Acquire) {
+            self.lag_wait();
             return;
         }
         // Sync mode: the write is acknowledged once the peer has it durably. Make it
@@ -343,6 +381,9 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         degraded: AtomicBool::new(false),
         wire_sent: AtomicU64::new(0),
         wire_received: AtomicU64::new(0),
+        backpressure: Mutex::new(None),
+        backpressure_cv: Condvar::new(),
+        lag_warned: AtomicBool::new(false),
     });
     let (block_size, blocks, volume, retained, last) = host.vol(|v| {
         (
@@ -356,6 +397,7 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
     let mut rcfg = ReplConfig::new(&cfg.name, volume, block_size, blocks);
     rcfg.mode = cfg.mode;
     rcfg.journal_limit = cfg.journal_limit;
+    rcfg.max_lag = cfg.max_lag;
     let role = st.role;
     let repl = Replicator::new(
         rcfg,
@@ -697,7 +739,8 @@ impl Driver {
         match a {
             Action::Send(m) => self.send(m).await,
             Action::SendEntry(meta) => {
-                let r = self.host.vol(|v| v.read_wire_entry(meta.seq));
+                // Disk reads and fsyncs leave the worker thread to the network tasks.
+                let r = block_in_place(|| self.host.vol(|v| v.read_wire_entry(meta.seq)));
                 match r {
                     Ok(entry) => {
                         let epoch = self.repl.persisted().epoch;
@@ -717,26 +760,11 @@ impl Driver {
             }
             Action::Apply(e) => {
                 let seq = e.seq;
-                let first_copy_end = e.blocks.is_empty();
-                if let Some(fs) = self.host.fs() {
-                    let mut inv = fs.apply_replicated(&e).context("applying an entry")?;
-                    if first_copy_end {
-                        // The end of a copy: anything may have changed underneath.
-                        fs.reload().context("reloading after a copy")?;
-                        inv.inodes = fs.referenced_inode_list();
-                        inv.inodes.push(1);
-                    }
-                    self.host.invalidate(&inv);
-                } else {
-                    self.host
-                        .vol_mut(|v| v.apply_replicated(&e))
-                        .context("applying an entry")?;
-                }
+                block_in_place(|| self.apply(&e))?;
                 self.repl.handle_applied(seq);
             }
             Action::ApplyCopy(blocks) => {
-                self.host
-                    .vol_mut(|v| v.write_copy_blocks(&blocks))
+                block_in_place(|| self.host.vol_mut(|v| v.write_copy_blocks(&blocks)))
                     .context("writing copy blocks")?;
             }
             Action::AdoptVolume(id) => {
@@ -770,6 +798,26 @@ impl Driver {
                 }
                 self.repl.handle_disconnected();
             }
+        }
+        Ok(())
+    }
+
+    /// Secondary: applies one replicated entry durably, then drops what the caches (ours
+    /// and the kernel's) hold of what it changed.
+    fn apply(&self, e: &WireEntry) -> Result<()> {
+        if let Some(fs) = self.host.fs() {
+            let mut inv = fs.apply_replicated(e).context("applying an entry")?;
+            if e.blocks.is_empty() {
+                // The end of a copy: anything may have changed underneath.
+                fs.reload().context("reloading after a copy")?;
+                inv.inodes = fs.referenced_inode_list();
+                inv.inodes.push(1);
+            }
+            self.host.invalidate(&inv);
+        } else {
+            self.host
+                .vol_mut(|v| v.apply_replicated(e))
+                .context("applying an entry")?;
         }
         Ok(())
     }
@@ -819,6 +867,19 @@ impl Driver {
         }
         if waits {
             self.shared.degraded.store(false, Ordering::Release);
+        }
+        let bp = self.repl.backpressure();
+        let mut g = self
+            .shared
+            .backpressure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *g != bp {
+            if bp.is_none() {
+                self.shared.lag_warned.store(false, Ordering::Release);
+            }
+            *g = bp;
+            self.shared.backpressure_cv.notify_all();
         }
     }
 

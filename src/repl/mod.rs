@@ -12,7 +12,7 @@ mod replicator;
 
 use serde::{Deserialize, Serialize};
 
-pub use replicator::{Action, CopyKind, EntryMeta, ReplConfig, Replicator, Status};
+pub use replicator::{Action, Backpressure, CopyKind, EntryMeta, ReplConfig, Replicator, Status};
 
 use crate::types::{Seq, VolumeId};
 

@@ -43,6 +43,11 @@ pub struct ReplConfig {
     pub resend_after: Duration,
     /// Entries a secondary buffers ahead of a gap.
     pub max_out_of_order: usize,
+    /// Async mode, streaming to a connected peer: how far (age of the oldest entry the peer
+    /// has not applied) it may fall behind before writers wait for it — the bound on what
+    /// a failover can lose while the pair is up. `None`: never wait (the lag is then bounded
+    /// only by `journal_limit`, after which the peer is resynced by bitmap).
+    pub max_lag: Option<Duration>,
 }
 
 impl ReplConfig {
@@ -60,7 +65,32 @@ impl ReplConfig {
             window_bytes: 64 << 20,
             resend_after: Duration::from_secs(2),
             max_out_of_order: 1024,
+            max_lag: Some(Duration::from_secs(5)),
         }
+    }
+}
+
+/// The backlog of an async pair that is streaming, published to the writers (see
+/// [`Replicator::backpressure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backpressure {
+    /// Commit time (host clock, ns since the Unix epoch) of the oldest entry the peer has
+    /// not applied.
+    pub oldest_ns: u64,
+    /// Bytes of entries the peer has not applied.
+    pub bytes: u64,
+    /// The lag allowed, in ns.
+    pub max_lag_ns: u64,
+    /// The backlog allowed, in bytes: half the journal limit, so that a pair that is up
+    /// never falls back to the bitmap (and out of write order) just because writes outrun
+    /// the link.
+    pub max_bytes: u64,
+}
+
+impl Backpressure {
+    /// Whether a writer must wait at `now_ns`.
+    pub fn exceeded(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.oldest_ns) > self.max_lag_ns || self.bytes > self.max_bytes
     }
 }
 
@@ -292,6 +322,30 @@ impl Replicator {
     /// (Disconnected, sync degrades to async rather than stopping the volume; status shows it.)
     pub fn sync_waits(&self) -> bool {
         self.cfg.mode == Mode::Sync && self.connected && self.state == PairState::Pair
+    }
+
+    /// Async primary streaming to its peer with `max_lag` set: the backlog writers are held
+    /// to, or `None` when they never wait (sync mode waits on every write instead; an
+    /// absent peer is covered by the journal, then the bitmap; a copy in progress is not a
+    /// backlog of entries).
+    pub fn backpressure(&self) -> Option<Backpressure> {
+        let max_lag = self.cfg.max_lag?;
+        if self.cfg.mode != Mode::Async
+            || self.persisted.role != Role::Primary
+            || !self.connected
+            || self.state != PairState::Pair
+        {
+            return None;
+        }
+        let applied = self.peer_applied();
+        let mut unacked = self.retained.iter().filter(|e| e.seq > applied);
+        let first = unacked.next()?;
+        Some(Backpressure {
+            oldest_ns: first.timestamp_ns,
+            bytes: first.bytes + unacked.map(|e| e.bytes).sum::<u64>(),
+            max_lag_ns: u64::try_from(max_lag.as_nanos()).unwrap_or(u64::MAX),
+            max_bytes: self.cfg.journal_limit / 2,
+        })
     }
 
     fn peer_applied(&self) -> Seq {
