@@ -294,6 +294,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_parse() {
+        for text in [
+            include_str!("../../examples/node-a.toml"),
+            include_str!("../../examples/node-b.toml"),
+        ] {
+            let c = NodeConfig::parse(text).unwrap();
+            assert_eq!(c.max_lag, Some(Duration::from_secs(5)));
+            assert!(c.peer.is_some());
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
