@@ -3,9 +3,11 @@
 //! Writers hand the volume whole [`Transaction`]s (the block writes of one FS operation).
 //! `commit` merges a transaction into the *open entry* (group commit: later writes of a
 //! block replace earlier ones); the open entry is *sealed* into one journal entry with its
-//! `Seq` when [`Volume::sync`] is called, when it grows past `max_entry_bytes`, or when it is
-//! older than `commit_interval` ([`Volume::maintain`]). A sealed entry is durable once the
-//! journal is synced; a crash recovers exactly a prefix of sealed entries, so every state a
+//! `Seq` when [`Volume::sync`] is called or when it grows past `max_entry_bytes` (or, with a
+//! peer, past `max_entry_wire_bytes`). Everything committed is made durable (sealed, and the
+//! journal synced) at the latest `commit_interval` after the oldest transaction not yet
+//! durable ([`Volume::maintain`]), however many entries were sealed meanwhile. A sealed
+//! entry is durable once the journal is synced; a crash recovers exactly a prefix of sealed entries, so every state a
 //! reader of the normal area can see after recovery is the state after some whole prefix of
 //! transactions (data blocks written in place excepted, see below).
 //!
