@@ -70,6 +70,43 @@ impl Allocator {
         })
     }
 
+    /// A replica's volume changed underneath: reloads just the bitmap blocks among
+    /// `changed` (a whole reload is the size of the volume: 32 MiB of bitmap per TiB, for
+    /// every applied entry). Free counts follow. A replica allocates nothing, so nothing is
+    /// pending.
+    pub(crate) fn reload_bitmap_blocks(
+        &mut self,
+        vol: &Volume,
+        sb: &Superblock,
+        changed: &[BlockNo],
+    ) -> FsResult<()> {
+        let bits_per_block = vol.block_size() * 8;
+        for &b in changed {
+            let (map, free, index) = if (sb.bbm_start..sb.bbm_start + sb.bbm_blocks).contains(&b) {
+                (&mut self.blocks, &mut self.free_blocks, b - sb.bbm_start)
+            } else if (sb.ibm_start..sb.ibm_start + sb.ibm_blocks).contains(&b) {
+                (&mut self.inodes, &mut self.free_inodes, b - sb.ibm_start)
+            } else {
+                continue;
+            };
+            let start = (index as usize)
+                .saturating_mul(bits_per_block)
+                .min(map.len());
+            let end = start.saturating_add(bits_per_block).min(map.len());
+            let data = vol.read_block(b)?;
+            let new = &data.view_bits::<Lsb0>()[..end - start];
+            let dst = &mut map[start..end];
+            *free = (*free + new.count_zeros() as u64).saturating_sub(dst.count_zeros() as u64);
+            dst.clone_from_bitslice(new);
+        }
+        if !self.blocks[..self.data_start as usize].all() {
+            return Err(FsError::corrupt(
+                "block bitmap marks metadata blocks as free",
+            ));
+        }
+        Ok(())
+    }
+
     /// Blocks free now plus those that will be once their frees are durable.
     pub(crate) fn free_blocks(&self) -> u64 {
         self.free_blocks + self.pending_blocks

@@ -855,18 +855,12 @@ impl Fs {
         f(&mut self.write_core().vol)
     }
 
-    /// After replication changed the volume underneath (a secondary): reload the in-memory
-    /// allocation state if a bitmap block was among `changed`.
+    /// After replication changed the volume underneath (a secondary): reload the bitmap
+    /// blocks among `changed` into the in-memory allocation state.
     pub fn refresh_after_apply(&self, changed: &[pairfs::BlockNo]) -> FsResult<()> {
         let mut core = self.write_core();
         let Core { vol, sb, alloc } = &mut *core;
-        if changed
-            .iter()
-            .any(|&b| b >= sb.bbm_start && b < sb.itab_start)
-        {
-            *alloc = Allocator::load(vol, sb)?;
-        }
-        Ok(())
+        alloc.reload_bitmap_blocks(vol, sb, changed)
     }
 
     /// Reloads the superblock and allocation state after the whole volume was replaced by

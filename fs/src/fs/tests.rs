@@ -267,3 +267,84 @@ fn enospc_is_clean_and_loses_nothing() {
     fs.write(C, c.ino, 0, &[1; 65536]).unwrap();
     assert_clean(&fs);
 }
+
+#[test]
+fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
+    // A primary with a retaining volume; the replica starts as a byte copy of it and then
+    // applies the primary's entries. Its in-memory allocator, patched block by block,
+    // must equal one loaded from scratch.
+    let n = Arc::new(CrashDevice::new(8192 * 4096));
+    let j = Arc::new(CrashDevice::new(256 * 4096));
+    Volume::create(&*n, &*j, VolumeId([3; 16]), 4096).unwrap();
+    let opts = VolumeOptions {
+        retain: true,
+        ..VolumeOptions::default()
+    };
+    let mut v = Volume::open(Box::new(n.clone()), Box::new(j.clone()), opts).unwrap();
+    Fs::format(&mut v, &FormatOptions { inodes: None }).unwrap();
+    let primary = Fs::open(v, FsOptions::default()).unwrap();
+    primary.sync().unwrap();
+    primary.with_volume_mut(|v| v.checkpoint()).unwrap();
+    let _ = primary.with_volume_mut(|v| v.take_durable_entries());
+    let rv = Volume::open(
+        Box::new(pairfs::MemDevice::from_bytes(
+            n.crash_point().durable_image(),
+        )),
+        Box::new(pairfs::MemDevice::from_bytes(
+            j.crash_point().durable_image(),
+        )),
+        VolumeOptions::default(),
+    )
+    .unwrap();
+    let replica = Fs::open(
+        rv,
+        FsOptions {
+            read_only: true,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
+    let before = replica.statfs();
+    let d = primary.mkdir(C, ROOT_INO, b"d", 0o755).unwrap();
+    for i in 0..60u32 {
+        let name = format!("f{i}");
+        let f = primary
+            .mknod(C, d.ino, name.as_bytes(), libc::S_IFREG | 0o644, 0)
+            .unwrap();
+        primary
+            .write(C, f.ino, 0, &vec![i as u8; 40 * 1024])
+            .unwrap();
+        if i % 3 == 0 {
+            primary.sync().unwrap(); // several entries
+        }
+    }
+    for i in (0..60u32).step_by(4) {
+        primary.unlink(d.ino, format!("f{i}").as_bytes()).unwrap();
+    }
+    primary.sync().unwrap();
+    let metas = primary.with_volume_mut(|v| v.take_durable_entries());
+    assert!(metas.len() > 10, "{} entries", metas.len());
+    for m in metas {
+        let e = primary.with_volume(|v| v.read_wire_entry(m.seq)).unwrap();
+        replica.apply_replicated(&e).unwrap();
+        let patched = replica.statfs();
+        replica.reload().unwrap();
+        let loaded = replica.statfs();
+        assert_eq!(
+            (patched.bfree, patched.ffree),
+            (loaded.bfree, loaded.ffree),
+            "after seq {}",
+            m.seq
+        );
+    }
+    let after = replica.statfs();
+    assert!(
+        after.bfree + 40 * 10 < before.bfree,
+        "{after:?} vs {before:?}"
+    );
+    assert!(after.ffree + 40 < before.ffree);
+    assert_eq!(
+        (after.bfree, after.ffree),
+        (primary.statfs().bfree, primary.statfs().ffree)
+    );
+}
