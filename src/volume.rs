@@ -537,7 +537,9 @@ impl Volume {
                 )));
             }
             if (self.open.blocks.len() as u64 * bs as u64) + tx_bytes > limit {
-                self.seal()?;
+                // A full message's worth: durable at once, since the peer can have it
+                // only then (PROTOCOL.md §5), rather than up to a commit interval later.
+                self.sync()?;
             }
         }
         let bulk = data_blocks >= self.opts.inplace_min_blocks;
@@ -1494,29 +1496,51 @@ mod tests {
     }
 
     #[test]
-    fn the_commit_interval_counts_from_the_oldest_change_not_yet_durable() {
-        // Sustained writes seal an entry at every wire limit; the group commit must still
-        // happen one interval after the first of them, not wait for a quiet moment.
+    fn with_a_peer_an_entry_sealed_at_the_wire_limit_is_durable_at_once() {
         let d = devs(256, 64);
         let opts = VolumeOptions {
             max_entry_wire_bytes: 5 * BS as u64,
-            commit_interval: Duration::from_millis(200),
             ..retaining()
+        };
+        let mut v = open(&d, opts);
+        for i in 0..3u64 {
+            let mut tx = Transaction::new();
+            tx.write_data(100 + 2 * i, vec![1; 2 * BS], true);
+            v.commit(tx).unwrap();
+        }
+        // The third transaction sealed the first two into an entry, and synced it.
+        let metas = v.take_durable_entries();
+        assert_eq!(metas.len(), 1);
+        assert_eq!(v.journal().durable_seq(), metas[0].seq);
+    }
+
+    #[test]
+    fn the_commit_interval_counts_from_the_oldest_change_not_yet_durable() {
+        // Sustained writes seal an entry whenever it is full; the group commit must still
+        // happen one interval after the first of them, not wait for a quiet moment.
+        let d = devs(256, 64);
+        let opts = VolumeOptions {
+            max_entry_bytes: 4 * BS as u64,
+            commit_interval: Duration::from_millis(200),
+            ..VolumeOptions::default()
         };
         let mut v = open(&d, opts);
         let write = |v: &mut Volume, b: u64| {
             let mut tx = Transaction::new();
-            tx.write_data(b, vec![1; 2 * BS], true);
+            tx.write_meta(b, blk(1));
+            tx.write_meta(b + 1, blk(1));
             v.commit(tx).unwrap();
         };
-        write(&mut v, 100);
-        write(&mut v, 102);
+        let start = v.journal().durable_seq();
+        write(&mut v, 10);
+        write(&mut v, 12); // full: sealed, not durable
         std::thread::sleep(Duration::from_millis(150));
-        write(&mut v, 104); // seals the first two; a fresh open entry
+        write(&mut v, 14); // a fresh open entry
         std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(v.journal().durable_seq(), start);
         assert!(v.maintain(Instant::now()).unwrap(), "no group commit");
-        let metas = v.take_durable_entries();
-        assert_eq!(metas.len(), 2, "everything committed 250 ms ago is durable");
+        assert!(v.journal().durable_seq() > start);
+        assert_eq!(v.journal().durable_seq(), v.journal().last_seq());
     }
 
     #[test]

@@ -810,11 +810,12 @@ impl Fs {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
-        let out = {
+        let (out, became_durable) = {
             let mut guard = self.write_core();
             let core = &mut *guard;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
+            let durable_seq = core.vol.journal().durable_seq();
             let out = match Self::run_tx(core, &f) {
                 // Blocks freed by transactions not yet durable: make them durable and retry.
                 Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
@@ -826,8 +827,12 @@ impl Fs {
                 r => r,
             }?;
             after(&out);
-            out
+            (out, core.vol.journal().durable_seq() > durable_seq)
         };
+        if became_durable {
+            // The volume synced on its own (an entry full for the wire, or space freed).
+            self.notify_durable();
+        }
         if let Some(h) = self.hooks.get() {
             h.committed(self);
         }
