@@ -91,58 +91,9 @@ FAILURES=0
 
 # ----------------------------------------------------------------- helpers --
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
-loud() {
-    printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
-    printf '!!! %s\n' "$@" >&2
-    printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
-}
-
-now() { date +%s.%N; }
-# secs T0 T1: elapsed seconds.  rate N SECS: N per second.
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
-rate() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.2f", n / s }'; }
-
-# Write back everything and empty the page, dentry and inode caches.  For
-# pairfs the daemon keeps running (and keeps its own caches).
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-
-# The "then sync" of the write workloads: see the header.
-sync_dir() {
-    sync
-    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd); os.close(fd)' "$1"
-}
-
-is_mounted() { awk -v m="$1" '$2 == m { found = 1 } END { exit !found }' /proc/mounts; }
-
-# wait_gone PID SECS: wait for a child process to exit; returns 1 on timeout.
-wait_gone() {
-    local pid=$1 deadline=$((SECONDS + $2))
-    while kill -0 "$pid" 2>/dev/null; do
-        ((SECONDS < deadline)) || return 1
-        sleep 0.1
-    done
-}
-
-# wait_mounted MNT PID LOG: wait up to 20 s for MNT to appear in /proc/mounts
-# while the daemon PID stays alive.
-wait_mounted() {
-    local mnt=$1 pid=$2 logf=$3 deadline=$((SECONDS + 20))
-    until is_mounted "$mnt"; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "daemon for $mnt exited before mounting; its log ($logf):"
-            tail -n 20 "$logf" >&2 || true
-            return 1
-        fi
-        if ((SECONDS >= deadline)); then
-            log "$mnt not mounted after 20 s; log ($logf):"
-            tail -n 20 "$logf" >&2 || true
-            return 1
-        fi
-        sleep 0.05
-    done
-}
+# Helpers, python bits and the foundation workloads (shared with the other script).
+# shellcheck source=tests/bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # unmount_daemon MNT PID: fusermount3 -u, wait for the daemon to exit, and
 # escalate (retry, SIGTERM, SIGKILL, lazy unmount) if it does not.  Leaves
@@ -263,124 +214,9 @@ cleanup() {
     exit "$rc"
 }
 
-# ------------------------------------------------------------ python bits --
-
-# mkfiles ROOT NDIRS NFILES SIZE: NFILES files of SIZE bytes spread over NDIRS
-# new directories, each written with open/write/close.
-PY_MKFILES='
-import os, sys
-root, ndirs, nfiles, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-buf = os.urandom(size)
-per, extra = divmod(nfiles, ndirs)
-for d in range(ndirs):
-    p = os.path.join(root, "d%04d" % d)
-    os.mkdir(p)
-    for f in range(per + (d < extra)):
-        fd = os.open(os.path.join(p, "f%06d" % f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, buf)
-        os.close(fd)
-'
-
-# lstat_tree ROOT: lstat every entry below ROOT; prints the count.
-PY_LSTAT_TREE='
-import os, sys
-n = 0
-for dirpath, dirnames, filenames in os.walk(sys.argv[1]):
-    for name in dirnames + filenames:
-        os.lstat(os.path.join(dirpath, name))
-        n += 1
-print(n)
-'
-
-# fsync_loop FILE N SIZE: N x (append SIZE bytes, fsync); prints the metrics.
-PY_FSYNC_LOOP='
-import os, sys, time
-path, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-buf = os.urandom(size)
-lat = []
-t0 = time.perf_counter()
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-for _ in range(n):
-    a = time.perf_counter()
-    if os.write(fd, buf) != size:
-        sys.exit("short write")
-    os.fsync(fd)
-    lat.append(time.perf_counter() - a)
-os.close(fd)
-t = time.perf_counter() - t0
-lat.sort()
-print("fsync ops/s %.2f" % (n / t))
-print("fsync_p50 ms %.3f" % (lat[len(lat) // 2] * 1e3))
-print("fsync_p99 ms %.3f" % (lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3))
-'
-
 # --------------------------------------------------------------- workloads --
 # Each wl_* takes the target directory, runs in a subshell with `set -e`, and
-# prints one line per metric: "NAME UNIT VALUE".
-
-wl_seqwrite() {
-    local dir=$1 t0 t1
-    drop_caches
-    t0=$(now)
-    dd if=/dev/zero of="$dir/seq.bin" bs=1M count="$SEQ_MIB" conv=fsync status=none
-    t1=$(now)
-    echo "write MiB/s $(rate "$SEQ_MIB" "$(secs "$t0" "$t1")")"
-}
-
-wl_seqread() {
-    local dir=$1 t0 t1 size
-    dd if=/dev/zero of="$dir/seq.bin" bs=1M count="$SEQ_MIB" conv=fsync status=none
-    drop_caches
-    t0=$(now)
-    dd if="$dir/seq.bin" of=/dev/null bs=1M status=none
-    t1=$(now)
-    size=$(stat -c %s "$dir/seq.bin")
-    [[ $size == $((SEQ_MIB * 1048576)) ]] || { echo "seq.bin has $size bytes" >&2; return 1; }
-    echo "read MiB/s $(rate "$SEQ_MIB" "$(secs "$t0" "$t1")")"
-}
-
-wl_smallfiles() {
-    local dir=$1 t0 t1 n
-    drop_caches
-    t0=$(now)
-    python3 -c "$PY_MKFILES" "$dir" "$SMALL_DIRS" "$SMALL_FILES" "$SMALL_SIZE"
-    sync_dir "$dir"
-    t1=$(now)
-    n=$(find "$dir" -type f | wc -l)
-    [[ $n == "$SMALL_FILES" ]] || { echo "found $n files, expected $SMALL_FILES" >&2; return 1; }
-    echo "create files/s $(rate "$SMALL_FILES" "$(secs "$t0" "$t1")")"
-}
-
-wl_untar() {
-    local dir=$1 t0 t1 n
-    drop_caches
-    cat "$TARBALL" >/dev/null # the source stays in the page cache: measure the writes only
-    t0=$(now)
-    tar xf "$TARBALL" -C "$dir"
-    sync_dir "$dir"
-    t1=$(now)
-    n=$(find "$dir" -mindepth 1 | wc -l)
-    [[ $n == "$TAR_ENTRIES" ]] || { echo "found $n entries, expected $TAR_ENTRIES" >&2; return 1; }
-    echo "extract entries/s $(rate "$TAR_ENTRIES" "$(secs "$t0" "$t1")")"
-}
-
-wl_stat() {
-    local dir=$1 t0 t1 n
-    tar xf "$TARBALL" -C "$dir"
-    sync_dir "$dir"
-    drop_caches
-    t0=$(now)
-    n=$(python3 -c "$PY_LSTAT_TREE" "$dir")
-    t1=$(now)
-    [[ $n == "$TAR_ENTRIES" ]] || { echo "walked $n entries, expected $TAR_ENTRIES" >&2; return 1; }
-    echo "lstat entries/s $(rate "$n" "$(secs "$t0" "$t1")")"
-}
-
-wl_fsync() {
-    local dir=$1
-    drop_caches
-    python3 -c "$PY_FSYNC_LOOP" "$dir/fsync.bin" "$FSYNC_OPS" "$FSYNC_SIZE"
-}
+# prints one line per metric: "NAME UNIT VALUE". The foundation ones are in lib.sh.
 
 # rss (pairfs only, on a RSS_SIZE volume): the daemon's memory after creating
 # RSS_FILES files and lstat-ing them all with cold kernel caches.  Also
