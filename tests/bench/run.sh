@@ -129,6 +129,9 @@ unmount_daemon() {
 setup_pairfs() {
     local size=${1:-$PAIRFS_SIZE}
     mkdir -p "$PAIRFS_MNT" || return 1
+    # A fresh data dir: `init --force` replaces the volume but refuses to replace a node's
+    # identity.key.
+    rm -rf "$PAIRFS_DATA"
     # shellcheck disable=SC2086 # word splitting of the *_ARGS is intended
     "$PAIRFS" init --data "$PAIRFS_DATA" --size "$size" --journal-size "$PAIRFS_JOURNAL" \
         $PAIRFS_INIT_ARGS --force >>"$LOGF" 2>&1 || { log "pairfs init failed (see $LOGF)"; return 1; }
