@@ -993,8 +993,13 @@ impl Volume {
         }
         let mut blocks = Vec::with_capacity(info.descriptors.len());
         for (d, img) in info.descriptors.iter().zip(images) {
+            // Every in-place block was filled above; were one not, it is as unreadable as
+            // a changed one (the peer is then resynced by bitmap).
             let Some(data) = img else {
-                unreachable!("every in-place block was read above")
+                return Err(VolumeError::InPlaceChanged {
+                    seq,
+                    block: d.block,
+                });
             };
             if crc32c(&data) != d.crc {
                 return Err(VolumeError::InPlaceChanged {

@@ -253,29 +253,40 @@ impl Shared {
     /// most [`SYNC_WAIT_LIMIT`] per write, so a peer that stalls without disconnecting
     /// slows writers down but does not stop them).
     fn lag_wait(&self) {
-        let mut bp = self.backpressure.lock().unwrap_or_else(|e| e.into_inner());
-        let deadline = Instant::now() + SYNC_WAIT_LIMIT;
-        while let Some(b) = *bp {
-            if !b.exceeded(pairfs::types::now_ns()) {
-                return;
+        let gave_up = wait_while(&self.backpressure, &self.backpressure_cv, |bp| {
+            bp.is_some_and(|b| b.exceeded(pairfs::types::now_ns()))
+        });
+        if let Some(b) = gave_up.flatten() {
+            if !self.lag_warned.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    lag_bytes = b.bytes,
+                    "replication: the peer stays behind the lag limit; writers go on without waiting for it"
+                );
             }
-            let now = Instant::now();
-            if now >= deadline {
-                if !self.lag_warned.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        lag_bytes = b.bytes,
-                        "replication: the peer stays behind the lag limit; writers go on without waiting for it"
-                    );
-                }
-                return;
-            }
-            bp = self
-                .backpressure_cv
-                .wait_timeout(bp, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
+}
+
+/// Waits on `cv` while `blocked` holds for the value in `m`, for at most
+/// [`SYNC_WAIT_LIMIT`]. Returns the value when it gave up, `None` when no longer blocked.
+fn wait_while<T: Copy>(
+    m: &Mutex<T>,
+    cv: &Condvar,
+    mut blocked: impl FnMut(&T) -> bool,
+) -> Option<T> {
+    let deadline = Instant::now() + SYNC_WAIT_LIMIT;
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    while blocked(&g) {
+        let now = Instant::now();
+        if now >= deadline {
+            return Some(*g);
+        }
+        g = cv
+            .wait_timeout(g, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+    None
 }
 
 impl FsHooks for Shared {
@@ -294,24 +305,14 @@ impl FsHooks for Shared {
             return;
         }
         let target = fs.with_volume(|v| v.journal().durable_seq());
-        let deadline = Instant::now() + SYNC_WAIT_LIMIT;
-        let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        while *acked < target && self.sync_waits.load(Ordering::Acquire) {
-            let now = Instant::now();
-            if now >= deadline {
-                if !self.degraded.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        seq = %target,
-                        "sync replication: the peer did not acknowledge in time; continuing degraded"
-                    );
-                }
-                return;
-            }
-            acked = self
-                .acked_cv
-                .wait_timeout(acked, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+        let gave_up = wait_while(&self.acked, &self.acked_cv, |acked| {
+            *acked < target && self.sync_waits.load(Ordering::Acquire)
+        });
+        if gave_up.is_some() && !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                seq = %target,
+                "sync replication: the peer did not acknowledge in time; continuing degraded"
+            );
         }
     }
 }

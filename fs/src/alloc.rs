@@ -53,12 +53,7 @@ impl Allocator {
     pub(crate) fn load(vol: &Volume, sb: &Superblock) -> FsResult<Allocator> {
         let blocks = load_bitmap(vol, sb.bbm_start, sb.bbm_blocks, sb.total_blocks)?;
         let inodes = load_bitmap(vol, sb.ibm_start, sb.ibm_blocks, sb.inode_count)?;
-        if !blocks[..sb.data_start as usize].all() {
-            return Err(FsError::corrupt(
-                "block bitmap marks metadata blocks as free",
-            ));
-        }
-        Ok(Allocator {
+        let a = Allocator {
             free_blocks: blocks.count_zeros() as u64,
             free_inodes: inodes.count_zeros() as u64,
             blocks,
@@ -67,7 +62,9 @@ impl Allocator {
             pending_blocks: 0,
             cursor: sb.data_start,
             data_start: sb.data_start,
-        })
+        };
+        a.check_metadata_in_use()?;
+        Ok(a)
     }
 
     /// A replica's volume changed underneath: reloads just the bitmap blocks among
@@ -99,6 +96,11 @@ impl Allocator {
             *free = (*free + new.count_zeros() as u64).saturating_sub(dst.count_zeros() as u64);
             dst.clone_from_bitslice(new);
         }
+        self.check_metadata_in_use()
+    }
+
+    /// The metadata area (superblock to `data_start`) is always marked in use.
+    fn check_metadata_in_use(&self) -> FsResult<()> {
         if !self.blocks[..self.data_start as usize].all() {
             return Err(FsError::corrupt(
                 "block bitmap marks metadata blocks as free",

@@ -337,8 +337,7 @@ impl Replicator {
         {
             return None;
         }
-        let applied = self.peer_applied();
-        let mut unacked = self.retained.iter().filter(|e| e.seq > applied);
+        let mut unacked = self.unacked();
         let first = unacked.next()?;
         Some(Backpressure {
             oldest_ns: first.timestamp_ns,
@@ -346,6 +345,12 @@ impl Replicator {
             max_lag_ns: u64::try_from(max_lag.as_nanos()).unwrap_or(u64::MAX),
             max_bytes: self.cfg.journal_limit / 2,
         })
+    }
+
+    /// Retained entries the peer has not acknowledged applied, oldest first.
+    fn unacked(&self) -> impl Iterator<Item = &EntryMeta> {
+        let applied = self.peer_applied();
+        self.retained.iter().filter(move |e| e.seq > applied)
     }
 
     fn peer_applied(&self) -> Seq {
@@ -985,11 +990,7 @@ impl Replicator {
     /// A snapshot for `pairfs status`.
     pub fn status(&self) -> Status {
         let primary = self.persisted.role == Role::Primary;
-        let unacked: Vec<&EntryMeta> = self
-            .retained
-            .iter()
-            .filter(|e| e.seq > self.peer_applied())
-            .collect();
+        let unacked: Vec<&EntryMeta> = self.unacked().collect();
         Status {
             role: self.persisted.role,
             state: self.state,
