@@ -683,3 +683,50 @@ impl PairNode {
         }
     }
 }
+
+/// A secondary started before its primary waits for its first copy before mounting; an
+/// operator's Ctrl-C or `systemctl stop` (SIGINT/SIGTERM) must stop it then too.
+#[test]
+fn a_secondary_waiting_for_its_first_copy_stops_on_sigterm() {
+    let mut p = pair("wait", "1G", "");
+    p.b.start(&[]);
+    let t = Instant::now();
+    while !p.b.log_text().contains("waiting before mounting") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the secondary did not start waiting: {}",
+            p.b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let t = Instant::now();
+        p.b.signal(sig);
+        let mut c = p.b.child.take().unwrap();
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("signal {sig}: the waiting secondary did not stop within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            st.success(),
+            "signal {sig}: exited with {st}: {}",
+            p.b.log_text()
+        );
+        assert!(!is_mounted(&p.b.mnt));
+        if sig == libc::SIGTERM {
+            p.b.start(&[]);
+            let t = Instant::now();
+            while p.b.json().is_null() {
+                assert!(t.elapsed() < Duration::from_secs(30), "{}", p.b.log_text());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}

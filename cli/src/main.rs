@@ -279,6 +279,19 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// A termination signal of `sigset` (blocked by [`block_signals`]) that is pending, taken
+/// without waiting: for loops that must stay responsive to Ctrl-C before a thread waits
+/// for the signals with `sigwait`.
+fn pending_signal(sigset: &libc::sigset_t) -> Option<libc::c_int> {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `sigset` is a valid set; a null info pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(sigset, std::ptr::null_mut(), &zero) };
+    (sig > 0).then_some(sig)
+}
+
 fn check_mount_opts(mountpoint: &Path, o: &MountOpts) -> Result<()> {
     if !(0.001..=3600.0).contains(&o.commit_interval) {
         bail!("--commit-interval must be between 0.001 and 3600 seconds");
@@ -520,6 +533,13 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
                 tracing::info!("secondary has no consistent copy yet: waiting before mounting");
                 loop {
                     std::thread::sleep(Duration::from_millis(200));
+                    if let Some(sig) = pending_signal(&sigset) {
+                        tracing::info!(signal = sig, "stopping before the first copy ended");
+                        drop(handle);
+                        host.close()?;
+                        drop(dd);
+                        return Ok(());
+                    }
                     host.maintain();
                     if let Ok(s) = node::query_status(&cfg.data) {
                         if s.role == "secondary" && !s.inconsistent && s.applied_seq > 0 {
