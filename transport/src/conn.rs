@@ -428,6 +428,7 @@ impl Connection {
             send,
             max_frame: self.max_frame,
             span: self.span.clone(),
+            buf: Vec::new(),
         }
     }
 
@@ -438,6 +439,7 @@ impl Connection {
             span: self.span.clone(),
             header: [0; HEADER_LEN],
             state: ReadState::Header { filled: 0 },
+            payload: Vec::new(),
         }
     }
 }
@@ -448,6 +450,9 @@ pub struct FrameSender {
     send: quinn::SendStream,
     max_frame: u32,
     span: Span,
+    /// The frame being written, reused from one message to the next (its capacity grows
+    /// to the largest frame sent, at most the frame limit).
+    buf: Vec<u8>,
 }
 
 impl FrameSender {
@@ -458,8 +463,10 @@ impl FrameSender {
     /// Not cancel-safe: if the future is dropped midway the stream holds part of a frame
     /// and must be reset.
     pub async fn send<M: Serialize + ?Sized>(&mut self, kind: u8, msg: &M) -> Result<()> {
-        let bytes = frame::encode(kind, msg, self.max_frame)?;
-        self.send_encoded(&bytes).await
+        frame::encode_into(kind, msg, self.max_frame, &mut self.buf)?;
+        self.send.write_all(&self.buf).await?;
+        tracing::trace!(parent: &self.span, stream = %self.send.id(), bytes = self.buf.len(), "frame sent");
+        Ok(())
     }
 
     /// Writes a frame already made by [`frame::encode`] (to encode off the async path,
@@ -506,8 +513,8 @@ const PAYLOAD_RESERVE: usize = 256 * 1024;
 enum ReadState {
     /// Reading the 12-byte header; `filled` bytes of it are in `header`.
     Header { filled: usize },
-    /// Reading the payload announced by `header` into `payload`.
-    Payload { header: Header, payload: Vec<u8> },
+    /// Reading the payload announced by `header` into the receiver's `payload`.
+    Payload { header: Header },
 }
 
 /// The read half of a stream: receives frames and decodes them.
@@ -518,6 +525,9 @@ pub struct FrameReceiver {
     span: Span,
     header: [u8; HEADER_LEN],
     state: ReadState,
+    /// The payload being read, reused from one frame to the next (its capacity grows
+    /// with the bytes that actually arrive, up to the largest frame received).
+    payload: Vec<u8>,
 }
 
 impl FrameReceiver {
@@ -526,10 +536,10 @@ impl FrameReceiver {
     ///
     /// Cancel-safe: the partial frame is kept, so this may be used in `tokio::select!`.
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<(u8, M)>> {
-        let Some((header, payload)) = self.recv_frame().await? else {
+        let Some(header) = self.next_frame().await? else {
             return Ok(None);
         };
-        let msg = frame::decode_payload(&header, &payload).map_err(|e| self.bad_frame(e))?;
+        let msg = frame::decode_payload(&header, &self.payload).map_err(|e| self.bad_frame(e))?;
         Ok(Some((header.kind, msg)))
     }
 
@@ -537,6 +547,14 @@ impl FrameReceiver {
     /// from `header.kind`, then [`frame::decode_payload`]). The header is already checked
     /// (magic, version, size); the CRC is checked by `decode_payload`. Cancel-safe.
     pub async fn recv_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>> {
+        Ok(self
+            .next_frame()
+            .await?
+            .map(|header| (header, std::mem::take(&mut self.payload))))
+    }
+
+    /// Reads the next frame: its header, with its payload in `self.payload`. Cancel-safe.
+    async fn next_frame(&mut self) -> Result<Option<Header>> {
         loop {
             match &mut self.state {
                 ReadState::Header { filled } => {
@@ -545,10 +563,9 @@ impl FrameReceiver {
                             .map_err(|e| self.bad_frame(e))?;
                         // header.len <= max_frame, a u32: fits in usize (>= 32 bits).
                         let reserve = (header.len as usize).min(PAYLOAD_RESERVE);
-                        self.state = ReadState::Payload {
-                            header,
-                            payload: Vec::with_capacity(reserve),
-                        };
+                        self.payload.clear();
+                        self.payload.reserve(reserve);
+                        self.state = ReadState::Payload { header };
                         continue;
                     }
                     match self.recv.read(&mut self.header[*filled..]).await? {
@@ -562,11 +579,10 @@ impl FrameReceiver {
                         }
                     }
                 }
-                ReadState::Payload { header, payload } => {
+                ReadState::Payload { header } => {
                     let expected = header.len as usize;
-                    if payload.len() == expected {
+                    if self.payload.len() == expected {
                         let header = *header;
-                        let payload = std::mem::take(payload);
                         self.state = ReadState::Header { filled: 0 };
                         tracing::trace!(
                             parent: &self.span,
@@ -575,15 +591,19 @@ impl FrameReceiver {
                             len = header.len,
                             "frame received"
                         );
-                        return Ok(Some((header, payload)));
+                        return Ok(Some(header));
                     }
                     // Ordered, at most the rest of this frame: the next frame's bytes stay
                     // in the stream. Cancel-safe like `read`.
-                    match self.recv.read_chunk(expected - payload.len(), true).await? {
-                        Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+                    match self
+                        .recv
+                        .read_chunk(expected - self.payload.len(), true)
+                        .await?
+                    {
+                        Some(chunk) => self.payload.extend_from_slice(&chunk.bytes),
                         None => {
                             return Err(TransportError::TruncatedFrame {
-                                received: HEADER_LEN + payload.len(),
+                                received: HEADER_LEN + self.payload.len(),
                                 expected: HEADER_LEN + expected,
                             });
                         }

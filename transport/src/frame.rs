@@ -120,6 +120,34 @@ pub fn encode<M: Serialize + ?Sized>(
     msg: &M,
     max_frame: u32,
 ) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_into(kind, msg, max_frame, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode`] into `out`, so that a sender can reuse one buffer for every frame instead
+/// of allocating (and faulting in) a fresh one per message. `out` holds exactly the frame,
+/// or nothing if the message is refused.
+pub fn encode_into<M: Serialize + ?Sized>(
+    kind: u8,
+    msg: &M,
+    max_frame: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    out.clear();
+    let r = encode_frame(kind, msg, max_frame, out);
+    if r.is_err() {
+        out.clear();
+    }
+    r
+}
+
+fn encode_frame<M: Serialize + ?Sized>(
+    kind: u8,
+    msg: &M,
+    max_frame: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let size = bincode_options(u64::MAX)
         .serialized_size(msg)
         .map_err(|e| FrameError::Encode(e.to_string()))?;
@@ -130,10 +158,10 @@ pub fn encode<M: Serialize + ?Sized>(
         });
     }
     // size <= max_frame, a u32: it fits in usize on every supported target (>= 32 bits).
-    let mut out = Vec::with_capacity(HEADER_LEN + size as usize);
+    out.reserve(HEADER_LEN + size as usize);
     out.extend_from_slice(&[0; HEADER_LEN]);
     bincode_options(size)
-        .serialize_into(&mut out, msg)
+        .serialize_into(&mut *out, msg)
         .map_err(|e| FrameError::Encode(e.to_string()))?;
     let payload = &out[HEADER_LEN..];
     // The message serialised to exactly `serialized_size` bytes unless its Serialize is
@@ -153,7 +181,7 @@ pub fn encode<M: Serialize + ?Sized>(
         crc: crc32c::crc32c(payload),
     });
     out[..HEADER_LEN].copy_from_slice(&header);
-    Ok(out)
+    Ok(())
 }
 
 /// The 12 bytes of a header (no checks: used to build frames, valid or deliberately not).
@@ -403,6 +431,21 @@ mod tests {
             prop_assert_eq!(header.kind, kind);
             prop_assert_eq!(header.len as usize, p.len());
             prop_assert_eq!(decode_payload::<Msg>(&header, p).unwrap(), msg);
+        }
+
+        /// A reused buffer (sender side) yields exactly the frame of a fresh one, whatever
+        /// it held before, and a refused message leaves nothing to send.
+        #[test]
+        fn prop_encode_into_a_reused_buffer(a in arb_msg(), b in arb_msg(), junk in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut buf = junk;
+            encode_into(1, &a, DEFAULT_MAX_FRAME, &mut buf).unwrap();
+            prop_assert_eq!(&buf, &encode(1, &a, DEFAULT_MAX_FRAME).unwrap());
+            encode_into(2, &b, DEFAULT_MAX_FRAME, &mut buf).unwrap();
+            prop_assert_eq!(&buf, &encode(2, &b, DEFAULT_MAX_FRAME).unwrap());
+            match encode_into(3, &a, 4, &mut buf) {
+                Err(_) => prop_assert!(buf.is_empty()),
+                Ok(()) => prop_assert_eq!(&buf, &encode(3, &a, 4).unwrap()),
+            }
         }
 
         #[test]
