@@ -139,18 +139,30 @@ impl Sim {
         };
         // Small limits make the bitmap fallback frequent.
         let journal_limit = [12, 60, 100_000][rng.below(3) as usize] * BS as u64;
+        Sim::with(rng, trace, mode, journal_limit, |_| {})
+    }
+
+    /// A simulation with this mode and journal limit; `tune` adjusts both nodes' config.
+    fn with(
+        rng: Rng,
+        trace: bool,
+        mode: Mode,
+        journal_limit: u64,
+        tune: impl Fn(&mut ReplConfig),
+    ) -> Sim {
+        let mut rng = rng;
+        let config = |node: &str, volume: VolumeId| {
+            let mut c = cfg(node, volume, mode, journal_limit);
+            tune(&mut c);
+            c
+        };
         let pp = PersistedState::new_primary(rng.next());
         let sp = PersistedState::new_secondary();
         Sim {
             now: Instant::now(),
             mode,
             p: Primary {
-                repl: Replicator::new(
-                    cfg("a", PVOL, mode, journal_limit),
-                    pp.clone(),
-                    vec![],
-                    Seq::NONE,
-                ),
+                repl: Replicator::new(config("a", PVOL), pp.clone(), vec![], Seq::NONE),
                 persisted: pp,
                 journal: BTreeMap::new(),
                 volume: BTreeMap::new(),
@@ -165,7 +177,7 @@ impl Sim {
             },
             s: Secondary {
                 repl: Replicator::new(
-                    cfg("b", VolumeId::default(), mode, journal_limit),
+                    config("b", VolumeId::default()),
                     sp.clone(),
                     vec![],
                     Seq::NONE,
@@ -746,4 +758,82 @@ fn simulated_pair_keeps_its_invariants() {
             c.unavailable
         );
     }
+}
+
+/// `max_lag` bounds the lag of every write, not only the oldest entry's age: once the
+/// peer's apply rate is measured, writers are held while the backlog would take longer than
+/// `max_lag` to apply, even when its oldest entry is still young — and let go once it would
+/// not.
+#[test]
+fn writers_are_held_while_the_backlog_would_take_longer_than_max_lag_to_apply() {
+    let mut sim = Sim::with(Rng(7), false, Mode::Async, 1 << 20, |c| {
+        c.max_lag = Some(Duration::from_millis(250));
+        c.window_bytes = 1 << 20;
+    });
+    sim.faults = false;
+    // A first entry: the initial copy completes when the peer has applied past it.
+    sim.p.pending.push(vec![(0, vec![9; BS])]);
+    sim.make_durable();
+    sim.connect();
+    for _ in 0..1000 {
+        if sim.p.repl.status().state == PairState::Pair {
+            break;
+        }
+        if sim.p.copy.is_some() {
+            sim.copy_step();
+        } else {
+            sim.now += Duration::from_secs(3);
+            let now = sim.now;
+            sim.p.repl.handle_timeout(now);
+            sim.run_actions();
+        }
+        sim.deliver();
+        sim.finish_apply();
+    }
+    assert_eq!(sim.p.repl.status().state, PairState::Pair);
+    let deliver_all = |sim: &mut Sim| {
+        while sim.queues.iter().flatten().any(|q| !q.is_empty()) {
+            sim.deliver();
+        }
+    };
+    deliver_all(&mut sim);
+    // Twelve one-block entries (BS bytes each) the peer applies one per 100 ms.
+    for _ in 0..12 {
+        sim.p.pending.push(vec![(1, vec![1; BS])]);
+        sim.make_durable();
+    }
+    deliver_all(&mut sim);
+    let bp = sim
+        .p
+        .repl
+        .backpressure()
+        .expect("streaming with max_lag set");
+    assert_eq!(bp.drain_rate, 0, "nothing applied yet: rate unknown");
+    assert_eq!(bp.bytes, 12 * BS as u64);
+    // Age 0 (the model's timestamps are 0): with the rate unknown, only the age counts.
+    assert!(!bp.exceeded(0));
+    assert!(bp.exceeded(300_000_000));
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        sim.now += Duration::from_millis(100);
+        sim.finish_apply();
+        deliver_all(&mut sim);
+        if let Some(bp) = sim.p.repl.backpressure() {
+            held.push((bp.bytes / BS as u64, bp.drain_rate, bp.exceeded(0)));
+        }
+    }
+    // The first ack only starts the measurement; from the second on the rate is BS per
+    // 100 ms, and the backlog of n entries takes n × 100 ms: held while n > 2.
+    let want_rate = (BS * 10) as u64;
+    for &(n, rate, exceeded) in &held[1..] {
+        assert!(
+            rate.abs_diff(want_rate) <= 1,
+            "rate {rate}, expected {want_rate}: {held:?}"
+        );
+        assert_eq!(exceeded, n > 2, "{n} entries left: {held:?}");
+    }
+    assert!(
+        held.iter().any(|h| h.2) && held.iter().any(|h| !h.2),
+        "{held:?}"
+    );
 }

@@ -44,8 +44,9 @@ pub struct ReplConfig {
     /// Entries a secondary buffers ahead of a gap.
     pub max_out_of_order: usize,
     /// Async mode, streaming to a connected peer: how far (age of the oldest entry the peer
-    /// has not applied) it may fall behind before writers wait for it — the bound on what
-    /// a failover can lose while the pair is up. `None`: never wait (the lag is then bounded
+    /// has not applied, or the time it would take to apply the backlog at its measured
+    /// rate) it may fall behind before writers wait for it — the bound on what a failover
+    /// can lose while the pair is up. `None`: never wait (the lag is then bounded
     /// only by `journal_limit`, after which the peer is resynced by bitmap).
     pub max_lag: Option<Duration>,
 }
@@ -85,12 +86,29 @@ pub struct Backpressure {
     /// never falls back to the bitmap (and out of write order) just because writes outrun
     /// the link.
     pub max_bytes: u64,
+    /// The peer's measured apply rate in bytes per second (0: not measured yet).
+    pub drain_rate: u64,
 }
 
 impl Backpressure {
-    /// Whether a writer must wait at `now_ns`.
+    /// Whether a writer must wait at `now_ns`: the oldest unapplied entry is older than
+    /// the lag allowed, or, the peer's speed being known, a write made now would wait
+    /// longer than that behind the backlog (so the lag stays within `max_lag` rather than
+    /// overshoot it by the backlog that built up while the oldest entry was young), or the
+    /// backlog outgrew its byte limit.
     pub fn exceeded(&self, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.oldest_ns) > self.max_lag_ns || self.bytes > self.max_bytes
+        now_ns.saturating_sub(self.oldest_ns) > self.max_lag_ns
+            || self.drain_ns() > self.max_lag_ns
+            || self.bytes > self.max_bytes
+    }
+
+    /// Time the peer needs to apply the backlog at its measured rate (0 if not measured).
+    pub fn drain_ns(&self) -> u64 {
+        if self.drain_rate == 0 {
+            return 0;
+        }
+        let ns = u128::from(self.bytes) * 1_000_000_000 / u128::from(self.drain_rate);
+        u64::try_from(ns).unwrap_or(u64::MAX)
     }
 }
 
@@ -232,6 +250,12 @@ pub struct Replicator {
     sent_upto: Seq,
     in_flight: u64,
     last_progress: Option<Instant>,
+    /// The peer's apply rate (bytes of entries per second), smoothed over about a second
+    /// of acks received while it had a backlog (an idle peer's acks say nothing of its
+    /// speed). `None` until measured.
+    drain_rate: Option<f64>,
+    /// When the last ack came, if the peer still had a backlog after it.
+    busy_since: Option<Instant>,
     copy: Option<CopyState>,
     copy_progress: Option<(u64, u64)>,
     copy_ids: u64,
@@ -275,6 +299,8 @@ impl Replicator {
             sent_upto: Seq::NONE,
             in_flight: 0,
             last_progress: None,
+            drain_rate: None,
+            busy_since: None,
             copy: None,
             copy_progress: None,
             copy_ids: 0,
@@ -344,7 +370,24 @@ impl Replicator {
             bytes: first.bytes + unacked.map(|e| e.bytes).sum::<u64>(),
             max_lag_ns: u64::try_from(max_lag.as_nanos()).unwrap_or(u64::MAX),
             max_bytes: self.cfg.journal_limit / 2,
+            // Saturating float-to-int conversion; a rate under 1 B/s counts as unmeasured.
+            drain_rate: self.drain_rate.map_or(0, |r| r as u64),
         })
+    }
+
+    /// Folds `bytes` applied by a busy peer in `dt` into the drain rate (exponential
+    /// smoothing with a one-second time constant).
+    fn measure_drain(&mut self, bytes: u64, dt: Duration) {
+        let secs = dt.as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        let sample = bytes as f64 / secs;
+        let weight = secs.min(1.0);
+        self.drain_rate = Some(match self.drain_rate {
+            Some(r) => r + (sample - r) * weight,
+            None => sample,
+        });
     }
 
     /// Retained entries the peer has not acknowledged applied, oldest first.
@@ -418,6 +461,7 @@ impl Replicator {
         self.peer = None;
         self.sent_upto = Seq::NONE;
         self.in_flight = 0;
+        self.busy_since = None;
         self.ooo.clear();
         self.early.clear();
         if self.persisted.role == Role::Primary {
@@ -767,9 +811,21 @@ impl Replicator {
             ));
             return;
         }
+        let before = p.applied;
         p.applied = applied;
         self.last_progress = Some(now);
+        let drained: u64 = self
+            .retained
+            .iter()
+            .filter(|e| e.seq > before && e.seq <= applied)
+            .map(|e| e.bytes)
+            .sum();
+        if let Some(t) = self.busy_since {
+            self.measure_drain(drained, now.saturating_duration_since(t));
+        }
         self.release_through(applied);
+        let backlog = self.unacked().next().is_some();
+        self.busy_since = backlog.then_some(now);
         self.in_flight = self
             .retained
             .iter()
