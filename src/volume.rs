@@ -983,12 +983,15 @@ impl Volume {
             }
         }
         for run in block_runs(&from_disk, |&(_, b)| b, self.bs) {
-            let mut buf = vec![0u8; run.len() * self.bs];
+            // Straight into each block's own buffer (no run-sized buffer to fault in and
+            // copy out of).
+            let mut bufs: Vec<Vec<u8>> = run.iter().map(|_| vec![0u8; self.bs]).collect();
+            let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
             self.normal
-                .read_at(&mut buf, run[0].1 * self.bs as u64)
+                .read_vectored_at(&mut slices, run[0].1 * self.bs as u64)
                 .map_err(VolumeError::io("reading data to send"))?;
-            for (&(i, _), data) in run.iter().zip(buf.chunks_exact(self.bs)) {
-                images[i] = Some(data.to_vec());
+            for (&(i, _), data) in run.iter().zip(bufs) {
+                images[i] = Some(data);
             }
         }
         let mut blocks = Vec::with_capacity(info.descriptors.len());
