@@ -630,10 +630,18 @@ fn status_text(s: &node::StatusReport) -> String {
     );
     let _ = writeln!(
         o,
-        "lag       {} entries · {} · {:.2} s",
+        "lag       {} entries · {} · {:.2} s{}",
         s.lag_entries,
         size::human(s.lag_bytes),
-        s.lag_seconds
+        s.lag_seconds,
+        match s.peer_apply_rate_bps {
+            Some(r) if r >= 1.0 => format!(
+                " · peer applies {}/s, backlog drains in {:.2} s",
+                size::human(r as u64),
+                s.lag_bytes as f64 / r
+            ),
+            _ => String::new(),
+        }
     );
     let _ = writeln!(
         o,

@@ -196,6 +196,8 @@ pub(crate) struct StatusReport {
     pub(crate) lag_entries: u64,
     pub(crate) lag_bytes: u64,
     pub(crate) lag_seconds: f64,
+    /// The peer's apply rate as last measured while it had a backlog (bytes/s).
+    pub(crate) peer_apply_rate_bps: Option<f64>,
     pub(crate) backlog: String,
     pub(crate) bitmap_blocks: u64,
     pub(crate) copy_sent: Option<u64>,
@@ -925,6 +927,7 @@ impl Driver {
             lag_entries: s.lag_entries,
             lag_bytes: s.lag_bytes,
             lag_seconds,
+            peer_apply_rate_bps: s.apply_rate.map(|r| r as f64),
             backlog: match s.backlog {
                 pairfs::repl::Backlog::Journal => "journal".into(),
                 pairfs::repl::Backlog::Bitmap { .. } => "bitmap".into(),

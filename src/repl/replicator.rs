@@ -204,6 +204,8 @@ pub struct Status {
     pub lag_bytes: u64,
     /// Primary: host time of the oldest unacknowledged entry.
     pub oldest_unacked_ns: Option<u64>,
+    /// Primary: the peer's measured apply rate, bytes per second (see `max_lag`).
+    pub apply_rate: Option<u64>,
     /// How the backlog is kept.
     pub backlog: Backlog,
     /// A copy is running: (blocks sent, blocks to send).
@@ -1070,6 +1072,8 @@ impl Replicator {
             } else {
                 None
             },
+            // Saturating float-to-int conversion.
+            apply_rate: self.drain_rate.filter(|_| primary).map(|r| r as u64),
             backlog: self.persisted.backlog,
             copy_progress: self.copy_progress,
             inconsistent: self.persisted.inconsistent_until.is_some(),
