@@ -30,7 +30,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== build"
 cargo build --release -p pairfs-cli --quiet
-export PAIRFS_BIN="$PWD/target/release/pairfs"
+export PAIRFS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/pairfs"
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
