@@ -822,7 +822,9 @@ impl Replicator {
             .filter(|e| e.seq > before && e.seq <= applied)
             .map(|e| e.bytes)
             .sum();
-        if let Some(t) = self.busy_since {
+        // (An ack of entries without data, such as the one recording a copy's end, says
+        // nothing of the peer's speed.)
+        if let Some(t) = self.busy_since.filter(|_| drained > 0) {
             self.measure_drain(drained, now.saturating_duration_since(t));
         }
         self.release_through(applied);
