@@ -18,6 +18,34 @@ loud() {
 
 now() { date +%s.%N; }
 
+# machine_facts BINARY: the machine, the bench directory and the pairfs build (BINARY is
+# the copy that runs; $PAIRFS names the build), as "key<TAB>value" lines on stdout.
+machine_facts() {
+    local commit
+    commit=$(git -C "$(dirname "$PAIRFS")" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ $commit != unknown ]] && ! git -C "$(dirname "$PAIRFS")" diff --quiet HEAD 2>/dev/null; then
+        commit="$commit (worktree modified)"
+    fi
+    printf 'date\t%s\n' "$(date -Iseconds)"
+    printf 'host\t%s\n' "$(hostname)"
+    printf 'kernel\t%s\n' "$(uname -r)"
+    printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+    printf 'nproc\t%s\n' "$(nproc)"
+    printf 'ram\t%s\n' "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+    printf 'disk\t%s\n' "$(df -h --output=source,fstype,size,avail "$BENCH_DIR" | tail -n 1 | tr -s ' ')"
+    printf 'mount_opts\t%s\n' "$(findmnt -no OPTIONS -T "$BENCH_DIR")"
+    printf 'bench_dir\t%s\n' "$BENCH_DIR"
+    printf 'pairfs\t%s (built %s, sha256 %.12s; repo at git %s)\n' "$PAIRFS" \
+        "$(date -r "$PAIRFS" -Iseconds)" "$(sha256sum "$1" | cut -d' ' -f1)" "$commit"
+}
+
+# show_facts: prints $FACTS for the reader of the run.
+show_facts() {
+    echo "== machine and run =="
+    awk -F'\t' '{ printf "  %-14s %s\n", $1, $2 }' "$FACTS"
+    echo
+}
+
 # secs T0 T1: elapsed seconds.  rate N SECS: N per second.
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
 

@@ -830,23 +830,8 @@ run_one() {
 }
 
 print_facts() {
-    local commit
-    commit=$(git -C "$(dirname "$PAIRFS")" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ $commit != unknown ]] && ! git -C "$(dirname "$PAIRFS")" diff --quiet HEAD 2>/dev/null; then
-        commit="$commit (worktree modified)"
-    fi
     {
-        printf 'date\t%s\n' "$(date -Iseconds)"
-        printf 'host\t%s\n' "$(hostname)"
-        printf 'kernel\t%s\n' "$(uname -r)"
-        printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
-        printf 'nproc\t%s\n' "$(nproc)"
-        printf 'ram\t%s\n' "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-        printf 'disk\t%s\n' "$(df -h --output=source,fstype,size,avail "$BENCH_DIR" | tail -n 1 | tr -s ' ')"
-        printf 'mount_opts\t%s\n' "$(findmnt -no OPTIONS -T "$BENCH_DIR")"
-        printf 'bench_dir\t%s\n' "$BENCH_DIR"
-        printf 'pairfs\t%s (built %s, sha256 %.12s; repo at git %s)\n' "$PAIRFS" \
-            "$(date -r "$PAIRFS" -Iseconds)" "$(sha256sum "$BIN" | cut -d' ' -f1)" "$commit"
+        machine_facts "$BIN"
         printf 'pairfs_nodes\tvolume %s, journal %s, journal_limit %s, init args: %s, mount args: %s, ports %s/%s\n' \
             "$PAIRFS_SIZE" "$PAIRFS_JOURNAL" "$JOURNAL_LIMIT" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}" "$PORT_A" "$PORT_B"
         if [[ $GLUSTER_OK == 1 ]]; then
@@ -862,9 +847,7 @@ print_facts() {
             "$TAR_FILES" "$TAR_BYTES" "$(($(stat -c %s "$TARBALL") / 1048576))"
         printf 'other_load\t%s\n' "$(uptime | sed 's/.*load average/load average/')"
     } >"$FACTS"
-    echo "== machine and run =="
-    awk -F'\t' '{ printf "  %-14s %s\n", $1, $2 }' "$FACTS"
-    echo
+    show_facts
 }
 
 # summarize: medians, ratios against the goals, the tables, the JSON.

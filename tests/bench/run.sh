@@ -312,23 +312,8 @@ run_one() {
 }
 
 print_facts() {
-    local commit
-    commit=$(git -C "$(dirname "$PAIRFS")" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ $commit != unknown ]] && ! git -C "$(dirname "$PAIRFS")" diff --quiet HEAD 2>/dev/null; then
-        commit="$commit (worktree modified)"
-    fi
     {
-        printf 'date\t%s\n' "$(date -Iseconds)"
-        printf 'host\t%s\n' "$(hostname)"
-        printf 'kernel\t%s\n' "$(uname -r)"
-        printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
-        printf 'nproc\t%s\n' "$(nproc)"
-        printf 'ram\t%s\n' "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-        printf 'disk\t%s\n' "$(df -h --output=source,fstype,size,avail "$BENCH_DIR" | tail -n 1 | tr -s ' ')"
-        printf 'mount_opts\t%s\n' "$(findmnt -no OPTIONS -T "$BENCH_DIR")"
-        printf 'bench_dir\t%s\n' "$BENCH_DIR"
-        printf 'pairfs\t%s (built %s, sha256 %.12s; repo at git %s)\n' "$PAIRFS" \
-            "$(date -r "$PAIRFS" -Iseconds)" "$(sha256sum "$PAIRFS" | cut -d' ' -f1)" "$commit"
+        machine_facts "$PAIRFS"
         printf 'pairfs_volume\t%s (rss: %s), journal %s, init args: %s, mount args: %s\n' \
             "$PAIRFS_SIZE" "$RSS_SIZE" "$PAIRFS_JOURNAL" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}"
         printf 'bindfs\t%s, -o %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$BINDFS_OPTS"
@@ -337,9 +322,7 @@ print_facts() {
         printf 'tarball\t%s: %s entries (%s regular files), %s MiB\n' "$TAR_SRC" "$TAR_ENTRIES" \
             "$TAR_FILES" "$(($(stat -c %s "$TARBALL") / 1048576))"
     } >"$FACTS"
-    echo "== machine and run =="
-    awk -F'\t' '{ printf "  %-14s %s\n", $1, $2 }' "$FACTS"
-    echo
+    show_facts
 }
 
 # summarize: medians, ratios, the table, summary TSV and JSON.
