@@ -1477,19 +1477,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn retained_entries_never_exceed_the_wire_limit() {
-        let d = devs(256, 64);
+    /// A retaining volume whose entries may carry 5 blocks on the wire, after `n`
+    /// transactions of 2 fresh blocks each (blocks 100, 102, …).
+    fn two_block_writes_under_a_five_block_wire_limit(d: &Devs, n: u64) -> Volume {
         let opts = VolumeOptions {
             max_entry_wire_bytes: 5 * BS as u64,
             ..retaining()
         };
-        let mut v = open(&d, opts);
-        for i in 0..4u64 {
+        let mut v = open(d, opts);
+        for i in 0..n {
             let mut tx = Transaction::new();
             tx.write_data(100 + 2 * i, vec![1; 2 * BS], true);
             v.commit(tx).unwrap();
         }
+        v
+    }
+
+    #[test]
+    fn retained_entries_never_exceed_the_wire_limit() {
+        let d = devs(256, 64);
+        let mut v = two_block_writes_under_a_five_block_wire_limit(&d, 4);
         v.sync().unwrap();
         let metas = v.take_durable_entries();
         let blocks: Vec<usize> = metas
@@ -1506,16 +1513,7 @@ mod tests {
     #[test]
     fn with_a_peer_an_entry_sealed_at_the_wire_limit_is_durable_at_once() {
         let d = devs(256, 64);
-        let opts = VolumeOptions {
-            max_entry_wire_bytes: 5 * BS as u64,
-            ..retaining()
-        };
-        let mut v = open(&d, opts);
-        for i in 0..3u64 {
-            let mut tx = Transaction::new();
-            tx.write_data(100 + 2 * i, vec![1; 2 * BS], true);
-            v.commit(tx).unwrap();
-        }
+        let mut v = two_block_writes_under_a_five_block_wire_limit(&d, 3);
         // The third transaction sealed the first two into an entry, and synced it.
         let metas = v.take_durable_entries();
         assert_eq!(metas.len(), 1);
