@@ -536,7 +536,7 @@ impl Volume {
                      of {limit} bytes"
                 )));
             }
-            if (self.open.blocks.len() as u64 * bs as u64) + tx_bytes > limit {
+            if self.open_entry_bytes() + tx_bytes > limit {
                 // A full message's worth: durable at once, since the peer can have it
                 // only then (PROTOCOL.md §5), rather than up to a commit interval later.
                 self.sync()?;
@@ -1225,6 +1225,11 @@ impl Volume {
         }
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Bytes of the open entry: committed, not yet sealed (nor sent to a peer).
+    pub fn open_entry_bytes(&self) -> u64 {
+        self.open.blocks.len() as u64 * self.bs as u64
     }
 
     /// Bytes of images held in memory (open entry + sealed, not checkpointed).

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use pairfs::repl::{
-    Action, Backlog, CopyKind, EntryMeta, Message, Mode, PairState, PersistedState, ReplConfig,
-    Replicator, Stream, WireBlock, WireEntry,
+    Action, Backlog, Backpressure, CopyKind, EntryMeta, Message, Mode, PairState, PersistedState,
+    ReplConfig, Replicator, Stream, WireBlock, WireEntry,
 };
 use pairfs::{Seq, VolumeId};
 
@@ -760,15 +760,13 @@ fn simulated_pair_keeps_its_invariants() {
     }
 }
 
-/// `max_lag` bounds the lag of every write, not only the oldest entry's age: once the
-/// peer's apply rate is measured, writers are held while the backlog would take longer than
-/// `max_lag` to apply, even when its oldest entry is still young — and let go once it would
-/// not.
-#[test]
-fn writers_are_held_while_the_backlog_would_take_longer_than_max_lag_to_apply() {
+/// An async pair streaming with `max_lag` = 400 ms, the peer having received (not yet
+/// applied) twelve one-block entries (BS bytes each).
+fn streaming_with_a_backlog_of_12() -> Sim {
     let mut sim = Sim::with(Rng(7), false, Mode::Async, 1 << 20, |c| {
-        c.max_lag = Some(Duration::from_millis(250));
+        c.max_lag = Some(Duration::from_millis(400));
         c.window_bytes = 1 << 20;
+        c.max_out_of_order = 64; // the whole backlog waits at the peer, none is resent
     });
     sim.faults = false;
     // A first entry: the initial copy completes when the peer has applied past it.
@@ -791,18 +789,37 @@ fn writers_are_held_while_the_backlog_would_take_longer_than_max_lag_to_apply() 
         sim.finish_apply();
     }
     assert_eq!(sim.p.repl.status().state, PairState::Pair);
-    let deliver_all = |sim: &mut Sim| {
-        while sim.queues.iter().flatten().any(|q| !q.is_empty()) {
-            sim.deliver();
-        }
-    };
     deliver_all(&mut sim);
-    // Twelve one-block entries (BS bytes each) the peer applies one per 100 ms.
     for _ in 0..12 {
         sim.p.pending.push(vec![(1, vec![1; BS])]);
         sim.make_durable();
     }
     deliver_all(&mut sim);
+    sim
+}
+
+fn deliver_all(sim: &mut Sim) {
+    while sim.queues.iter().flatten().any(|q| !q.is_empty()) {
+        sim.deliver();
+    }
+}
+
+/// The peer applies one entry after `dt`; returns the backpressure then (`None`: no
+/// backlog left).
+fn apply_one_after(sim: &mut Sim, dt: Duration) -> Option<Backpressure> {
+    sim.now += dt;
+    sim.finish_apply();
+    deliver_all(sim);
+    sim.p.repl.backpressure()
+}
+
+/// `max_lag` bounds the lag of every write, not only the oldest entry's age: once the
+/// peer's apply rate is measured, writers are held while the backlog (and what is
+/// committed but not sealed yet) would take longer than `max_lag` to apply, even when its
+/// oldest entry is still young — and let go once it would not.
+#[test]
+fn writers_are_held_while_the_backlog_would_take_longer_than_max_lag_to_apply() {
+    let mut sim = streaming_with_a_backlog_of_12();
     let bp = sim
         .p
         .repl
@@ -811,29 +828,64 @@ fn writers_are_held_while_the_backlog_would_take_longer_than_max_lag_to_apply() 
     assert_eq!(bp.drain_rate, 0, "nothing applied yet: rate unknown");
     assert_eq!(bp.bytes, 12 * BS as u64);
     // Age 0 (the model's timestamps are 0): with the rate unknown, only the age counts.
-    assert!(!bp.exceeded(0));
-    assert!(bp.exceeded(300_000_000));
+    assert!(!bp.exceeded(0, 0));
+    assert!(bp.exceeded(400_000_001, 0));
+    // The peer applies one entry per 100 ms.
     let mut held = Vec::new();
     for _ in 0..12 {
-        sim.now += Duration::from_millis(100);
-        sim.finish_apply();
-        deliver_all(&mut sim);
-        if let Some(bp) = sim.p.repl.backpressure() {
-            held.push((bp.bytes / BS as u64, bp.drain_rate, bp.exceeded(0)));
-        }
+        let Some(bp) = apply_one_after(&mut sim, Duration::from_millis(100)) else {
+            break;
+        };
+        held.push((
+            bp.bytes / BS as u64,
+            bp.drain_rate,
+            bp.exceeded(0, 0),
+            bp.exceeded(0, BS as u64),
+        ));
     }
-    // The first ack only starts the measurement; from the second on the rate is BS per
-    // 100 ms, and the backlog of n entries takes n × 100 ms: held while n > 2.
+    assert_eq!(held.len(), 11, "{held:?}");
+    // The first ack only starts the measurement; the first sample spans at least 250 ms
+    // of acks (three more); from then on the rate is BS per 100 ms, and a backlog of n
+    // entries takes n × 100 ms, held to 3/4 of 400 ms: held while n > 3, or n > 2 with one
+    // more block committed.
     let want_rate = (BS * 10) as u64;
-    for &(n, rate, exceeded) in &held[1..] {
+    assert!(held[..3].iter().all(|h| h.1 == 0), "{held:?}");
+    for &(n, rate, exceeded, exceeded_open) in &held[3..] {
         assert!(
             rate.abs_diff(want_rate) <= 1,
             "rate {rate}, expected {want_rate}: {held:?}"
         );
-        assert_eq!(exceeded, n > 2, "{n} entries left: {held:?}");
+        assert_eq!(exceeded, n > 3, "{n} entries left: {held:?}");
+        assert_eq!(exceeded_open, n > 2, "{n} entries left, one open: {held:?}");
     }
     assert!(
         held.iter().any(|h| h.2) && held.iter().any(|h| !h.2),
         "{held:?}"
+    );
+}
+
+/// Acks come in bursts: the rate is never estimated from less than 250 ms of them, so two
+/// entries applied 10 ms apart do not make a peer that applies one per 100 ms look ten
+/// times as fast (writers would then run far past `max_lag`).
+#[test]
+fn a_burst_of_acks_does_not_set_the_drain_rate() {
+    let mut sim = streaming_with_a_backlog_of_12();
+    let ms = Duration::from_millis;
+    apply_one_after(&mut sim, ms(100)); // starts the measurement
+    let bp = apply_one_after(&mut sim, ms(10)).expect("backlog left");
+    assert_eq!(bp.drain_rate, 0, "10 ms of acks: no estimate yet");
+    let mut rates = Vec::new();
+    for _ in 0..10 {
+        let Some(bp) = apply_one_after(&mut sim, ms(190)) else {
+            break;
+        };
+        rates.push(bp.drain_rate);
+    }
+    // True rate: BS per 100 ms over the first 200 ms, then BS per 190 ms.
+    let (fast, slow) = ((BS * 10) as u64, (BS as f64 / 0.19) as u64);
+    assert_eq!(rates[0], 0, "200 ms of acks: no estimate yet: {rates:?}");
+    assert!(
+        rates[1..].iter().all(|&r| r >= slow * 9 / 10 && r <= fast),
+        "rates {rates:?} outside [{slow}, {fast}]"
     );
 }

@@ -254,9 +254,13 @@ impl Shared {
     /// Async mode: waits while the peer is further behind than `max_lag` allows (for at
     /// most [`SYNC_WAIT_LIMIT`] per write, so a peer that stalls without disconnecting
     /// slows writers down but does not stop them).
-    fn lag_wait(&self) {
+    fn lag_wait(&self, fs: &Fs) {
         let gave_up = wait_while(&self.backpressure, &self.backpressure_cv, |bp| {
-            bp.is_some_and(|b| b.exceeded(pairfs::types::now_ns()))
+            bp.is_some_and(|b| {
+                // (Never called with the volume locked: FS hooks run after the commit.)
+                let open = fs.with_volume(|v| v.open_entry_bytes());
+                b.exceeded(pairfs::types::now_ns(), open)
+            })
         });
         if let Some(b) = gave_up.flatten() {
             if !self.lag_warned.swap(true, Ordering::AcqRel) {
@@ -298,7 +302,7 @@ impl FsHooks for Shared {
 
     fn committed(&self, fs: &Fs) {
         if !self.sync_waits.load(Ordering::Acquire) {
-            self.lag_wait();
+            self.lag_wait(fs);
             return;
         }
         // Sync mode: the write is acknowledged once the peer has it durably. Make it

@@ -19,6 +19,13 @@ use crate::types::{Seq, VolumeId};
 /// Messages kept while waiting for the peer's hello (a few replication frames can overtake
 /// it; more means the peer is not speaking the protocol).
 const MAX_EARLY: usize = 256;
+/// Busy time one sample of the peer's drain rate spans at least.
+const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
+/// The fraction of `max_lag` the predicted lag of a new write is held to (see
+/// [`Backpressure::exceeded`]).
+const LAG_TARGET: (u128, u128) = (3, 4);
+/// The backlog writers are held to while the peer's apply rate is not measured yet.
+const UNMEASURED_BACKLOG: u64 = 64 << 20;
 
 /// Static settings of a replicator.
 #[derive(Clone, Debug)]
@@ -91,23 +98,45 @@ pub struct Backpressure {
 }
 
 impl Backpressure {
-    /// Whether a writer must wait at `now_ns`: the oldest unapplied entry is older than
-    /// the lag allowed, or, the peer's speed being known, a write made now would wait
-    /// longer than that behind the backlog (so the lag stays within `max_lag` rather than
-    /// overshoot it by the backlog that built up while the oldest entry was young), or the
-    /// backlog outgrew its byte limit.
-    pub fn exceeded(&self, now_ns: u64) -> bool {
+    /// Whether a writer must wait at `now_ns`, `open_bytes` being what was committed
+    /// locally but is not in the backlog yet (the open entry, sealed within a commit
+    /// interval):
+    /// - the oldest unapplied entry is older than the lag allowed;
+    /// - the peer's speed being known, a write made now would wait longer than
+    ///   [`LAG_TARGET`] of the lag allowed behind the backlog and the open entry (so the lag
+    ///   stays within `max_lag` rather than overshoot it by what built up while the oldest
+    ///   entry was young; the rest is headroom for the peer's speed varying: a target of
+    ///   `max_lag` itself is overshot half the time);
+    /// - the speed not known yet, the backlog and the open entry hold more than
+    ///   [`UNMEASURED_BACKLOG`] (a peer slower than the writer would otherwise start
+    ///   with a backlog of `max_lag` times the writer's speed);
+    /// - or the backlog outgrew its byte limit.
+    pub fn exceeded(&self, now_ns: u64, open_bytes: u64) -> bool {
+        let ahead = self.bytes.saturating_add(open_bytes);
+        let too_slow = if self.drain_rate == 0 {
+            ahead > UNMEASURED_BACKLOG
+        } else {
+            self.drain_ns(open_bytes) > self.target_ns()
+        };
         now_ns.saturating_sub(self.oldest_ns) > self.max_lag_ns
-            || self.drain_ns() > self.max_lag_ns
+            || too_slow
             || self.bytes > self.max_bytes
     }
 
-    /// Time the peer needs to apply the backlog at its measured rate (0 if not measured).
-    pub fn drain_ns(&self) -> u64 {
+    /// The lag the writers are held to: [`LAG_TARGET`] of `max_lag`.
+    fn target_ns(&self) -> u64 {
+        let (num, den) = LAG_TARGET;
+        u64::try_from(u128::from(self.max_lag_ns) * num / den).unwrap_or(u64::MAX)
+    }
+
+    /// Time the peer needs to apply the backlog and `open_bytes` more at its measured
+    /// rate (0 if not measured).
+    pub fn drain_ns(&self, open_bytes: u64) -> u64 {
         if self.drain_rate == 0 {
             return 0;
         }
-        let ns = u128::from(self.bytes) * 1_000_000_000 / u128::from(self.drain_rate);
+        let bytes = u128::from(self.bytes) + u128::from(open_bytes);
+        let ns = bytes * 1_000_000_000 / u128::from(self.drain_rate);
         u64::try_from(ns).unwrap_or(u64::MAX)
     }
 }
@@ -256,6 +285,9 @@ pub struct Replicator {
     /// of acks received while it had a backlog (an idle peer's acks say nothing of its
     /// speed). `None` until measured.
     drain_rate: Option<f64>,
+    /// Bytes applied and busy time since the last sample of `drain_rate` (a sample spans
+    /// at least [`DRAIN_SAMPLE`]).
+    drain_acc: (u64, Duration),
     /// When the last ack came, if the peer still had a backlog after it.
     busy_since: Option<Instant>,
     copy: Option<CopyState>,
@@ -302,6 +334,7 @@ impl Replicator {
             in_flight: 0,
             last_progress: None,
             drain_rate: None,
+            drain_acc: (0, Duration::ZERO),
             busy_since: None,
             copy: None,
             copy_progress: None,
@@ -377,15 +410,23 @@ impl Replicator {
         })
     }
 
-    /// Folds `bytes` applied by a busy peer in `dt` into the drain rate (exponential
-    /// smoothing with a one-second time constant).
+    /// Counts `bytes` applied by a busy peer in `dt` towards the drain rate. Every
+    /// [`DRAIN_SAMPLE`] of busy time makes one sample, folded in by exponential smoothing
+    /// with a one-second time constant (the first sample is taken as is). Acks come in
+    /// bursts (one per entry, entries of up to 32 MiB, an apply stalled behind a disk
+    /// flush then several at once): over a single ack's interval the rate would be off by
+    /// far more than the backlog it is meant to predict.
     fn measure_drain(&mut self, bytes: u64, dt: Duration) {
-        let secs = dt.as_secs_f64();
-        if secs <= 0.0 {
+        let (b, t) = &mut self.drain_acc;
+        *b += bytes;
+        *t += dt;
+        if *t < DRAIN_SAMPLE {
             return;
         }
-        let sample = bytes as f64 / secs;
+        let secs = t.as_secs_f64();
+        let sample = *b as f64 / secs;
         let weight = secs.min(1.0);
+        self.drain_acc = (0, Duration::ZERO);
         self.drain_rate = Some(match self.drain_rate {
             Some(r) => r + (sample - r) * weight,
             None => sample,
@@ -464,6 +505,7 @@ impl Replicator {
         self.sent_upto = Seq::NONE;
         self.in_flight = 0;
         self.busy_since = None;
+        self.drain_acc = (0, Duration::ZERO);
         self.ooo.clear();
         self.early.clear();
         if self.persisted.role == Role::Primary {
@@ -1092,5 +1134,39 @@ fn message_name(m: &Message) -> &'static str {
         Message::CopyEnd { .. } => "CopyEnd",
         Message::Ack { .. } => "Ack",
         Message::Refuse { .. } => "Refuse",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bp(bytes: u64, drain_rate: u64) -> Backpressure {
+        Backpressure {
+            oldest_ns: 1_000_000_000,
+            bytes,
+            max_lag_ns: 1_000_000_000,
+            max_bytes: 1 << 40,
+            drain_rate,
+        }
+    }
+
+    #[test]
+    fn writers_are_held_to_three_quarters_of_max_lag_at_the_measured_rate() {
+        let mib = 1 << 20;
+        // 100 MiB/s: 75 MiB is the most a write may wait behind.
+        assert!(!bp(75 * mib, 100 * mib).exceeded(1_000_000_000, 0));
+        assert!(bp(75 * mib + 1, 100 * mib).exceeded(1_000_000_000, 0));
+        assert!(bp(70 * mib, 100 * mib).exceeded(1_000_000_000, 5 * mib + 1));
+        // The age bound is max_lag itself.
+        assert!(!bp(mib, 100 * mib).exceeded(2_000_000_000, 0));
+        assert!(bp(mib, 100 * mib).exceeded(2_000_000_001, 0));
+    }
+
+    #[test]
+    fn until_the_rate_is_measured_the_backlog_is_held_to_64_mib() {
+        assert!(!bp(UNMEASURED_BACKLOG, 0).exceeded(1_000_000_000, 0));
+        assert!(bp(UNMEASURED_BACKLOG, 0).exceeded(1_000_000_000, 1));
+        assert!(bp(UNMEASURED_BACKLOG + 1, 0).exceeded(1_000_000_000, 0));
     }
 }
