@@ -24,8 +24,9 @@ const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
 /// The fraction of `max_lag` the predicted lag of a new write is held to (see
 /// [`Backpressure::exceeded`]).
 const LAG_TARGET: (u128, u128) = (3, 4);
-/// The backlog writers are held to while the peer's apply rate is not measured yet.
-const UNMEASURED_BACKLOG: u64 = 64 << 20;
+/// The apply rate assumed while the peer's is not measured yet (bytes per second): about
+/// half a gigabit link. Writers are held to `max_lag` at this rate meanwhile.
+const UNMEASURED_RATE: u64 = 64 << 20;
 
 /// Static settings of a replicator.
 #[derive(Clone, Debug)]
@@ -107,14 +108,15 @@ impl Backpressure {
     ///   stays within `max_lag` rather than overshoot it by what built up while the oldest
     ///   entry was young; the rest is headroom for the peer's speed varying: a target of
     ///   `max_lag` itself is overshot half the time);
-    /// - the speed not known yet, the backlog and the open entry hold more than
-    ///   [`UNMEASURED_BACKLOG`] (a peer slower than the writer would otherwise start
-    ///   with a backlog of `max_lag` times the writer's speed);
+    /// - the speed not known yet, the backlog and the open entry hold more than `max_lag`
+    ///   at [`UNMEASURED_RATE`] (a peer slower than the writer would otherwise start with
+    ///   a backlog of `max_lag` times the writer's speed);
     /// - or the backlog outgrew its byte limit.
     pub fn exceeded(&self, now_ns: u64, open_bytes: u64) -> bool {
         let ahead = self.bytes.saturating_add(open_bytes);
         let too_slow = if self.drain_rate == 0 {
-            ahead > UNMEASURED_BACKLOG
+            u128::from(ahead) * 1_000_000_000
+                > u128::from(self.max_lag_ns) * u128::from(UNMEASURED_RATE)
         } else {
             self.drain_ns(open_bytes) > self.target_ns()
         };
@@ -1164,9 +1166,18 @@ mod tests {
     }
 
     #[test]
-    fn until_the_rate_is_measured_the_backlog_is_held_to_64_mib() {
-        assert!(!bp(UNMEASURED_BACKLOG, 0).exceeded(1_000_000_000, 0));
-        assert!(bp(UNMEASURED_BACKLOG, 0).exceeded(1_000_000_000, 1));
-        assert!(bp(UNMEASURED_BACKLOG + 1, 0).exceeded(1_000_000_000, 0));
+    fn until_the_rate_is_measured_the_backlog_is_held_to_max_lag_at_64_mib_per_s() {
+        // max_lag 1 s: 64 MiB.
+        let cap = 64 << 20;
+        assert!(!bp(cap, 0).exceeded(1_000_000_000, 0));
+        assert!(bp(cap, 0).exceeded(1_000_000_000, 1));
+        assert!(bp(cap + 1, 0).exceeded(1_000_000_000, 0));
+        // max_lag 5 s: 320 MiB.
+        let five = Backpressure {
+            max_lag_ns: 5_000_000_000,
+            ..bp(5 * cap, 0)
+        };
+        assert!(!five.exceeded(1_000_000_000, 0));
+        assert!(five.exceeded(1_000_000_000, 1));
     }
 }
