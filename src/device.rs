@@ -8,8 +8,9 @@
 //! - [`crate::crash::CrashDevice`]: keeps what was written apart from what is durable and
 //!   produces the image a crash would leave.
 //!
-//! `sync` is the only durability barrier: nothing written before it may be lost after it
-//! returns, anything written since the previous one may be.
+//! `sync` (and `sync_separately`, the same barrier through another open file) is the only
+//! durability barrier: nothing written before it may be lost after it returns, anything
+//! written since the previous one may be. `start_writeback` is a hint, not a barrier.
 
 use std::fs::File;
 use std::io;
@@ -40,6 +41,20 @@ pub trait BlockDevice: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn sync(&self) -> io::Result<()>;
+    /// The same barrier as [`sync`](Self::sync), through an open file description of its
+    /// own where the device has one: Linux reports a writeback error once per open file
+    /// description, so an error seen here is still reported to the next `sync` as well.
+    /// That lets a caller run it outside the lock that orders the other syncs (see
+    /// `Volume::flush_ahead`). The default is `sync`.
+    fn sync_separately(&self) -> io::Result<()> {
+        self.sync()
+    }
+    /// Starts writing back what was written, without waiting for it and without making
+    /// anything durable: a hint, so that a later [`sync`](Self::sync) (the barrier) finds
+    /// less left to do. The default does nothing.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Byte ranges that may hold data, as `(offset, length)`: everything else reads as
     /// zeros and was never written (sparse files). The default is the whole device.
     fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
@@ -51,22 +66,30 @@ pub trait BlockDevice: Send + Sync {
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
+    /// A second open of the same file, for [`BlockDevice::sync_separately`] (read-write
+    /// devices only).
+    flush: Option<File>,
 }
 
 impl FileDevice {
     /// Opens an existing file read-write.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
-        Ok(Self { file })
+        let rw = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+        };
+        Ok(Self {
+            file: rw()?,
+            flush: Some(rw()?),
+        })
     }
 
     /// Opens an existing file read-only: writes fail with `PermissionDenied`-like errors.
     pub fn open_read_only(path: &Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).open(path)?;
-        Ok(Self { file })
+        Ok(Self { file, flush: None })
     }
 
     /// Creates a new file (fails if it exists) of `len` bytes (sparse).
@@ -77,7 +100,11 @@ impl FileDevice {
             .create_new(true)
             .open(path)?;
         file.set_len(len)?;
-        Ok(Self { file })
+        let flush = std::fs::OpenOptions::new().write(true).open(path)?;
+        Ok(Self {
+            file,
+            flush: Some(flush),
+        })
     }
 
     /// Reserves the file's blocks on the host filesystem so that later writes cannot fail
@@ -149,6 +176,22 @@ impl BlockDevice for FileDevice {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn sync_separately(&self) -> io::Result<()> {
+        self.flush.as_ref().unwrap_or(&self.file).sync_data()
+    }
+    fn start_writeback(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // Only SYNC_FILE_RANGE_WRITE: it does not wait, so it does not collect (and so
+        // cannot hide from the next fdatasync) a writeback error.
+        // SAFETY: a plain system call on a descriptor we own; the result is checked.
+        let r = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
     fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
         use std::os::fd::AsRawFd;
@@ -262,6 +305,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
     }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        (**self).read_vectored_at(bufs, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
@@ -273,6 +319,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn sync_separately(&self) -> io::Result<()> {
+        (**self).sync_separately()
+    }
+    fn start_writeback(&self) -> io::Result<()> {
+        (**self).start_writeback()
     }
     fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
         (**self).data_ranges()

@@ -37,6 +37,16 @@ use crate::journal::{DescriptorKind, EntryBlock, Journal, JournalExpect, NewEntr
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
+/// Starts the writeback [`Volume::take_writeback`] asked for (call without the volume's
+/// lock). A failure is only logged: the next sync, the barrier, reports it.
+pub fn start_writeback(dev: Option<Arc<dyn BlockDevice>>) {
+    if let Some(d) = dev {
+        if let Err(e) = d.start_writeback() {
+            tracing::debug!(error = %e, "starting writeback of in-place data");
+        }
+    }
+}
+
 /// Tunables of a volume (policy apart from mechanism; defaults are safe).
 #[derive(Clone, Debug)]
 pub struct VolumeOptions {
@@ -184,7 +194,7 @@ pub struct RecoveryReport {
 
 /// The volume; see the module documentation.
 pub struct Volume {
-    normal: Box<dyn BlockDevice>,
+    normal: Arc<dyn BlockDevice>,
     journal: Journal,
     id: VolumeId,
     bs: usize,
@@ -196,6 +206,10 @@ pub struct Volume {
     cache: BlockCache,
     /// In-place writes since the normal area was last synced.
     normal_dirty: bool,
+    /// In-place writes since the last [`Volume::take_writeback`].
+    writeback_due: bool,
+    /// In-place writes so far (a mark for [`Volume::flush_ahead`]).
+    inplace_writes: u64,
     /// When the oldest transaction not yet durable was committed: the group commit is due
     /// one `commit_interval` later, however many entries were sealed since.
     unsynced_since: Option<Instant>,
@@ -354,7 +368,7 @@ impl Volume {
             }
         }
         Ok(Volume {
-            normal,
+            normal: Arc::from(normal),
             journal,
             id: hdr.volume_id,
             bs: bs as usize,
@@ -364,6 +378,8 @@ impl Volume {
             open: OpenEntry::default(),
             pending,
             normal_dirty: false,
+            writeback_due: false,
+            inplace_writes: 0,
             unsynced_since: None,
             poisoned: false,
             next_tx: TxId(1),
@@ -569,7 +585,7 @@ impl Volume {
                             source: e,
                         });
                     }
-                    self.normal_dirty = true;
+                    self.wrote_normal();
                     self.stats.inplace_bytes += chunk.len() as u64;
                     for (k, blk) in chunk.chunks_exact(bs).enumerate() {
                         let b = start + (i + k) as u64;
@@ -819,10 +835,7 @@ impl Volume {
             return Ok(false);
         }
         let mut did = false;
-        if self
-            .unsynced_since
-            .is_some_and(|s| now.duration_since(s) >= self.opts.commit_interval)
-        {
+        if self.commit_due(now) {
             self.sync()?;
             did = true;
         }
@@ -1156,7 +1169,7 @@ impl Volume {
         }
         let direct: Vec<(BlockNo, &[u8])> = blocks.iter().map(|b| (b.block, &b.data[..])).collect();
         self.write_blocks(&direct, "writing copied blocks")?;
-        self.normal_dirty = true;
+        self.wrote_normal();
         Ok(())
     }
 
@@ -1225,6 +1238,57 @@ impl Volume {
         }
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Data was written to the normal area that is not durable yet.
+    fn wrote_normal(&mut self) {
+        self.normal_dirty = true;
+        self.writeback_due = true;
+        self.inplace_writes += 1;
+    }
+
+    /// Whether the group commit is due at `now` (what [`Volume::maintain`] syncs for).
+    pub fn commit_due(&self, now: Instant) -> bool {
+        self.unsynced_since
+            .is_some_and(|s| now.duration_since(s) >= self.opts.commit_interval)
+    }
+
+    /// A sync, first half, for a caller that must not hold the volume's lock while the
+    /// disk flushes: if data written in place is not durable yet, the normal area's device
+    /// and a mark of the writes so far. The caller runs [`BlockDevice::sync_separately`]
+    /// on it *without* the lock (readers and writers of the filesystem go on meanwhile;
+    /// the flush of a second of sequential writes takes hundreds of milliseconds), then
+    /// hands the result to [`Volume::flushed_ahead`] before its sync or `maintain`.
+    pub fn flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
+        (self.normal_dirty && !self.poisoned && !self.opts.read_only)
+            .then(|| (self.normal.clone(), self.inplace_writes))
+    }
+
+    /// Group commit, the result of the flush [`Volume::flush_ahead`] asked for: if it
+    /// succeeded and nothing was written in place since the mark, the normal area is
+    /// durable and the seal need not sync it (FORMAT.md §2.4 rule 2 holds: that sync
+    /// returned before the entry is written); anything written since is synced by the seal
+    /// as usual. A failure poisons the volume like any failed sync.
+    pub fn flushed_ahead(&mut self, mark: u64, r: std::io::Result<()>) -> Result<(), VolumeError> {
+        if let Err(source) = r {
+            return self.poison(VolumeError::Io {
+                op: "syncing in-place data",
+                source,
+            });
+        }
+        if mark == self.inplace_writes {
+            self.normal_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The normal area's device if data was written in place since the last call: the
+    /// caller starts its writeback ([`BlockDevice::start_writeback`]) *without* the
+    /// volume's lock, so that the sync of the next group commit — made under the lock,
+    /// with every reader and writer of the filesystem waiting — finds most of it written
+    /// already. A hint only: the ordering rules rest on that sync alone.
+    pub fn take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
+        std::mem::take(&mut self.writeback_due).then(|| self.normal.clone())
     }
 
     /// Bytes of the open entry: committed, not yet sealed (nor sent to a peer).
@@ -1383,6 +1447,70 @@ mod tests {
         assert_eq!(buf[0], 104, "in-place data durable with its entry");
         r.read_data(120, &mut buf).unwrap();
         assert_eq!(buf[0], 120);
+    }
+
+    /// A bulk transaction of 8 in-place blocks from `start`, each filled with `v`.
+    fn bulk(v: &mut Volume, start: BlockNo, fill: u8) {
+        let mut tx = Transaction::new();
+        tx.write_data(start, vec![fill; 8 * BS], true);
+        v.commit(tx).unwrap();
+    }
+
+    fn first_byte_after_crash(d: &Devs, b: BlockNo) -> u8 {
+        let mut buf = vec![0u8; BS];
+        crash_open(d).read_data(b, &mut buf).unwrap();
+        buf[0]
+    }
+
+    #[test]
+    fn after_a_flush_ahead_the_seal_does_not_sync_the_data_again() {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        bulk(&mut v, 100, 7);
+        let (dev, mark) = v.flush_ahead().expect("in-place data not durable");
+        // (The lock is not held here in production.)
+        v.flushed_ahead(mark, dev.sync_separately()).unwrap();
+        assert!(v.flush_ahead().is_none(), "nothing left to flush");
+        let before = v.stats().normal_syncs;
+        v.sync().unwrap();
+        assert_eq!(
+            v.stats().normal_syncs,
+            before,
+            "the seal synced the data again"
+        );
+        assert_eq!(first_byte_after_crash(&d, 103), 7);
+    }
+
+    #[test]
+    fn data_written_during_a_flush_ahead_is_synced_by_the_seal() {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        bulk(&mut v, 100, 7);
+        let (dev, mark) = v.flush_ahead().unwrap();
+        let r = dev.sync_separately();
+        bulk(&mut v, 120, 9); // a writer got the lock while the flush ran
+        v.flushed_ahead(mark, r).unwrap();
+        v.sync().unwrap();
+        assert_eq!(first_byte_after_crash(&d, 103), 7);
+        assert_eq!(
+            first_byte_after_crash(&d, 125),
+            9,
+            "an entry is durable but data it names is not"
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_ahead_poisons_the_volume() {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        bulk(&mut v, 100, 7);
+        let (_, mark) = v.flush_ahead().unwrap();
+        let err = v.flushed_ahead(mark, Err(std::io::Error::other("EIO")));
+        assert!(matches!(err, Err(VolumeError::Io { .. })), "{err:?}");
+        assert!(v.is_poisoned());
+        let mut tx = Transaction::new();
+        tx.write_meta(5, blk(5));
+        assert!(v.commit(tx).is_err(), "a poisoned volume took a commit");
     }
 
     #[test]

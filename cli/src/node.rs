@@ -106,6 +106,7 @@ impl Host {
         if self.fs.get().is_some() {
             return;
         }
+        pairfs::volume::start_writeback(self.vol_mut(|v| v.take_writeback()));
         let did = self.vol_mut(|v| v.maintain(Instant::now()));
         match did {
             Ok(true) => {

@@ -1598,14 +1598,48 @@ impl Fs {
         if self.opts.read_only {
             return Ok(()); // nothing to make durable: changes come by replication
         }
+        let flushed = self.flush_unlocked(|_| true);
         {
             let mut core = self.write_core();
+            if let Some((mark, r)) = flushed {
+                core.vol.flushed_ahead(mark, r)?;
+            }
             core.vol.sync()?;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
         }
         self.notify_durable();
         Ok(())
+    }
+
+    /// The first half of a sync, without the lock (`Volume::flush_ahead`): if `due`,
+    /// flushes the data written in place so far, again while writers added more during
+    /// the flush (a few rounds: each flushes what came during the last, so the sync under
+    /// the lock is left with little). Returns what `Volume::flushed_ahead` takes.
+    fn flush_unlocked(
+        &self,
+        due: impl FnOnce(&Volume) -> bool,
+    ) -> Option<(u64, std::io::Result<()>)> {
+        const ROUNDS: usize = 4;
+        if !due(&self.read_core().vol) {
+            return None;
+        }
+        let mut last: Option<(u64, std::io::Result<()>)> = None;
+        for _ in 0..ROUNDS {
+            let Some((dev, mark)) = self.read_core().vol.flush_ahead() else {
+                break;
+            };
+            if last.as_ref().is_some_and(|(m, _)| *m == mark) {
+                break; // nothing written since the last round
+            }
+            let r = dev.sync_separately();
+            let failed = r.is_err();
+            last = Some((mark, r));
+            if failed {
+                break;
+            }
+        }
+        last
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -1643,9 +1677,18 @@ impl Fs {
 
     /// Periodic work (group commit timer, checkpoints); call about every 100 ms.
     pub fn maintain(&self) -> FsResult<()> {
+        let now = Instant::now();
+        // Without the lock: data written in place starts its way to the disk, and a due
+        // group commit's flush of it runs while the filesystem goes on serving.
+        let writeback = self.write_core().vol.take_writeback();
+        pairfs::volume::start_writeback(writeback);
+        let flushed = self.flush_unlocked(|v| v.commit_due(now));
         let did = {
             let mut core = self.write_core();
-            let did = core.vol.maintain(Instant::now())?;
+            if let Some((mark, r)) = flushed {
+                core.vol.flushed_ahead(mark, r)?;
+            }
+            let did = core.vol.maintain(now)?;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
             did
