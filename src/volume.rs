@@ -1282,13 +1282,15 @@ impl Volume {
         Ok(())
     }
 
-    /// The normal area's device if data was written in place since the last call: the
+    /// The normal area's device if data was written in place since the last call and is
+    /// not synced yet: the
     /// caller starts its writeback ([`BlockDevice::start_writeback`]) *without* the
     /// volume's lock, so that the sync of the next group commit — made under the lock,
     /// with every reader and writer of the filesystem waiting — finds most of it written
     /// already. A hint only: the ordering rules rest on that sync alone.
     pub fn take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
-        std::mem::take(&mut self.writeback_due).then(|| self.normal.clone())
+        // (Not when a sync came since: sync mode syncs every write itself.)
+        (std::mem::take(&mut self.writeback_due) && self.normal_dirty).then(|| self.normal.clone())
     }
 
     /// Bytes of the open entry: committed, not yet sealed (nor sent to a peer).
