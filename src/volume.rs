@@ -206,10 +206,10 @@ pub struct Volume {
     cache: BlockCache,
     /// In-place writes since the normal area was last synced.
     normal_dirty: bool,
-    /// In-place writes since the last [`Volume::take_writeback`].
-    writeback_due: bool,
     /// In-place writes so far (a mark for [`Volume::flush_ahead`]).
     inplace_writes: u64,
+    /// `inplace_writes` at the last [`Volume::take_writeback`].
+    writeback_mark: u64,
     /// When the oldest transaction not yet durable was committed: the group commit is due
     /// one `commit_interval` later, however many entries were sealed since.
     unsynced_since: Option<Instant>,
@@ -378,8 +378,8 @@ impl Volume {
             open: OpenEntry::default(),
             pending,
             normal_dirty: false,
-            writeback_due: false,
             inplace_writes: 0,
+            writeback_mark: 0,
             unsynced_since: None,
             poisoned: false,
             next_tx: TxId(1),
@@ -1243,7 +1243,6 @@ impl Volume {
     /// Data was written to the normal area that is not durable yet.
     fn wrote_normal(&mut self) {
         self.normal_dirty = true;
-        self.writeback_due = true;
         self.inplace_writes += 1;
     }
 
@@ -1290,7 +1289,9 @@ impl Volume {
     /// already. A hint only: the ordering rules rest on that sync alone.
     pub fn take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
         // (Not when a sync came since: sync mode syncs every write itself.)
-        (std::mem::take(&mut self.writeback_due) && self.normal_dirty).then(|| self.normal.clone())
+        let new =
+            std::mem::replace(&mut self.writeback_mark, self.inplace_writes) != self.inplace_writes;
+        (new && self.normal_dirty).then(|| self.normal.clone())
     }
 
     /// Bytes of the open entry: committed, not yet sealed (nor sent to a peer).
@@ -1458,6 +1459,14 @@ mod tests {
         v.commit(tx).unwrap();
     }
 
+    /// A volume with blocks 100..108 (filled with 7) written in place, not synced.
+    fn with_unsynced_bulk() -> (Devs, Volume) {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        bulk(&mut v, 100, 7);
+        (d, v)
+    }
+
     fn first_byte_after_crash(d: &Devs, b: BlockNo) -> u8 {
         let mut buf = vec![0u8; BS];
         crash_open(d).read_data(b, &mut buf).unwrap();
@@ -1466,9 +1475,7 @@ mod tests {
 
     #[test]
     fn after_a_flush_ahead_the_seal_does_not_sync_the_data_again() {
-        let d = devs(256, 64);
-        let mut v = open(&d, VolumeOptions::default());
-        bulk(&mut v, 100, 7);
+        let (d, mut v) = with_unsynced_bulk();
         let (dev, mark) = v.flush_ahead().expect("in-place data not durable");
         // (The lock is not held here in production.)
         v.flushed_ahead(mark, dev.sync_separately()).unwrap();
@@ -1485,9 +1492,7 @@ mod tests {
 
     #[test]
     fn data_written_during_a_flush_ahead_is_synced_by_the_seal() {
-        let d = devs(256, 64);
-        let mut v = open(&d, VolumeOptions::default());
-        bulk(&mut v, 100, 7);
+        let (d, mut v) = with_unsynced_bulk();
         let (dev, mark) = v.flush_ahead().unwrap();
         let r = dev.sync_separately();
         bulk(&mut v, 120, 9); // a writer got the lock while the flush ran
@@ -1503,9 +1508,7 @@ mod tests {
 
     #[test]
     fn a_failed_flush_ahead_poisons_the_volume() {
-        let d = devs(256, 64);
-        let mut v = open(&d, VolumeOptions::default());
-        bulk(&mut v, 100, 7);
+        let (_d, mut v) = with_unsynced_bulk();
         let (_, mark) = v.flush_ahead().unwrap();
         let err = v.flushed_ahead(mark, Err(std::io::Error::other("EIO")));
         assert!(matches!(err, Err(VolumeError::Io { .. })), "{err:?}");

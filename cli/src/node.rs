@@ -106,8 +106,8 @@ impl Host {
         if self.fs.get().is_some() {
             return;
         }
-        pairfs::volume::start_writeback(self.vol_mut(|v| v.take_writeback()));
-        let did = self.vol_mut(|v| v.maintain(Instant::now()));
+        let (did, writeback) = self.vol_mut(|v| (v.maintain(Instant::now()), v.take_writeback()));
+        pairfs::volume::start_writeback(writeback);
         match did {
             Ok(true) => {
                 if let Some(s) = self.shared.get() {

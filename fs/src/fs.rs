@@ -1678,12 +1678,10 @@ impl Fs {
     /// Periodic work (group commit timer, checkpoints); call about every 100 ms.
     pub fn maintain(&self) -> FsResult<()> {
         let now = Instant::now();
-        // Without the lock: data written in place starts its way to the disk, and a due
-        // group commit's flush of it runs while the filesystem goes on serving.
-        let writeback = self.write_core().vol.take_writeback();
-        pairfs::volume::start_writeback(writeback);
+        // Without the lock: a due group commit's flush of the data written in place runs
+        // while the filesystem goes on serving.
         let flushed = self.flush_unlocked(|v| v.commit_due(now));
-        let did = {
+        let (did, writeback) = {
             let mut core = self.write_core();
             if let Some((mark, r)) = flushed {
                 core.vol.flushed_ahead(mark, r)?;
@@ -1691,8 +1689,10 @@ impl Fs {
             let did = core.vol.maintain(now)?;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
-            did
+            (did, core.vol.take_writeback())
         };
+        // Data written in place and still not durable starts its way to the disk.
+        pairfs::volume::start_writeback(writeback);
         if did {
             self.notify_durable();
         }
