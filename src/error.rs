@@ -64,6 +64,12 @@ pub enum JournalError {
         /// The newest seq in the journal.
         last: Seq,
     },
+    /// An entry's seq is not below the durable reservation: `Journal::reserve` first.
+    #[error("journal entry seq {seq} is not reserved yet")]
+    NotReserved {
+        /// The seq.
+        seq: Seq,
+    },
     /// A retained entry read back for replay or streaming fails its checks.
     #[error("journal entry seq {seq} at offset {offset} is unreadable: {reason}")]
     BadEntry {

@@ -32,6 +32,11 @@ pub const DESCRIPTOR_LEN: usize = 16;
 /// a seq to be issued twice while costing one extra header write per million entries.
 pub const SEQ_RESERVE_STEP: u64 = 1 << 20;
 
+/// Entry flag (header offset 6, FORMAT.md §2.2): the entry's IN_PLACE data was written
+/// to the normal area but not necessarily made durable before the entry itself was
+/// written; recovery checks that data before it trusts the entry (FORMAT.md §2.3).
+pub const FLAG_DATA_UNSYNCED: u16 = 1;
+
 const HEADER_MAGIC: &[u8; 8] = b"PAIRFSJ\0";
 const ENTRY_MAGIC: u32 = 0x454A_4650;
 const VERSION: u32 = 1;
@@ -174,6 +179,8 @@ pub struct EntryInfo {
     pub n_tx: u32,
     /// Newest seq known durable when it was written.
     pub durable_seq: Seq,
+    /// Its flags ([`FLAG_DATA_UNSYNCED`]).
+    pub flags: u16,
     /// Byte offset in the journal file.
     pub offset: u64,
     /// Length in bytes (multiple of the block size).
@@ -219,6 +226,8 @@ pub struct NewEntry<'a> {
     pub timestamp_ns: u64,
     /// Number of FS transactions merged into it.
     pub n_tx: u32,
+    /// Its flags ([`FLAG_DATA_UNSYNCED`]).
+    pub flags: u16,
     /// Its blocks, each block at most once.
     pub blocks: &'a [(BlockNo, EntryBlock<'a>)],
 }
@@ -442,7 +451,11 @@ impl Journal {
 
     /// After an unclean close: fails if some entry proves that an entry after `last` was
     /// durable (so the end of the chain is corruption, not a torn write).
-    fn check_no_durable_successor(&self, last: Seq, reason: &str) -> Result<(), JournalError> {
+    pub(crate) fn check_no_durable_successor(
+        &self,
+        last: Seq,
+        reason: &str,
+    ) -> Result<(), JournalError> {
         let bs = self.hdr.bs();
         let cap = self.hdr.capacity;
         let mut off = bs;
@@ -486,6 +499,7 @@ impl Journal {
             return Err("entry of another volume".into());
         }
         Ok(RawHeader {
+            flags: get_u16(h, 6),
             seq: Seq(get_u64(h, 8)),
             prev_seq: Seq(get_u64(h, 16)),
             timestamp_ns: get_u64(h, 24),
@@ -526,6 +540,9 @@ impl Journal {
         if raw.mount_gen < min_gen || raw.mount_gen > self.hdr.mount_gen {
             return Err("stale entry".into());
         }
+        if raw.flags & !FLAG_DATA_UNSYNCED != 0 {
+            return Err(format!("unknown entry flags {:#x}", raw.flags));
+        }
         let n = raw.n_blocks as u64;
         // Bound before multiplying: a block can appear at most once per entry.
         if n > self.hdr.normal_blocks || n > cap / DESCRIPTOR_LEN as u64 {
@@ -546,13 +563,17 @@ impl Journal {
         if crc32c(&buf[ENTRY_HEADER_LEN..dend]) != raw.descr_crc {
             return Err("descriptor checksum mismatch".into());
         }
-        let mut descriptors = Vec::with_capacity(n as usize);
+        let mut descriptors: Vec<Descriptor> = Vec::with_capacity(n as usize);
         let mut images = 0u64;
         for i in 0..n as usize {
             let d = &buf[ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN..][..DESCRIPTOR_LEN];
             let block = get_u64(d, 0);
             if block >= self.hdr.normal_blocks {
                 return Err(format!("block {block} outside the volume"));
+            }
+            // Descriptors are in block order, each block once (FORMAT.md §2.2).
+            if descriptors.last().is_some_and(|p| p.block >= block) {
+                return Err(format!("block {block} out of order or named twice"));
             }
             let kind = match d[8] {
                 1 => DescriptorKind::Image,
@@ -588,6 +609,7 @@ impl Journal {
             mount_gen: raw.mount_gen,
             n_tx: raw.n_tx,
             durable_seq: raw.durable_seq,
+            flags: raw.flags,
             offset: pos,
             total_len: raw.total_len,
             descriptors,
@@ -714,11 +736,19 @@ impl Journal {
                 });
             }
         };
-        let offset = self.place(total_len)?;
-        if seq >= self.hdr.seq_reserved {
-            let reserve = Seq(seq.0 + SEQ_RESERVE_STEP);
-            self.update_header(|h| h.seq_reserved = reserve)?;
+        if self.needs_reservation(seq) {
+            // The caller reserves first (`reserve`): that header write syncs the journal,
+            // which the volume must precede with a sync of the normal area.
+            return Err(JournalError::NotReserved { seq });
         }
+        if e.blocks.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(JournalError::BadEntry {
+                seq,
+                offset: self.head,
+                reason: "blocks not in strictly increasing order".into(),
+            });
+        }
+        let offset = self.place(total_len)?;
         let prev_seq = self.last_seq;
         let mut buf = vec![0u8; total_len as usize];
         let images_start = EntryInfo::images_start(e.blocks.len(), bs) as usize;
@@ -751,6 +781,7 @@ impl Journal {
         let h = &mut buf[..ENTRY_HEADER_LEN];
         put_u32(h, 0, ENTRY_MAGIC);
         put_u16(h, 4, VERSION as u16);
+        put_u16(h, 6, e.flags);
         put_u64(h, 8, seq.0);
         put_u64(h, 16, prev_seq.0);
         put_u64(h, 24, e.timestamp_ns);
@@ -780,6 +811,21 @@ impl Journal {
         self.next = self.next.max(seq.next());
         self.unsynced = true;
         Ok(loc)
+    }
+
+    /// Whether an entry with this seq (`None`: the next one) needs [`Journal::reserve`]
+    /// first: seqs are issued only below the header's durable reservation.
+    pub fn needs_reservation(&self, seq: impl Into<Option<Seq>>) -> bool {
+        seq.into().unwrap_or(self.next) >= self.hdr.seq_reserved
+    }
+
+    /// Raises the seq reservation past `seq` (`None`: the next one), durably: a header
+    /// write and a sync of the journal, which also makes every entry written so far
+    /// durable.
+    pub fn reserve(&mut self, seq: impl Into<Option<Seq>>) -> Result<(), JournalError> {
+        let seq = seq.into().unwrap_or(self.next);
+        let reserve = Seq(seq.0 + SEQ_RESERVE_STEP);
+        self.update_header(|h| h.seq_reserved = h.seq_reserved.max(reserve))
     }
 
     /// Makes every written entry durable.
@@ -813,6 +859,43 @@ impl Journal {
         self.durable_seq = self.last_seq;
         self.hdr = h;
         self.next_slot ^= 1;
+        Ok(())
+    }
+
+    /// Recovery found that `entries[keep]` (and so every entry after it) was never durable
+    /// although it scanned as valid (FORMAT.md §2.3, data written in place lost): forgets
+    /// them, so that the next entry follows `entries[keep - 1]`, and with `invalidate`
+    /// overwrites the first block of `entries[keep]` with zeros, so that no later scan can
+    /// take it for a successor again (durable with the next header write).
+    pub(crate) fn drop_tail(
+        &mut self,
+        entries: &[EntryInfo],
+        keep: usize,
+        invalidate: bool,
+    ) -> Result<(), JournalError> {
+        let Some(first) = entries.get(keep) else {
+            return Ok(());
+        };
+        while self.retained.back().is_some_and(|e| e.seq >= first.seq) {
+            self.retained.pop_back();
+        }
+        match keep.checked_sub(1).and_then(|i| entries.get(i)) {
+            Some(p) => {
+                self.head = p.offset + p.total_len;
+                self.last_seq = p.seq;
+            }
+            None => {
+                self.head = self.hdr.tail_offset;
+                self.last_seq = self.hdr.tail_prev_seq;
+            }
+        }
+        self.durable_seq = self.last_seq;
+        if invalidate {
+            self.dev
+                .write_at(&vec![0u8; self.hdr.bs() as usize], first.offset)
+                .map_err(JournalError::io("invalidating a lost journal entry"))?;
+            self.unsynced = true;
+        }
         Ok(())
     }
 
@@ -921,6 +1004,7 @@ impl Journal {
 }
 
 struct RawHeader {
+    flags: u16,
     seq: Seq,
     prev_seq: Seq,
     timestamp_ns: u64,
@@ -970,6 +1054,7 @@ mod tests {
             seq: None,
             timestamp_ns: 42,
             n_tx: 1,
+            flags: 0,
             blocks: &bl,
         })
         .unwrap()
@@ -1072,6 +1157,7 @@ mod tests {
                 seq: None,
                 timestamp_ns: 1,
                 n_tx: 1,
+                flags: 0,
                 blocks: &bl,
             })
             .unwrap_err();
@@ -1083,6 +1169,7 @@ mod tests {
                 seq: None,
                 timestamp_ns: 1,
                 n_tx: 1,
+                flags: 0,
                 blocks: &bl,
             })
             .unwrap_err();

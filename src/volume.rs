@@ -11,13 +11,16 @@
 //! reader of the normal area can see after recovery is the state after some whole prefix of
 //! transactions (data blocks written in place excepted, see below).
 //!
-//! **Where a block's new content goes.** Metadata blocks and small data writes travel as
-//! IMAGEs in the journal and reach the normal area at the next checkpoint. A transaction
-//! writing at least `inplace_min_blocks` data blocks writes them straight into the normal
-//! area (IN_PLACE; the entry keeps only their checksums), so bulk file data is written once
-//! (seed 001 §0136; FORMAT.md §2.4 for the ordering rules this relies on). Like ext4's
-//! `data=ordered`, a crash may then leave newer data in blocks that a file already owned;
-//! metadata is always consistent.
+//! **Where a block's new content goes.** Metadata blocks, small data writes and every
+//! overwrite of a block the state before the transaction uses travel as IMAGEs in the
+//! journal and reach the normal area at the next checkpoint. A transaction writing at least
+//! `inplace_min_blocks` data blocks that were *free* before it (newly allocated) writes
+//! them straight into the normal area (IN_PLACE; the entry keeps only their checksums), so
+//! bulk file data is written once (seed 001 §0136; FORMAT.md §2.4 for the ordering rules
+//! this relies on). Nothing any committed state references is ever changed before the
+//! entry that changes it is durable: after any crash the normal area (every block in use)
+//! is exactly the state after the recovered prefix of entries, which is what lets a
+//! replica equal its primary block for block.
 //!
 //! **Reads** resolve a block in the order of DESIGN §3: the open entry's images, the images
 //! of sealed entries not yet checkpointed (`pending`), the clean cache, the normal area.
@@ -33,7 +36,9 @@ use std::time::{Duration, Instant};
 use crate::cache::BlockCache;
 use crate::device::BlockDevice;
 use crate::error::VolumeError;
-use crate::journal::{DescriptorKind, EntryBlock, Journal, JournalExpect, NewEntry};
+use crate::journal::{
+    DescriptorKind, EntryBlock, EntryInfo, FLAG_DATA_UNSYNCED, Journal, JournalExpect, NewEntry,
+};
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
@@ -73,6 +78,9 @@ pub struct VolumeOptions {
     /// With `retain`: seal the open entry when its blocks (in-place data included) reach
     /// this many bytes, so that one entry is one message on the wire.
     pub max_entry_wire_bytes: u64,
+    /// Checkpoint when entries since the last checkpoint hold this many bytes written in
+    /// place: bounds what recovery reads to check that data (FORMAT.md §2.3).
+    pub checkpoint_inplace_bytes: u64,
 }
 
 impl Default for VolumeOptions {
@@ -96,9 +104,10 @@ impl Default for VolumeOptions {
             // 64 MiB: overwrites of data the peer has not acknowledged yet are rare with a
             // responsive peer; a slow one falls back to the bitmap rather than use memory.
             evacuation_limit: 64 << 20,
-            // 32 MiB: a normal-area sync per 32 MiB of bulk data costs little, and the
-            // peer buffers one such message at a time.
-            max_entry_wire_bytes: 32 << 20,
+            max_entry_wire_bytes: crate::repl::MAX_ENTRY_WIRE_BYTES,
+            // 128 MiB: a checkpoint (two syncs) per 128 MiB of bulk data costs nothing
+            // measurable, and recovery then reads at most that much to check it.
+            checkpoint_inplace_bytes: 128 << 20,
         }
     }
 }
@@ -186,6 +195,9 @@ pub struct RecoveryReport {
     pub entries_replayed: usize,
     /// Blocks written back from images.
     pub blocks_replayed: usize,
+    /// Entries that scanned as valid but whose data written in place did not reach the
+    /// disk before a crash: never durable, dropped (FORMAT.md §2.3).
+    pub entries_dropped: usize,
     /// Seq of the newest valid entry.
     pub last_seq: Seq,
     /// The previous session did not close cleanly.
@@ -228,6 +240,10 @@ pub struct Volume {
     reported_durable: Seq,
     /// With `retain`: for blocks held IN_PLACE by a retained entry, the newest such seq.
     inplace_refs: HashMap<BlockNo, Seq>,
+    /// Blocks held IN_PLACE by sealed entries after the last checkpoint, and the seq of
+    /// that entry. Such a block is never written in place again before the next
+    /// checkpoint (FORMAT.md §2.4 rule 2): recovery checks its content against the entry.
+    inplace_since_checkpoint: HashMap<BlockNo, Seq>,
     /// Content of such blocks saved before an overwrite, by (entry seq, block).
     evacuated: HashMap<(Seq, BlockNo), Arc<[u8]>>,
     evacuated_bytes: u64,
@@ -292,7 +308,7 @@ impl Volume {
                 format!("block size {bs} is invalid"),
             )));
         }
-        let (mut journal, entries) = Journal::open(
+        let (mut journal, mut entries) = Journal::open(
             journal_dev,
             JournalExpect {
                 block_size: bs,
@@ -300,8 +316,26 @@ impl Volume {
             },
         )?;
         let hdr = journal.header().clone();
+        let keep = entries_with_their_data(&*normal, bs as usize, &entries, hdr.checkpoint_seq)?;
+        let dropped = entries.len() - keep;
+        if dropped > 0 {
+            let first = entries[keep].seq;
+            let before = keep
+                .checked_sub(1)
+                .map_or(hdr.tail_prev_seq, |i| entries[i].seq);
+            let reason = format!("data written in place by entry seq {first} is not on disk");
+            journal.check_no_durable_successor(before, &reason)?;
+            tracing::warn!(
+                first = %first,
+                entries = dropped,
+                "journal entries written before a crash whose data never reached the disk; dropped"
+            );
+            journal.drop_tail(&entries, keep, !opts.read_only)?;
+            entries.truncate(keep);
+        }
         let mut recovery = RecoveryReport {
             entries_found: entries.len(),
+            entries_dropped: dropped,
             unclean: !hdr.clean,
             last_seq: journal.last_seq(),
             ..RecoveryReport::default()
@@ -391,6 +425,7 @@ impl Volume {
             release_limit: Seq::NONE,
             reported_durable: last,
             inplace_refs,
+            inplace_since_checkpoint: HashMap::new(),
             evacuated: HashMap::new(),
             evacuated_bytes: 0,
             copying: false,
@@ -565,8 +600,8 @@ impl Volume {
             let n = d.len() / bs;
             let mut i = 0;
             while i < n {
-                // FORMAT.md §2.4 rule 2: never in place over an image a crash could replay.
-                let eligible = |k: usize| bulk && !self.pending.contains_key(&(start + k as u64));
+                let eligible =
+                    |k: usize| bulk && *fresh && self.may_write_in_place(start + k as u64);
                 let here = eligible(i);
                 let mut j = i + 1;
                 while j < n && eligible(j) == here {
@@ -652,23 +687,22 @@ impl Volume {
             .max(self.bs as u64)
     }
 
-    /// Seals the open entry into a journal entry (written, not yet durable).
+    /// FORMAT.md §2.4 rule 2: a block that was free before a transaction may be written in
+    /// place, unless a crash could then replay an older image over it (an image of it is
+    /// pending) or recovery could no longer check the entry that wrote it in place last
+    /// (that entry is after the last checkpoint).
+    fn may_write_in_place(&self, b: BlockNo) -> bool {
+        !self.pending.contains_key(&b) && !self.inplace_since_checkpoint.contains_key(&b)
+    }
+
+    /// Seals the open entry into a journal entry (written, not yet durable). Its in-place
+    /// data is written but not necessarily durable yet: the sync that makes the entry
+    /// durable syncs the normal area first (FORMAT.md §2.4 rule 2).
     fn seal(&mut self) -> Result<(), VolumeError> {
         if self.open.blocks.is_empty() {
             return Ok(());
         }
         self.check_writable()?;
-        if self.open.has_inplace && self.normal_dirty {
-            // FORMAT.md §2.4 rule 2: in-place data durable before the entry naming it.
-            if let Err(e) = self.normal.sync() {
-                return self.poison(VolumeError::Io {
-                    op: "syncing in-place data",
-                    source: e,
-                });
-            }
-            self.stats.normal_syncs += 1;
-            self.normal_dirty = false;
-        }
         let open = std::mem::take(&mut self.open);
         let blocks: Vec<(BlockNo, EntryBlock<'_>)> = open
             .blocks
@@ -688,42 +722,99 @@ impl Volume {
             seq: None,
             timestamp_ns: open.last_ts,
             n_tx: open.n_tx,
+            flags: if open.has_inplace {
+                FLAG_DATA_UNSYNCED
+            } else {
+                0
+            },
             blocks: &blocks,
         };
-        let appended = match self.journal.append(&entry) {
-            Err(crate::error::JournalError::Full { .. }) => {
-                // Make room: checkpoint what is sealed, then the entry fits (max_entry_bytes).
-                if let Err(e) = self.checkpoint_sealed() {
-                    drop(blocks);
-                    self.open = open;
-                    return Err(e);
-                }
-                self.journal.append(&entry)
-            }
-            r => r,
-        };
+        let appended = self.append_entry(&entry);
         drop(blocks);
-        if let Err(e) = appended {
-            self.open = open;
-            return self.poison(e.into());
-        }
+        let seq = match appended {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.open = open;
+                return Err(e);
+            }
+        };
         self.stats.entries += 1;
         self.stats.journal_image_bytes += open.image_bytes;
-        let seq = self.journal.last_seq();
         for (b, ob) in open.blocks {
             match ob {
                 OpenBlock::Image(d) => {
                     self.pending.insert(b, d);
                 }
-                OpenBlock::InPlace(..) => {
-                    self.pending.remove(&b);
-                    if self.opts.retain {
-                        self.inplace_refs.insert(b, seq);
-                    }
-                }
+                OpenBlock::InPlace(..) => self.sealed_in_place(b, seq),
             }
         }
         self.sealed_tx = open.last_tx;
+        Ok(())
+    }
+
+    /// Block `b` is IN_PLACE in the newly sealed entry `seq`.
+    fn sealed_in_place(&mut self, b: BlockNo, seq: Seq) {
+        self.pending.remove(&b);
+        self.inplace_since_checkpoint.insert(b, seq);
+        if self.opts.retain {
+            self.inplace_refs.insert(b, seq);
+        }
+    }
+
+    /// Appends an entry to the journal: reserves seqs first when due (a journal sync, so
+    /// the normal area is synced before it), and checkpoints to make room when the journal
+    /// is full. An I/O error poisons the volume; a refused entry does not.
+    fn append_entry(&mut self, entry: &NewEntry<'_>) -> Result<Seq, VolumeError> {
+        if self.journal.needs_reservation(entry.seq) {
+            self.sync_normal()?;
+            if let Err(e) = self.journal.reserve(entry.seq) {
+                return self.poison(e.into());
+            }
+            self.stats.journal_syncs += 1;
+        }
+        let r = match self.journal.append(entry) {
+            Err(crate::error::JournalError::Full { .. }) => {
+                // Make room: checkpoint what is sealed, then the entry fits (an entry never
+                // takes more than a quarter of the journal).
+                self.checkpoint_sealed()?;
+                self.journal.append(entry)
+            }
+            r => r,
+        };
+        match r {
+            Ok(loc) => Ok(loc.seq),
+            Err(
+                e @ (crate::error::JournalError::SeqOrder { .. }
+                | crate::error::JournalError::BadEntry { .. }),
+            ) => Err(e.into()),
+            Err(e) => self.poison(e.into()),
+        }
+    }
+
+    /// Syncs the normal area if anything was written to it since its last sync.
+    fn sync_normal(&mut self) -> Result<(), VolumeError> {
+        if !self.normal_dirty {
+            return Ok(());
+        }
+        if let Err(e) = self.normal.sync() {
+            return self.poison(VolumeError::Io {
+                op: "syncing the normal area",
+                source: e,
+            });
+        }
+        self.stats.normal_syncs += 1;
+        self.normal_dirty = false;
+        Ok(())
+    }
+
+    /// Makes every entry written so far durable: the normal area first, so that no entry
+    /// is durable before the data it names (FORMAT.md §2.4 rule 2), then the journal.
+    fn make_durable(&mut self) -> Result<(), VolumeError> {
+        self.sync_normal()?;
+        if let Err(e) = self.journal.sync() {
+            return self.poison(e.into());
+        }
+        self.stats.journal_syncs += 1;
         Ok(())
     }
 
@@ -737,10 +828,7 @@ impl Volume {
             self.unsynced_since = None;
             return Ok(());
         }
-        if let Err(e) = self.journal.sync() {
-            return self.poison(e.into());
-        }
-        self.stats.journal_syncs += 1;
+        self.make_durable()?;
         self.durable_tx = self.sealed_tx;
         self.unsynced_since = None;
         Ok(())
@@ -754,10 +842,7 @@ impl Volume {
     }
 
     fn checkpoint_sealed(&mut self) -> Result<(), VolumeError> {
-        if let Err(e) = self.journal.sync() {
-            return self.poison(e.into());
-        }
-        self.stats.journal_syncs += 1;
+        self.make_durable()?;
         self.durable_tx = self.sealed_tx;
         if self.open.blocks.is_empty() {
             self.unsynced_since = None;
@@ -775,7 +860,7 @@ impl Volume {
             .retained()
             .front()
             .is_some_and(|e| e.seq <= rel);
-        if self.pending.is_empty() && !releasable {
+        if self.pending.is_empty() && !releasable && self.inplace_since_checkpoint.is_empty() {
             return Ok(());
         }
         let mut order: Vec<BlockNo> = self.pending.keys().copied().collect();
@@ -816,6 +901,7 @@ impl Volume {
             return self.poison(e.into());
         }
         self.checkpoint_seq = last;
+        self.inplace_since_checkpoint.clear();
         if !self.inplace_refs.is_empty() {
             self.inplace_refs.retain(|_, s| *s > rel);
             self.evacuated.retain(|(s, _), _| *s > rel);
@@ -841,7 +927,11 @@ impl Volume {
         }
         let pending_bytes = self.pending.len() as u64 * self.bs as u64;
         let journal_half_full = self.journal.used_bytes() * 2 > self.journal.capacity_for_entries();
-        if pending_bytes >= self.opts.checkpoint_bytes || journal_half_full {
+        let inplace_bytes = self.inplace_since_checkpoint.len() as u64 * self.bs as u64;
+        if pending_bytes >= self.opts.checkpoint_bytes
+            || journal_half_full
+            || inplace_bytes >= self.opts.checkpoint_inplace_bytes
+        {
             self.checkpoint()?;
             did = true;
         }
@@ -1038,7 +1128,10 @@ impl Volume {
     }
 
     /// Secondary: applies a replicated entry as one entry of this journal with the same
-    /// seq, durably (an entry without blocks only records the seq).
+    /// seq (an entry without blocks only records the seq). On return it is applied — every
+    /// read sees it — and written to the journal, not yet durable: the next [`Volume::sync`]
+    /// (or group commit) makes it so. A malformed entry (a block outside the volume, of the
+    /// wrong size, or named twice) is refused without writing anything.
     pub fn apply_replicated(&mut self, e: &WireEntry) -> Result<(), VolumeError> {
         self.check_writable()?;
         self.seal()?;
@@ -1050,7 +1143,69 @@ impl Volume {
             }
             .into());
         }
+        self.check_wire_blocks(&e.blocks)?;
+        self.copying = false;
+        // Blocks that were free before this entry go straight to their place (written
+        // once); the others, which the state before the entry still uses, go through the
+        // journal so that the entry applies atomically.
+        let mut images: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
+        let mut inplace: Vec<(BlockNo, u32)> = Vec::new();
+        let mut direct: Vec<(BlockNo, &[u8])> = Vec::new();
         for b in &e.blocks {
+            if b.fresh && self.may_write_in_place(b.block) {
+                self.evacuate(b.block)?;
+                self.cache.remove(b.block);
+                direct.push((b.block, &b.data));
+                inplace.push((b.block, crc32c(&b.data)));
+            } else {
+                images.push((b.block, Arc::from(b.data.as_slice())));
+            }
+        }
+        if !direct.is_empty() {
+            self.write_blocks(&direct, "writing replicated data in place")?;
+            self.wrote_normal();
+            self.stats.inplace_bytes += (inplace.len() * self.bs) as u64;
+        }
+        let mut refs: Vec<(BlockNo, EntryBlock<'_>)> = images
+            .iter()
+            .map(|(b, d)| (*b, EntryBlock::Image(d)))
+            .collect();
+        refs.extend(
+            inplace
+                .iter()
+                .map(|&(b, crc)| (b, EntryBlock::InPlaceFresh(crc))),
+        );
+        refs.sort_unstable_by_key(|(b, _)| *b);
+        let entry = NewEntry {
+            seq: Some(e.seq),
+            timestamp_ns: e.timestamp_ns,
+            n_tx: 1,
+            flags: if inplace.is_empty() {
+                0
+            } else {
+                FLAG_DATA_UNSYNCED
+            },
+            blocks: &refs,
+        };
+        let appended = self.append_entry(&entry);
+        drop(refs);
+        let seq = appended?;
+        self.stats.entries += 1;
+        self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
+        for (b, d) in images {
+            self.pending.insert(b, d);
+        }
+        for (b, _) in inplace {
+            self.sealed_in_place(b, seq);
+        }
+        self.unsynced_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Checks the blocks of a replicated entry or copy batch: inside the volume, one block
+    /// each, and (for an entry) each block once, in increasing order.
+    fn check_wire_blocks(&self, blocks: &[WireBlock]) -> Result<(), VolumeError> {
+        for (i, b) in blocks.iter().enumerate() {
             self.check_block(b.block)?;
             if b.data.len() != self.bs {
                 return Err(VolumeError::InvalidParams(format!(
@@ -1060,86 +1215,12 @@ impl Volume {
                     self.bs
                 )));
             }
-        }
-        if self.normal_dirty {
-            // Copy blocks written straight into the volume: durable before the entry that
-            // ends the copy.
-            if let Err(e) = self.normal.sync() {
-                return self.poison(VolumeError::Io {
-                    op: "syncing copied blocks",
-                    source: e,
-                });
+            if i > 0 && blocks[i - 1].block >= b.block {
+                return Err(VolumeError::InvalidParams(format!(
+                    "replicated entry names block {} twice or out of order",
+                    b.block
+                )));
             }
-            self.stats.normal_syncs += 1;
-            self.normal_dirty = false;
-        }
-        self.copying = false;
-        // Blocks that were free before this entry go straight to their place (written
-        // once); the others, which the state before the entry still uses, go through the
-        // journal so that the entry applies atomically.
-        let mut images: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
-        let mut inplace: Vec<(BlockNo, u32, bool)> = Vec::new();
-        let mut direct: Vec<(BlockNo, &[u8])> = Vec::new();
-        for b in &e.blocks {
-            if b.fresh && !self.pending.contains_key(&b.block) {
-                self.evacuate(b.block)?;
-                self.cache.remove(b.block);
-                direct.push((b.block, &b.data));
-                inplace.push((b.block, crc32c(&b.data), true));
-            } else {
-                images.push((b.block, Arc::from(b.data.as_slice())));
-            }
-        }
-        self.write_blocks(&direct, "writing replicated data in place")?;
-        if !inplace.is_empty() {
-            self.stats.inplace_bytes += (inplace.len() * self.bs) as u64;
-            // FORMAT.md §2.4 rule 2: in-place data durable before the entry naming it.
-            if let Err(err) = self.normal.sync() {
-                return self.poison(VolumeError::Io {
-                    op: "syncing replicated data",
-                    source: err,
-                });
-            }
-            self.stats.normal_syncs += 1;
-        }
-        let mut refs: Vec<(BlockNo, EntryBlock<'_>)> = images
-            .iter()
-            .map(|(b, d)| (*b, EntryBlock::Image(d)))
-            .collect();
-        refs.extend(
-            inplace
-                .iter()
-                .map(|&(b, crc, _)| (b, EntryBlock::InPlaceFresh(crc))),
-        );
-        refs.sort_unstable_by_key(|(b, _)| *b);
-        let entry = NewEntry {
-            seq: Some(e.seq),
-            timestamp_ns: e.timestamp_ns,
-            n_tx: 1,
-            blocks: &refs,
-        };
-        let appended = match self.journal.append(&entry) {
-            Err(crate::error::JournalError::Full { .. }) => {
-                self.checkpoint_sealed()?;
-                self.journal.append(&entry)
-            }
-            r => r,
-        };
-        drop(refs);
-        if let Err(err) = appended {
-            return self.poison(err.into());
-        }
-        if let Err(err) = self.journal.sync() {
-            return self.poison(err.into());
-        }
-        self.stats.entries += 1;
-        self.stats.journal_syncs += 1;
-        self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
-        for (b, d) in images {
-            self.pending.insert(b, d);
-        }
-        for (b, _, _) in inplace {
-            self.pending.remove(&b);
         }
         Ok(())
     }
@@ -1153,16 +1234,7 @@ impl Volume {
             self.checkpoint()?;
             self.copying = true;
         }
-        for b in blocks {
-            self.check_block(b.block)?;
-            if b.data.len() != self.bs {
-                return Err(VolumeError::InvalidParams(format!(
-                    "copied block {} has {} bytes",
-                    b.block,
-                    b.data.len()
-                )));
-            }
-        }
+        self.check_wire_blocks(blocks)?;
         for b in blocks {
             self.pending.remove(&b.block);
             self.cache.remove(b.block);
@@ -1310,6 +1382,54 @@ impl Volume {
     }
 }
 
+/// Recovery (FORMAT.md §2.3): an entry flagged [`FLAG_DATA_UNSYNCED`] after the last
+/// checkpoint was written before its in-place data was durable, so a crash may have kept
+/// the entry and lost the data. Its in-place blocks are checked against their checksums —
+/// except those a later kept entry names (a checkpoint may have written that entry's newer
+/// image there). Returns how many entries to keep: all, or those before the first one whose
+/// data is not on disk (that entry was never durable, nor any after it). The check repeats
+/// on the kept prefix until it holds, since dropping entries can expose a block that a
+/// dropped entry had covered.
+fn entries_with_their_data(
+    normal: &dyn BlockDevice,
+    bs: usize,
+    entries: &[EntryInfo],
+    checkpoint_seq: Seq,
+) -> Result<usize, VolumeError> {
+    let mut keep = entries.len();
+    let mut buf = vec![0u8; bs];
+    loop {
+        let mut named_later: HashMap<BlockNo, usize> = HashMap::new();
+        for (i, e) in entries[..keep].iter().enumerate() {
+            for d in &e.descriptors {
+                named_later.insert(d.block, i);
+            }
+        }
+        let mut first_bad = None;
+        'entries: for (i, e) in entries[..keep].iter().enumerate() {
+            if e.seq <= checkpoint_seq || e.flags & FLAG_DATA_UNSYNCED == 0 {
+                continue;
+            }
+            for d in &e.descriptors {
+                if d.kind == DescriptorKind::Image || named_later.get(&d.block) != Some(&i) {
+                    continue;
+                }
+                normal
+                    .read_at(&mut buf, d.block * bs as u64)
+                    .map_err(VolumeError::io("checking data written in place"))?;
+                if crc32c(&buf) != d.crc {
+                    first_bad = Some(i);
+                    break 'entries;
+                }
+            }
+        }
+        match first_bad {
+            None => return Ok(keep),
+            Some(i) => keep = i,
+        }
+    }
+}
+
 /// Largest run [`block_runs`] makes, in bytes: bounds the staging buffer of one I/O.
 const MAX_RUN_BYTES: usize = 8 << 20;
 
@@ -1336,6 +1456,8 @@ fn block_runs<T>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
     use crate::crash::CrashDevice;
     use crate::device::MemDevice;
@@ -1473,6 +1595,205 @@ mod tests {
         buf[0]
     }
 
+    /// Reopens the volume from what a `kill -9` leaves: everything written (the page
+    /// cache survives), synced or not.
+    fn kill_open(d: &Devs) -> Volume {
+        let n = MemDevice::from_bytes(d.normal.written());
+        let j = MemDevice::from_bytes(d.journal.written());
+        Volume::open(Box::new(n), Box::new(j), VolumeOptions::default()).unwrap()
+    }
+
+    /// Reopens the volume from a power loss at this instant that kept the pending writes
+    /// `keep` picks (per device, by sector index).
+    fn power_loss_open(
+        d: &Devs,
+        keep_normal: impl FnMut(usize) -> bool,
+        keep_journal: impl FnMut(usize) -> bool,
+    ) -> Result<Volume, VolumeError> {
+        let n = MemDevice::from_bytes(d.normal.crash_point().image_with(keep_normal));
+        let j = MemDevice::from_bytes(d.journal.crash_point().image_with(keep_journal));
+        Volume::open(Box::new(n), Box::new(j), VolumeOptions::default())
+    }
+
+    fn fill_of(v: &Volume, start: BlockNo, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n * BS];
+        v.read_data(start, &mut buf).unwrap();
+        buf.chunks(BS).map(|b| b[0]).collect()
+    }
+
+    /// The defect of issue 9: an overwrite of blocks a file already owns was written into
+    /// the normal area at commit, before any entry recorded it; a `kill -9` then left the
+    /// new data in a volume whose journal knew nothing of it (so a replica never got it).
+    /// Now every state a crash leaves is exactly the state after the recovered prefix:
+    /// every block in use holds what that prefix wrote.
+    #[test]
+    fn a_crash_during_overwrites_and_appends_leaves_exactly_the_state_after_a_prefix() {
+        let d = devs(512, 512);
+        let mut v = open(&d, VolumeOptions::default());
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![1; 32 * BS], true); // a new file: in place
+        v.commit(tx).unwrap();
+        v.checkpoint().unwrap();
+        // The blocks in use and their first byte after each entry.
+        let mut model: BTreeMap<BlockNo, u8> = (100..132).map(|b| (b, 1)).collect();
+        let mut states = vec![(v.journal().last_seq(), model.clone())];
+        for fill in 2..12u8 {
+            let mut tx = Transaction::new();
+            tx.write_data(100, vec![fill; 32 * BS], false); // an overwrite: journaled
+            let end = 200 + 8 * u64::from(fill);
+            tx.write_data(end, vec![fill; 8 * BS], true); // an append: in place
+            v.commit(tx).unwrap();
+            model.extend((100..132).chain(end..end + 8).map(|b| (b, fill)));
+            match fill % 3 {
+                0 => v.sync().unwrap(),
+                1 => v.seal().unwrap(), // written, not synced
+                _ => continue,          // merged with the next one
+            }
+            states.push((v.journal().last_seq(), model.clone()));
+            if fill == 10 {
+                v.checkpoint().unwrap();
+            }
+        }
+        // The last transaction (11, right after a checkpoint) is committed, not yet in any
+        // entry.
+        let check = |r: &Volume, what: &str| {
+            let last = r.journal().last_seq();
+            let (_, want) = states
+                .iter()
+                .find(|(s, _)| *s == last)
+                .unwrap_or_else(|| panic!("{what}: recovered to seq {last}, which is no state"));
+            for (&b, &fill) in want {
+                assert_eq!(
+                    fill_of(r, b, 1),
+                    vec![fill],
+                    "{what}: block {b} at seq {last}"
+                );
+            }
+        };
+        check(&kill_open(&d), "kill -9");
+        for seed in 0..60u64 {
+            let mut x = seed;
+            let mut coin = move |_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                x >> 63 == 1
+            };
+            let mut y = !seed;
+            let coin2 = move |_| {
+                y = y
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                y >> 63 == 1
+            };
+            let p = power_loss_open(&d, &mut coin, coin2).unwrap();
+            check(&p, &format!("power loss, seed {seed}"));
+        }
+    }
+
+    /// FORMAT.md §2.3: an entry may be written before the data it holds in place is
+    /// durable; a crash that kept the entry and lost the data must drop the entry (it was
+    /// never durable), never replay it over garbage.
+    #[test]
+    fn an_entry_whose_data_never_reached_the_disk_is_dropped() {
+        let (d, mut v) = with_unsynced_bulk();
+        let before = v.journal().last_seq();
+        v.seal().unwrap(); // written to the journal, nothing synced
+        assert_eq!(v.stats().normal_syncs, 0, "sealing syncs nothing");
+        let lost = power_loss_open(&d, |_| false, |_| true).unwrap();
+        assert_eq!(lost.recovery().entries_dropped, 1);
+        assert_eq!(lost.journal().last_seq(), before);
+        assert_eq!(fill_of(&lost, 100, 8), vec![0; 8]);
+        let kept = power_loss_open(&d, |_| true, |_| true).unwrap();
+        assert_eq!(kept.recovery().entries_dropped, 0);
+        assert_eq!(fill_of(&kept, 100, 8), vec![7; 8]);
+    }
+
+    /// The same loss in an entry that a later one proves durable is damage, not a torn
+    /// write: the open fails rather than drop committed transactions.
+    #[test]
+    fn lost_data_of_an_entry_proven_durable_refuses_the_open() {
+        let (d, mut v) = with_unsynced_bulk();
+        v.sync().unwrap();
+        let mut tx = Transaction::new();
+        tx.write_meta(5, blk(5));
+        v.commit(tx).unwrap();
+        v.sync().unwrap(); // this entry records that the first one was durable
+        d.normal.write_at(&[0xee; 16], 103 * BS as u64).unwrap();
+        d.normal.sync().unwrap();
+        let r = power_loss_open(&d, |_| false, |_| false);
+        assert!(
+            matches!(
+                r,
+                Err(VolumeError::Journal(
+                    crate::error::JournalError::Corrupt { .. }
+                ))
+            ),
+            "{r:?}"
+        );
+    }
+
+    /// A block written in place since the last checkpoint is journaled when it is written
+    /// again (freed and allocated anew), so that recovery can still check the first entry.
+    #[test]
+    fn a_block_written_in_place_since_the_checkpoint_is_journaled_when_written_again() {
+        let (_d, mut v) = with_unsynced_bulk();
+        v.sync().unwrap();
+        let inplace = v.stats().inplace_bytes;
+        bulk(&mut v, 100, 8);
+        v.sync().unwrap();
+        assert_eq!(v.stats().inplace_bytes, inplace, "written in place again");
+        v.checkpoint().unwrap();
+        bulk(&mut v, 100, 9);
+        assert_eq!(v.stats().inplace_bytes, 2 * inplace);
+        assert_eq!(fill_of(&v, 100, 8), vec![9; 8]);
+    }
+
+    /// A checkpoint writes the newest image of a block over what an earlier entry wrote in
+    /// place; a crash before its header write must keep both entries (the later image is
+    /// replayed), not mistake the first one for torn.
+    #[test]
+    fn a_checkpoint_cut_short_keeps_an_entry_whose_block_a_later_image_covers() {
+        let (d, mut v) = with_unsynced_bulk();
+        let mut tx = Transaction::new();
+        tx.write_data(100, vec![8; 8 * BS], false); // overwrite: images
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+        let last = v.journal().last_seq();
+        let at_checkpoint = Arc::new(Mutex::new(None));
+        {
+            let (n, j, at) = (
+                Arc::downgrade(&d.normal),
+                Arc::downgrade(&d.journal),
+                at_checkpoint.clone(),
+            );
+            d.normal.set_sync_hook(move || {
+                if let (Some(n), Some(j)) = (n.upgrade(), j.upgrade()) {
+                    let mut at = at.lock().unwrap();
+                    if at.is_none() {
+                        *at = Some((n.crash_point(), j.crash_point()));
+                    }
+                }
+            });
+        }
+        v.checkpoint().unwrap();
+        let (n, j) = at_checkpoint
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a normal-area sync");
+        // The images reached the disk, the header recording the checkpoint did not.
+        let r = Volume::open(
+            Box::new(MemDevice::from_bytes(n.image_with(|_| true))),
+            Box::new(MemDevice::from_bytes(j.durable_image())),
+            VolumeOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.recovery().entries_dropped, 0);
+        assert_eq!(r.journal().last_seq(), last);
+        assert_eq!(fill_of(&r, 100, 8), vec![8; 8]);
+    }
+
     #[test]
     fn after_a_flush_ahead_the_seal_does_not_sync_the_data_again() {
         let (d, mut v) = with_unsynced_bulk();
@@ -1530,8 +1851,9 @@ mod tests {
         tx.write_data(50, vec![1; BS], true); // small: an image
         v.commit(tx).unwrap();
         v.sync().unwrap(); // sealed, durable, not checkpointed
+        // Block 50 freed and allocated again (fresh) while its image is still pending.
         let mut tx = Transaction::new();
-        tx.write_data(50, vec![2; 2 * BS], false);
+        tx.write_data(50, vec![2; 2 * BS], true);
         v.commit(tx).unwrap(); // bulk, but 50 has a pending image: journaled
         v.sync().unwrap();
         assert_eq!(v.stats().inplace_bytes, BS as u64, "only block 51 in place");
@@ -1742,6 +2064,7 @@ mod tests {
         let mut tx = Transaction::new();
         tx.write_data(100, vec![2; 2 * BS], false);
         v.commit(tx).unwrap();
+        v.checkpoint().unwrap(); // the overwrite reaches the normal area
         assert!(matches!(
             v.read_wire_entry(seq),
             Err(VolumeError::InPlaceChanged { .. })
@@ -1780,7 +2103,14 @@ mod tests {
             }],
         };
         v.apply_replicated(&e1).unwrap();
-        assert_eq!(v.read_block(3).unwrap()[0], 3);
+        assert_eq!(v.read_block(3).unwrap()[0], 3, "applied: visible at once");
+        assert_eq!(
+            crash_open(&d).journal().last_seq(),
+            Seq::NONE,
+            "not durable before a sync"
+        );
+        v.sync().unwrap();
+        assert_eq!(crash_open(&d).journal().last_seq(), Seq(10));
         let stale = WireEntry {
             seq: Seq(10),
             ..e1.clone()
@@ -1800,6 +2130,7 @@ mod tests {
             blocks: vec![],
         })
         .unwrap();
+        v.sync().unwrap();
         let r = crash_open(&d);
         assert_eq!(r.journal().last_seq(), Seq(20));
         assert_eq!(

@@ -827,6 +827,10 @@ impl Driver {
                 .vol_mut(|v| v.apply_replicated(e))
                 .context("applying an entry")?;
         }
+        // The acknowledgement that follows says "applied durably".
+        self.host
+            .vol_mut(|v| v.sync())
+            .context("making an applied entry durable")?;
         Ok(())
     }
 

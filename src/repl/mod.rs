@@ -19,6 +19,17 @@ use crate::types::{Seq, VolumeId};
 /// Protocol version spoken by this build (docs/PROTOCOL.md title).
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Largest journal entry a primary sends, in bytes of block data (docs/PROTOCOL.md §4):
+/// with a peer, the open entry is sealed before its blocks would exceed it, so one entry
+/// is one message. 32 MiB: a normal-area sync per 32 MiB of bulk data costs little, and the
+/// peer buffers one such message at a time. A peer whose journal takes less says so in its
+/// hello, and the primary seals at that size instead.
+pub const MAX_ENTRY_WIRE_BYTES: u64 = 32 << 20;
+
+/// Largest frame on the wire: an entry of [`MAX_ENTRY_WIRE_BYTES`] plus its block numbers
+/// and the encoding's lengths (17 bytes a block: 1/240 of the data at 4 KiB), with room.
+pub const MAX_FRAME: u32 = (MAX_ENTRY_WIRE_BYTES + (MAX_ENTRY_WIRE_BYTES >> 3)) as u32;
+
 /// Increases whenever the primary role moves; every message carries the sender's.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
