@@ -36,6 +36,11 @@ pub const SEQ_RESERVE_STEP: u64 = 1 << 20;
 /// to the normal area but not necessarily made durable before the entry itself was
 /// written; recovery checks that data before it trusts the entry (FORMAT.md §2.3).
 pub const FLAG_DATA_UNSYNCED: u16 = 1;
+/// Entry flag: a transaction in the entry freed blocks (a replica makes the entry durable
+/// before it writes a block in place that was free before it, FORMAT.md §2.4).
+pub const FLAG_FREES: u16 = 2;
+/// Every flag this version knows.
+const KNOWN_FLAGS: u16 = FLAG_DATA_UNSYNCED | FLAG_FREES;
 
 const HEADER_MAGIC: &[u8; 8] = b"PAIRFSJ\0";
 const ENTRY_MAGIC: u32 = 0x454A_4650;
@@ -540,7 +545,7 @@ impl Journal {
         if raw.mount_gen < min_gen || raw.mount_gen > self.hdr.mount_gen {
             return Err("stale entry".into());
         }
-        if raw.flags & !FLAG_DATA_UNSYNCED != 0 {
+        if raw.flags & !KNOWN_FLAGS != 0 {
             return Err(format!("unknown entry flags {:#x}", raw.flags));
         }
         let n = raw.n_blocks as u64;

@@ -37,7 +37,8 @@ use crate::cache::BlockCache;
 use crate::device::BlockDevice;
 use crate::error::VolumeError;
 use crate::journal::{
-    DescriptorKind, EntryBlock, EntryInfo, FLAG_DATA_UNSYNCED, Journal, JournalExpect, NewEntry,
+    DescriptorKind, EntryBlock, EntryInfo, FLAG_DATA_UNSYNCED, FLAG_FREES, Journal, JournalExpect,
+    NewEntry,
 };
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
@@ -124,12 +125,21 @@ pub struct Transaction<'d> {
     /// block size, whether the blocks were free before), possibly borrowed from the caller's
     /// request buffer. Runs do not overlap each other or the metadata blocks.
     data: Vec<(BlockNo, Cow<'d, [u8]>, bool)>,
+    /// The transaction frees blocks (see [`Transaction::frees_blocks`]).
+    frees: bool,
 }
 
 impl<'d> Transaction<'d> {
     /// An empty transaction.
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Says that the transaction frees blocks that the state before it used. A replica
+    /// that has not made such an entry durable yet must not write a block that was free
+    /// in place before it does (the block may be one the freeing entry freed; a crash
+    /// would then leave its durable state with a block overwritten under it).
+    pub fn frees_blocks(&mut self) {
+        self.frees = true;
     }
     /// Writes a metadata block (always journaled as an image).
     pub fn write_meta(&mut self, block: BlockNo, data: Arc<[u8]>) {
@@ -144,7 +154,7 @@ impl<'d> Transaction<'d> {
     }
     /// True if nothing is written.
     pub fn is_empty(&self) -> bool {
-        self.meta.is_empty() && self.data.is_empty()
+        self.meta.is_empty() && self.data.is_empty() && !self.frees
     }
 }
 
@@ -161,6 +171,8 @@ struct OpenEntry {
     image_bytes: u64,
     n_tx: u32,
     has_inplace: bool,
+    /// A transaction in it frees blocks.
+    frees: bool,
     last_ts: u64,
     last_tx: TxId,
 }
@@ -236,8 +248,8 @@ pub struct Volume {
     recovery: RecoveryReport,
     /// With `retain`: entries up to this seq may be released once checkpointed.
     release_limit: Seq,
-    /// Newest durable seq handed to the replication driver.
-    reported_durable: Seq,
+    /// Newest seq handed to the replication driver by [`Volume::take_entries`].
+    reported: Seq,
     /// With `retain`: for blocks held IN_PLACE by a retained entry, the newest such seq.
     inplace_refs: HashMap<BlockNo, Seq>,
     /// Blocks held IN_PLACE by sealed entries after the last checkpoint, and the seq of
@@ -249,6 +261,8 @@ pub struct Volume {
     evacuated_bytes: u64,
     /// Copy blocks are being written straight into the normal area (secondary).
     copying: bool,
+    /// Secondary: an entry applied and not yet durable frees blocks.
+    unsynced_frees: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -423,12 +437,13 @@ impl Volume {
             stats: VolumeStats::default(),
             recovery,
             release_limit: Seq::NONE,
-            reported_durable: last,
+            reported: last,
             inplace_refs,
             inplace_since_checkpoint: HashMap::new(),
             evacuated: HashMap::new(),
             evacuated_bytes: 0,
             copying: false,
+            unsynced_frees: false,
         })
     }
 
@@ -665,6 +680,7 @@ impl Volume {
             open.has_inplace = true;
         }
         open.n_tx += 1;
+        open.frees |= tx.frees;
         self.unsynced_since.get_or_insert(now);
         open.last_ts = now_ns();
         let id = self.next_tx;
@@ -722,17 +738,13 @@ impl Volume {
             seq: None,
             timestamp_ns: open.last_ts,
             n_tx: open.n_tx,
-            flags: if open.has_inplace {
-                FLAG_DATA_UNSYNCED
-            } else {
-                0
-            },
+            flags: entry_flags(open.has_inplace, open.frees),
             blocks: &blocks,
         };
         let appended = self.append_entry(&entry);
         drop(blocks);
         let seq = match appended {
-            Ok(seq) => seq,
+            Ok(loc) => loc.seq,
             Err(e) => {
                 self.open = open;
                 return Err(e);
@@ -764,7 +776,10 @@ impl Volume {
     /// Appends an entry to the journal: reserves seqs first when due (a journal sync, so
     /// the normal area is synced before it), and checkpoints to make room when the journal
     /// is full. An I/O error poisons the volume; a refused entry does not.
-    fn append_entry(&mut self, entry: &NewEntry<'_>) -> Result<Seq, VolumeError> {
+    fn append_entry(
+        &mut self,
+        entry: &NewEntry<'_>,
+    ) -> Result<crate::journal::EntryLoc, VolumeError> {
         if self.journal.needs_reservation(entry.seq) {
             self.sync_normal()?;
             if let Err(e) = self.journal.reserve(entry.seq) {
@@ -782,7 +797,7 @@ impl Volume {
             r => r,
         };
         match r {
-            Ok(loc) => Ok(loc.seq),
+            Ok(loc) => Ok(loc),
             Err(
                 e @ (crate::error::JournalError::SeqOrder { .. }
                 | crate::error::JournalError::BadEntry { .. }),
@@ -815,14 +830,43 @@ impl Volume {
             return self.poison(e.into());
         }
         self.stats.journal_syncs += 1;
+        self.unsynced_frees = false;
         Ok(())
+    }
+
+    /// Seals what is committed into a journal entry (written, not durable: sync-mode
+    /// replication sends it before the next sync) and returns the newest seq.
+    pub fn seal_open(&mut self) -> Result<Seq, VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        Ok(self.journal.last_seq())
+    }
+
+    /// The end of a copy (PROTOCOL.md §5.2): seals what is committed, then writes an entry
+    /// without blocks — a seq the peer cannot already have, so that its acknowledging that
+    /// seq durable proves it applied the copy's end and synced after it. Written, not yet
+    /// durable; returns its seq.
+    pub fn append_marker(&mut self) -> Result<Seq, VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        let entry = NewEntry {
+            seq: None,
+            timestamp_ns: now_ns(),
+            n_tx: 0,
+            flags: 0,
+            blocks: &[],
+        };
+        let loc = self.append_entry(&entry)?;
+        self.stats.entries += 1;
+        Ok(loc.seq)
     }
 
     /// Makes every committed transaction durable (group commit: one journal sync).
     pub fn sync(&mut self) -> Result<(), VolumeError> {
         self.check_writable()?;
         self.seal()?;
-        if self.durable_tx == self.sealed_tx
+        if !self.normal_dirty
+            && self.durable_tx == self.sealed_tx
             && self.journal.durable_seq() == self.journal.last_seq()
         {
             self.unsynced_since = None;
@@ -1018,13 +1062,12 @@ impl Volume {
         self.checkpoint()
     }
 
-    /// Durable journal entries still retained, oldest first (for a new replicator).
+    /// Journal entries still retained, oldest first (for a new replicator; after an open
+    /// every one is durable).
     pub fn retained_entries(&self) -> Vec<EntryMeta> {
-        let durable = self.journal.durable_seq();
         self.journal
             .retained()
             .iter()
-            .filter(|e| e.seq <= durable)
             .map(|e| self.entry_meta(e))
             .collect()
     }
@@ -1039,20 +1082,39 @@ impl Volume {
         }
     }
 
-    /// Entries that became durable since the last call (for the replication driver).
-    pub fn take_durable_entries(&mut self) -> Vec<EntryMeta> {
-        let durable = self.journal.durable_seq();
-        if durable <= self.reported_durable {
+    /// Entries the replication driver has not had yet: those that became durable since
+    /// the last call, or with `unsynced` (sync mode) every sealed one.
+    pub fn take_entries(&mut self, unsynced: bool) -> Vec<EntryMeta> {
+        let upto = if unsynced {
+            self.journal.last_seq()
+        } else {
+            self.journal.durable_seq()
+        };
+        if upto <= self.reported {
             return Vec::new();
         }
-        let from = self.reported_durable;
-        self.reported_durable = durable;
+        let from = std::mem::replace(&mut self.reported, upto);
         self.journal
             .retained()
             .iter()
-            .filter(|e| e.seq > from && e.seq <= durable)
+            .filter(|e| e.seq > from && e.seq <= upto)
             .map(|e| self.entry_meta(e))
             .collect()
+    }
+
+    /// The largest entry (bytes of block data) this volume's journal takes from a peer:
+    /// a quarter of the journal, like its own entries, less the descriptors.
+    pub fn max_replicated_entry_bytes(&self) -> u64 {
+        let bs = self.bs as u64;
+        let quarter = self.journal.capacity_for_entries() / 4;
+        let blocks = quarter.saturating_sub(bs) / (bs + crate::journal::DESCRIPTOR_LEN as u64);
+        blocks * bs
+    }
+
+    /// With a peer: seal entries before their blocks exceed `bytes` (the smaller of this
+    /// build's limit and what the peer's journal takes).
+    pub fn set_max_entry_wire_bytes(&mut self, bytes: u64) {
+        self.opts.max_entry_wire_bytes = bytes.max(self.bs as u64);
     }
 
     /// The blocks written by retained entries up to `seq` (to mark them in the bitmap).
@@ -1124,6 +1186,7 @@ impl Volume {
             prev_seq: info.prev_seq,
             timestamp_ns: info.timestamp_ns,
             blocks,
+            frees: info.flags & FLAG_FREES != 0,
         })
     }
 
@@ -1132,7 +1195,7 @@ impl Volume {
     /// read sees it — and written to the journal, not yet durable: the next [`Volume::sync`]
     /// (or group commit) makes it so. A malformed entry (a block outside the volume, of the
     /// wrong size, or named twice) is refused without writing anything.
-    pub fn apply_replicated(&mut self, e: &WireEntry) -> Result<(), VolumeError> {
+    pub fn apply_replicated(&mut self, e: &WireEntry) -> Result<EntryMeta, VolumeError> {
         self.check_writable()?;
         self.seal()?;
         if e.seq <= self.journal.last_seq() {
@@ -1145,6 +1208,11 @@ impl Volume {
         }
         self.check_wire_blocks(&e.blocks)?;
         self.copying = false;
+        if self.unsynced_frees && e.blocks.iter().any(|b| b.fresh) {
+            // A fresh block may be one an entry applied here, not yet durable, freed: make
+            // that entry durable before the block is overwritten in place.
+            self.sync()?;
+        }
         // Blocks that were free before this entry go straight to their place (written
         // once); the others, which the state before the entry still uses, go through the
         // journal so that the entry applies atomically.
@@ -1180,16 +1248,13 @@ impl Volume {
             seq: Some(e.seq),
             timestamp_ns: e.timestamp_ns,
             n_tx: 1,
-            flags: if inplace.is_empty() {
-                0
-            } else {
-                FLAG_DATA_UNSYNCED
-            },
+            flags: entry_flags(!inplace.is_empty(), e.frees),
             blocks: &refs,
         };
         let appended = self.append_entry(&entry);
         drop(refs);
-        let seq = appended?;
+        let loc = appended?;
+        let seq = loc.seq;
         self.stats.entries += 1;
         self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
         for (b, d) in images {
@@ -1198,8 +1263,11 @@ impl Volume {
         for (b, _) in inplace {
             self.sealed_in_place(b, seq);
         }
+        self.unsynced_frees |= e.frees;
         self.unsynced_since.get_or_insert_with(Instant::now);
-        Ok(())
+        // Reported here, not again by `take_entries`.
+        self.reported = self.reported.max(seq);
+        Ok(self.entry_meta(&loc))
     }
 
     /// Checks the blocks of a replicated entry or copy batch: inside the volume, one block
@@ -1428,6 +1496,12 @@ fn entries_with_their_data(
             Some(i) => keep = i,
         }
     }
+}
+
+/// The flags of an entry that holds data written in place (`inplace`) and that frees
+/// blocks (`frees`), FORMAT.md §2.2.
+fn entry_flags(inplace: bool, frees: bool) -> u16 {
+    (if inplace { FLAG_DATA_UNSYNCED } else { 0 }) | (if frees { FLAG_FREES } else { 0 })
 }
 
 /// Largest run [`block_runs`] makes, in bytes: bounds the staging buffer of one I/O.
@@ -1958,7 +2032,7 @@ mod tests {
         let d = devs(256, 64);
         let mut v = two_block_writes_under_a_five_block_wire_limit(&d, 4);
         v.sync().unwrap();
-        let metas = v.take_durable_entries();
+        let metas = v.take_entries(false);
         let blocks: Vec<usize> = metas
             .iter()
             .map(|m| v.read_wire_entry(m.seq).unwrap().blocks.len())
@@ -1975,7 +2049,7 @@ mod tests {
         let d = devs(256, 64);
         let mut v = two_block_writes_under_a_five_block_wire_limit(&d, 3);
         // The third transaction sealed the first two into an entry, and synced it.
-        let metas = v.take_durable_entries();
+        let metas = v.take_entries(false);
         assert_eq!(metas.len(), 1);
         assert_eq!(v.journal().durable_seq(), metas[0].seq);
     }
@@ -2018,10 +2092,10 @@ mod tests {
         tx.write_meta(5, blk(5));
         v.commit(tx).unwrap();
         v.sync().unwrap();
-        let metas = v.take_durable_entries();
+        let metas = v.take_entries(false);
         assert_eq!(metas.len(), 1);
         assert_eq!(metas[0].bytes, 4 * BS as u64);
-        assert!(v.take_durable_entries().is_empty(), "reported once");
+        assert!(v.take_entries(false).is_empty(), "reported once");
         let seq = metas[0].seq;
         // Overwrite the in-place blocks before the entry was sent: saved aside first.
         let mut tx = Transaction::new();
@@ -2060,7 +2134,7 @@ mod tests {
         tx.write_data(100, vec![1; 2 * BS], true);
         v.commit(tx).unwrap();
         v.sync().unwrap();
-        let seq = v.take_durable_entries()[0].seq;
+        let seq = v.take_entries(false)[0].seq;
         let mut tx = Transaction::new();
         tx.write_data(100, vec![2; 2 * BS], false);
         v.commit(tx).unwrap();
@@ -2101,6 +2175,7 @@ mod tests {
                 data: vec![3; BS],
                 fresh: false,
             }],
+            frees: false,
         };
         v.apply_replicated(&e1).unwrap();
         assert_eq!(v.read_block(3).unwrap()[0], 3, "applied: visible at once");
@@ -2128,6 +2203,7 @@ mod tests {
             prev_seq: Seq(10),
             timestamp_ns: 2,
             blocks: vec![],
+            frees: false,
         })
         .unwrap();
         v.sync().unwrap();

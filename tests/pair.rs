@@ -333,7 +333,7 @@ impl Pair {
         loop {
             let (ja, jb) = (self.a.json(), self.b.json());
             let committed = ja["durable_seq"].as_u64().unwrap_or(0);
-            let applied = jb["applied_seq"].as_u64().unwrap_or(0);
+            let applied = jb["replica_received_seq"].as_u64().unwrap_or(0);
             let consistent = jb["inconsistent"] == serde_json::Value::Bool(false);
             if committed > 0 && applied >= committed && consistent && ja["state"] == "pair" {
                 return;
@@ -402,7 +402,7 @@ fn two_nodes_replicate_a_real_tree() {
 
 #[test]
 fn killed_secondary_catches_up_from_the_journal() {
-    let mut p = pair("kill", "4G", "[replication]\njournal_limit = \"1G\"\n");
+    let mut p = pair("kill", "4G", "[replication]\njournal_limit = \"256M\"\n");
     p.start();
     let ma = p.a.mnt.display().to_string();
     sh(&format!("head -c 50000000 /dev/urandom > {ma}/before"));

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pairfs::repl::{Mode, Role};
+use pairfs::repl::{DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, Mode, Role};
 use pairfs_transport::Fingerprint;
+use pairfs_transport::conn::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE};
 use serde::Deserialize;
 
 use crate::size::parse_size;
@@ -27,10 +28,13 @@ pub(crate) struct NodeConfig {
     pub(crate) peer: Option<PeerConfig>,
     /// Replication settings.
     pub(crate) mode: Mode,
-    /// Backlog kept in the journal before falling back to the bitmap.
-    pub(crate) journal_limit: u64,
+    /// Backlog kept in the journal before falling back to the bitmap (`None`: half the
+    /// journal, see [`NodeConfig::journal_limit_for`]).
+    pub(crate) journal_limit: Option<u64>,
     /// Async mode: how far the connected peer may fall behind before writers wait.
     pub(crate) max_lag: Option<Duration>,
+    /// Sync mode: how long writers wait for the peer before the pair is degraded.
+    pub(crate) sync_timeout: Duration,
     /// Keep-alive interval.
     pub(crate) keepalive: Duration,
     /// A silent peer is declared gone after this long.
@@ -77,6 +81,7 @@ struct RawReplication {
     mode: Option<String>,
     journal_limit: Option<String>,
     max_lag: Option<String>,
+    sync_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -85,9 +90,6 @@ struct RawTimeouts {
     keepalive: Option<String>,
     idle: Option<String>,
 }
-
-/// `replication.max_lag` when not set.
-const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 
 fn default_role() -> String {
     "primary".into()
@@ -180,8 +182,8 @@ impl NodeConfig {
             other => bail!("field `replication.mode`: '{other}' is neither `async` nor `sync`"),
         };
         let journal_limit = match raw.replication.journal_limit {
-            None => 512 << 20,
-            Some(s) => field("replication.journal_limit", parse_size(&s))?,
+            None => None,
+            Some(s) => Some(field("replication.journal_limit", parse_size(&s))?),
         };
         let max_lag = match raw.replication.max_lag.as_deref().map(str::trim) {
             None => Some(DEFAULT_MAX_LAG),
@@ -191,12 +193,16 @@ impl NodeConfig {
                 parse_duration(s).map_err(|e| format!("{e}, or `off`")),
             )?),
         };
+        let sync_timeout = match raw.replication.sync_timeout {
+            None => DEFAULT_SYNC_TIMEOUT,
+            Some(s) => field("replication.sync_timeout", parse_duration(&s))?,
+        };
         let keepalive = match raw.timeouts.keepalive {
-            None => Duration::from_millis(250),
+            None => DEFAULT_KEEPALIVE,
             Some(s) => field("timeouts.keepalive", parse_duration(&s))?,
         };
         let idle_timeout = match raw.timeouts.idle {
-            None => Duration::from_secs(1),
+            None => DEFAULT_IDLE_TIMEOUT,
             Some(s) => field("timeouts.idle", parse_duration(&s))?,
         };
         if keepalive >= idle_timeout {
@@ -213,9 +219,28 @@ impl NodeConfig {
             mode,
             journal_limit,
             max_lag,
+            sync_timeout,
             keepalive,
             idle_timeout,
         })
+    }
+
+    /// The journal limit for a journal of `capacity` bytes: as configured, or half of it.
+    /// More than half is refused: entries the peer lacks must leave room for the ones
+    /// being written, or the journal fills before the bitmap takes over.
+    pub(crate) fn journal_limit_for(&self, capacity: u64) -> Result<u64> {
+        let half = capacity / 2;
+        match self.journal_limit {
+            None => Ok(half),
+            Some(l) if l <= half => Ok(l),
+            Some(l) => bail!(
+                "field `replication.journal_limit`: {} is more than half the journal ({} of {}): \
+                 lower it, or re-create the node with a larger --journal-size",
+                crate::size::human(l),
+                crate::size::human(half),
+                crate::size::human(capacity)
+            ),
+        }
     }
 }
 

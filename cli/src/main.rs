@@ -348,6 +348,7 @@ fn mount_standalone(data: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()>
                 track_lookups: true,
                 atime: !o.noatime,
                 read_only: false,
+                reap_at_open: true,
             },
         )
         .context("opening the filesystem")?,
@@ -471,7 +472,7 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
         check_mount_opts(mp, o)?;
     }
     let sigset = block_signals();
-    let dd = DataDir::open(&cfg.data)?;
+    let dd = Arc::new(DataDir::open(&cfg.data)?);
     let st = node::initial_state(&cfg)?;
     let role = st.role;
     let commit = mount.map_or(1.0, |(_, o)| o.commit_interval);
@@ -484,23 +485,32 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
             commit
         }),
         inplace_min_blocks: mount.map_or(8, |(_, o)| o.inplace_min_blocks.max(1)),
-        retain: cfg.peer.is_some() && role == Role::Primary,
+        // Both roles keep entries for the peer: a primary until the peer has them durably,
+        // a secondary until the primary has them durably (a crashed primary takes back
+        // what it lost).
+        retain: cfg.peer.is_some(),
         max_entry_bytes: 8 << 20,
         ..VolumeOptions::default()
     };
-    let vol = open_volume(&dd, vopts)?;
+    let vol = open_volume(&dd, vopts.clone())?;
+    let reopen: node::Reopen = {
+        let dd = dd.clone();
+        Box::new(move || open_volume(&dd, vopts.clone()))
+    };
     tracing::info!(node = %cfg.name, role = ?role, peer = ?cfg.peer.as_ref().map(|p| &p.name), "node starting");
     let fs_opts = |read_only| FsOptions {
         track_lookups: true,
         atime: !mount.is_some_and(|(_, o)| o.noatime),
         read_only,
+        // The node frees them once it may write (after a reconciliation, if any).
+        reap_at_open: false,
     };
     let host = if mount.is_some() && (role == Role::Primary || node::mountable(&st)) {
         let fs =
             Fs::open(vol, fs_opts(role == Role::Secondary)).context("opening the filesystem")?;
-        node::Host::with_fs(Arc::new(fs))
+        node::Host::with_fs(Arc::new(fs), reopen)
     } else {
-        node::Host::bare(vol)
+        node::Host::bare(vol, reopen)
     };
     let handle = node::start(cfg.clone(), host.clone(), st)?;
     if let Some(fs) = host_fs(&host) {
@@ -542,7 +552,7 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
                     }
                     host.maintain();
                     if let Ok(s) = node::query_status(&cfg.data) {
-                        if s.role == "secondary" && !s.inconsistent && s.applied_seq > 0 {
+                        if s.role == "secondary" && !s.inconsistent && s.replica_durable_seq > 0 {
                             break;
                         }
                     }
@@ -617,16 +627,26 @@ fn status_text(s: &node::StatusReport) -> String {
         } else {
             ""
         },
-        if s.sync_degraded {
-            " — sync degraded"
+        if s.role == "primary" && !s.writable {
+            " — writes wait"
         } else {
             ""
         }
     );
+    if let (Some(seq), Some(ns)) = (s.degraded_since_seq, s.degraded_since_ns) {
+        let ago = pairfs::types::now_ns().saturating_sub(ns) as f64 / 1e9;
+        let _ = writeln!(
+            o,
+            "DEGRADED  sync writes acknowledged without the peer since seq {seq} ({ago:.0} s ago)"
+        );
+    }
+    if let Some(e) = &s.apply_error {
+        let _ = writeln!(o, "ERROR     apply failed: {e}");
+    }
     let _ = writeln!(
         o,
-        "seqs      committed {} · durable {} · sent {} · applied {}",
-        s.committed_seq, s.durable_seq, s.sent_seq, s.applied_seq
+        "seqs      committed {} · durable {} · sent {} · replica received {} · replica durable {}",
+        s.committed_seq, s.durable_seq, s.sent_seq, s.replica_received_seq, s.replica_durable_seq
     );
     let _ = writeln!(
         o,

@@ -15,7 +15,10 @@ use bitvec::prelude::*;
 use pairfs::repl::PersistedState;
 use pairfs::types::crc32c;
 
-const STATE_MAGIC: &[u8; 8] = b"PFSTATE1";
+/// Version 2 (issue 9): generations record where they branched (`base`), and the state
+/// records sync mode and a degraded pair. Version 1 files are read and upgraded.
+const STATE_MAGIC: &[u8; 8] = b"PFSTATE2";
+const STATE_MAGIC_V1: &[u8; 8] = b"PFSTATE1";
 const BITMAP_MAGIC: &[u8; 8] = b"PFDBMAP1";
 
 /// Name of the pair state file in the data directory.
@@ -75,10 +78,71 @@ pub(crate) fn load_state(dir: &Path) -> Result<Option<PersistedState>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
+    if bytes.starts_with(STATE_MAGIC_V1) {
+        let payload = unframe(STATE_MAGIC_V1, &bytes, &path)?;
+        let v1: v1::PersistedState = bincode::deserialize(payload)
+            .with_context(|| format!("{} does not decode", path.display()))?;
+        return Ok(Some(v1.upgrade()));
+    }
     let payload = unframe(STATE_MAGIC, &bytes, &path)?;
     let st = bincode::deserialize(payload)
         .with_context(|| format!("{} does not decode", path.display()))?;
     Ok(Some(st))
+}
+
+/// The version-1 layout of `pair.state` (before issue 9), read to upgrade it.
+mod v1 {
+    use pairfs::Seq;
+    use pairfs::repl::{Backlog, Epoch, Generation, Role};
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub(super) struct GenerationV1 {
+        id: u64,
+        start: Seq,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct PersistedState {
+        role: Role,
+        epoch: Epoch,
+        generations: Vec<GenerationV1>,
+        backlog: Backlog,
+        inconsistent_until: Option<Seq>,
+        empty: bool,
+        paired: bool,
+    }
+
+    impl PersistedState {
+        /// Version 1 wrote a generation's first seq; a later one continued from the seq
+        /// before it.
+        pub(super) fn upgrade(self) -> pairfs::repl::PersistedState {
+            pairfs::repl::PersistedState {
+                role: self.role,
+                epoch: self.epoch,
+                generations: self
+                    .generations
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| Generation {
+                        id: g.id,
+                        base: if i == 0 {
+                            Seq::NONE
+                        } else {
+                            Seq(g.start.0.saturating_sub(1))
+                        },
+                    })
+                    .collect(),
+                backlog: self.backlog,
+                inconsistent_until: self.inconsistent_until,
+                empty: self.empty,
+                paired: self.paired,
+                sync_mode: false,
+                degraded: None,
+                full_copy: false,
+            }
+        }
+    }
 }
 
 /// Writes `pair.state` durably.
@@ -185,6 +249,46 @@ mod tests {
         b[n - 1] ^= 1;
         std::fs::write(&p, b).unwrap();
         assert!(format!("{:#}", load_state(&d).unwrap_err()).contains("corrupt"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_state_is_upgraded() {
+        #[derive(serde::Serialize)]
+        struct G {
+            id: u64,
+            start: pairfs::Seq,
+        }
+        #[derive(serde::Serialize)]
+        struct V1 {
+            role: pairfs::repl::Role,
+            epoch: pairfs::repl::Epoch,
+            generations: Vec<G>,
+            backlog: pairfs::repl::Backlog,
+            inconsistent_until: Option<pairfs::Seq>,
+            empty: bool,
+            paired: bool,
+        }
+        let d = tmp("v1");
+        let old = V1 {
+            role: pairfs::repl::Role::Primary,
+            epoch: pairfs::repl::Epoch(3),
+            generations: vec![G {
+                id: 9,
+                start: pairfs::Seq(1),
+            }],
+            backlog: pairfs::repl::Backlog::Journal,
+            inconsistent_until: None,
+            empty: false,
+            paired: true,
+        };
+        let payload = bincode::serialize(&old).unwrap();
+        std::fs::write(d.join(STATE_FILE), framed(STATE_MAGIC_V1, &payload)).unwrap();
+        let st = load_state(&d).unwrap().unwrap();
+        assert_eq!(st.epoch, pairfs::repl::Epoch(3));
+        assert_eq!(st.generations[0].id, 9);
+        assert_eq!(st.generations[0].base, pairfs::Seq::NONE);
+        assert!(st.paired && !st.sync_mode && st.degraded.is_none() && !st.full_copy);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

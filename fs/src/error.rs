@@ -66,6 +66,10 @@ pub enum FsError {
     /// On-disk structures fail their checks (EIO, logged with the details).
     #[error("corrupt filesystem: {0}")]
     Corrupt(String),
+    /// The node that runs the filesystem cannot take the change (EIO), and why: a
+    /// primary that could not resolve whether its peer holds newer data, for instance.
+    #[error("replication: {0}")]
+    Replication(String),
     /// The volume failed (EIO; after an I/O error the volume refuses writes).
     #[error(transparent)]
     Volume(#[from] VolumeError),
@@ -93,7 +97,7 @@ impl FsError {
             FsError::Stale => libc::ESTALE,
             FsError::ReadOnly => libc::EROFS,
             FsError::BadFormat(_) => libc::EINVAL,
-            FsError::BadSuperblock(_) | FsError::Corrupt(_) => libc::EIO,
+            FsError::BadSuperblock(_) | FsError::Corrupt(_) | FsError::Replication(_) => libc::EIO,
             FsError::Volume(VolumeError::ReadOnly) => libc::EROFS,
             FsError::Volume(_) => libc::EIO,
         }

@@ -46,15 +46,31 @@ pub struct FsOptions {
     /// Refuse every change (EROFS): the mount of a secondary, whose volume changes only by
     /// replication underneath.
     pub read_only: bool,
+    /// Free the inodes a crash left unlinked-but-open at open (a replicated primary does it
+    /// later, with [`Fs::reap_orphans`], once it may write).
+    pub reap_at_open: bool,
 }
 
-/// Callbacks into the node that runs the filesystem (replication).
+/// Callbacks into the node that runs the filesystem (replication). All are called outside
+/// the filesystem's lock.
 pub trait FsHooks: Send + Sync {
-    /// Journal entries may have become durable (after a sync or a group commit).
-    fn durable(&self);
-    /// A change was committed; called outside the filesystem's lock before the operation
-    /// returns (sync-mode replication makes the writer wait here).
-    fn committed(&self, fs: &Fs);
+    /// Journal entries were sealed or became durable: the node may send them.
+    fn entries(&self);
+    /// Before a change: waits while the node may not write (a primary reconciling with
+    /// its peer after a crash). An error fails the operation.
+    fn admit(&self) -> FsResult<()>;
+    /// Whether a change would be admitted now, without waiting (for changes nobody waits
+    /// for, such as access times).
+    fn admits(&self) -> bool;
+    /// A change was committed, before the operation returns: sync-mode replication seals
+    /// it and waits until the peer has it. An error fails the operation.
+    fn committed(&self, fs: &Fs) -> FsResult<()>;
+    /// An fsync begins: every change up to entry `seq` is being made durable here; the
+    /// peer should make it durable too.
+    fn syncing(&self, seq: pairfs::Seq);
+    /// An fsync: every change up to entry `seq` is durable here; sync-mode replication
+    /// waits until it is durable on the peer. An error fails the fsync.
+    fn synced(&self, seq: pairfs::Seq) -> FsResult<()>;
 }
 
 impl Default for FsOptions {
@@ -63,6 +79,7 @@ impl Default for FsOptions {
             track_lookups: false,
             atime: true,
             read_only: false,
+            reap_at_open: true,
         }
     }
 }
@@ -207,6 +224,11 @@ pub struct Fs {
     lookups: Mutex<HashMap<u64, u64>>,
     opts: FsOptions,
     hooks: std::sync::OnceLock<std::sync::Arc<dyn FsHooks>>,
+    /// Held (shared) by every read from its start until its reply is sent: a replica's
+    /// node takes it exclusively after an apply ([`Fs::wait_for_reads`]) so that no reply
+    /// computed from the state before can reach the kernel's cache after the
+    /// invalidation of what changed.
+    replies: RwLock<()>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -763,15 +785,16 @@ impl Fs {
                 return Err(FsError::corrupt(format!("inode {ino} is not a directory")));
             }
         }
-        let read_only = opts.read_only;
+        let reap = !opts.read_only && opts.reap_at_open;
         let fs = Fs {
             core: RwLock::new(Core { vol, sb, alloc }),
             lookups: Mutex::new(HashMap::new()),
             opts,
             hooks: std::sync::OnceLock::new(),
+            replies: RwLock::new(()),
         };
-        if !read_only {
-            fs.reap_all_orphans()?;
+        if reap {
+            fs.reap_orphans()?;
         }
         Ok(fs)
     }
@@ -810,6 +833,9 @@ impl Fs {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
+        if let Some(h) = self.hooks.get() {
+            h.admit()?;
+        }
         let (out, became_durable) = {
             let mut guard = self.write_core();
             let core = &mut *guard;
@@ -831,10 +857,10 @@ impl Fs {
         };
         if became_durable {
             // The volume synced on its own (an entry full for the wire, or space freed).
-            self.notify_durable();
+            self.notify_entries();
         }
         if let Some(h) = self.hooks.get() {
-            h.committed(self);
+            h.committed(self)?;
         }
         Ok(out)
     }
@@ -849,10 +875,29 @@ impl Fs {
         let _ = self.hooks.set(hooks);
     }
 
-    fn notify_durable(&self) {
+    fn notify_entries(&self) {
         if let Some(h) = self.hooks.get() {
-            h.durable();
+            h.entries();
         }
+    }
+
+    /// Seals the changes committed so far into a journal entry (written, not yet durable:
+    /// what sync-mode replication sends) and returns the newest seq.
+    pub fn seal(&self) -> FsResult<pairfs::Seq> {
+        let seq = self.write_core().vol.seal_open()?;
+        self.notify_entries();
+        Ok(seq)
+    }
+
+    /// Replaces the volume underneath (reopened after an I/O error poisoned it) and
+    /// reloads everything derived from it.
+    pub fn replace_volume(&self, vol: Volume) -> FsResult<()> {
+        let mut core = self.write_core();
+        let b0 = vol.read_block(0)?;
+        let sb = Superblock::decode(&b0, vol.block_count()).map_err(FsError::BadSuperblock)?;
+        let alloc = Allocator::load(&vol, &sb)?;
+        *core = Core { vol, sb, alloc };
+        Ok(())
     }
 
     /// Runs `f` with the volume under the write lock (replication applies, copies).
@@ -900,7 +945,9 @@ impl Fs {
         to_attr(ino, &i, core.vol.block_size())
     }
 
-    fn reap_all_orphans(&self) -> FsResult<()> {
+    /// Frees the inodes a crash left unlinked-but-open (their last reference went with the
+    /// crash).
+    pub fn reap_orphans(&self) -> FsResult<()> {
         let orphans: Vec<u64> = {
             let core = self.read_core();
             let o = load(&core.vol, &core.sb, ORPHAN_INO)?;
@@ -1357,6 +1404,7 @@ impl Fs {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let replying = self.replies.read().unwrap_or_else(|e| e.into_inner());
         let (out, touch) = BUF.with(|cell| -> FsResult<(R, bool)> {
             let mut buf = cell.borrow_mut();
             let core = self.read_core();
@@ -1400,10 +1448,12 @@ impl Fs {
             let touch = self.opts.atime
                 && !self.opts.read_only
                 && !core.vol.is_poisoned()
+                && self.hooks.get().is_none_or(|h| h.admits())
                 && (i.atime <= i.mtime || i.atime <= i.ctime || t.sec - i.atime.sec >= 86_400);
             drop(core);
             Ok((f(&buf[from..to]), touch))
         })?;
+        drop(replying);
         if touch {
             let r = self.mutate(
                 |tx| {
@@ -1598,6 +1648,10 @@ impl Fs {
         if self.opts.read_only {
             return Ok(()); // nothing to make durable: changes come by replication
         }
+        let target = self.seal()?;
+        if let Some(h) = self.hooks.get() {
+            h.syncing(target);
+        }
         let flushed = self.flush_unlocked(|_| true);
         {
             let mut core = self.write_core();
@@ -1608,7 +1662,10 @@ impl Fs {
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
         }
-        self.notify_durable();
+        self.notify_entries();
+        if let Some(h) = self.hooks.get() {
+            h.synced(target)?;
+        }
         Ok(())
     }
 
@@ -1694,7 +1751,7 @@ impl Fs {
         // Data written in place and still not durable starts its way to the disk.
         pairfs::volume::start_writeback(writeback);
         if did {
-            self.notify_durable();
+            self.notify_entries();
         }
         Ok(())
     }
@@ -1704,6 +1761,11 @@ impl Fs {
         let mut core = self.write_core();
         core.vol.close()?;
         Ok(())
+    }
+
+    /// Waits until every read that started before now has sent its reply (see `replies`).
+    pub fn wait_for_reads(&self) {
+        drop(self.replies.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Runs `f` with the volume (status, statistics).

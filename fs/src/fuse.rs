@@ -62,7 +62,10 @@ impl PairFuse {
 fn errno(e: &FsError) -> Errno {
     if matches!(
         e,
-        FsError::Corrupt(_) | FsError::Volume(_) | FsError::BadSuperblock(_)
+        FsError::Corrupt(_)
+            | FsError::Volume(_)
+            | FsError::BadSuperblock(_)
+            | FsError::Replication(_)
     ) {
         tracing::error!(error = %e, "I/O error");
     }
@@ -322,9 +325,16 @@ impl Filesystem for PairFuse {
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // Every change to a file goes through this mount, so the kernel's page cache stays
-        // valid across opens.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        // On a primary every change to a file goes through this mount, so the kernel's
+        // page cache stays valid across opens. A replica's files change underneath: each
+        // open starts from what is applied (changes while a file is open are invalidated
+        // by the node, after the reads in flight have been answered).
+        let flags = if self.fs.is_read_only() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(0), flags);
     }
 
     fn read(

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use pairfs::repl::WireEntry;
+use pairfs::repl::{EntryMeta, WireEntry};
 
 use crate::btree::decode_dir_leaf;
 use crate::error::FsResult;
@@ -25,9 +25,10 @@ pub struct Invalidations {
 }
 
 impl Fs {
-    /// Applies a replicated entry to the volume (durably) and returns what changed for
-    /// the kernel's caches.
-    pub fn apply_replicated(&self, e: &WireEntry) -> FsResult<Invalidations> {
+    /// Applies a replicated entry to the volume (visible at once, durable with the next
+    /// sync) and returns it as it is in this journal and what changed for the kernel's
+    /// caches.
+    pub fn apply_replicated(&self, e: &WireEntry) -> FsResult<(EntryMeta, Invalidations)> {
         let sb = self.superblock();
         let per_block = sb.inodes_per_block();
         let itab = sb.itab_start..sb.itab_start + sb.itab_blocks;
@@ -50,7 +51,7 @@ impl Fs {
                 }
             }
         });
-        self.with_volume_mut(|v| v.apply_replicated(e))?;
+        let meta = self.with_volume_mut(|v| v.apply_replicated(e))?;
         let blocks: Vec<u64> = e.blocks.iter().map(|b| b.block).collect();
         self.refresh_after_apply(&blocks)?;
         let mut inv = Invalidations::default();
@@ -80,6 +81,6 @@ impl Fs {
                 }
             }
         }
-        Ok(inv)
+        Ok((meta, inv))
     }
 }

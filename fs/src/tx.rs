@@ -208,6 +208,9 @@ impl<'a, 'd> FsTx<'a, 'd> {
         for (b, (d, fresh)) in std::mem::take(&mut self.data) {
             t.write_data(b, d, fresh);
         }
+        if !self.freed.is_empty() {
+            t.frees_blocks();
+        }
         self.done = true;
         let fin = Finished {
             freed: std::mem::take(&mut self.freed),

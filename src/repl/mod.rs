@@ -12,12 +12,16 @@ mod replicator;
 
 use serde::{Deserialize, Serialize};
 
-pub use replicator::{Action, Backpressure, CopyKind, EntryMeta, ReplConfig, Replicator, Status};
+pub use replicator::{
+    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta, ReplConfig,
+    Replicator, Status,
+};
 
 use crate::types::{Seq, VolumeId};
 
-/// Protocol version spoken by this build (docs/PROTOCOL.md title).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version spoken by this build (docs/PROTOCOL.md title). Version 2: two
+/// acknowledgements (received, durable), flush and reconciliation (issue 9).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest journal entry a primary sends, in bytes of block data (docs/PROTOCOL.md §4):
 /// with a peer, the open entry is sealed before its blocks would exceed it, so one entry
@@ -45,12 +49,14 @@ pub enum Role {
     Secondary,
 }
 
-/// When a write is acknowledged to the application.
+/// When a write is acknowledged to the application (README §Durability).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
-    /// After the local journal commit (DRBD protocol A).
+    /// After the local journal commit; entries are sent once durable locally (DRBD
+    /// protocol A).
     Async,
-    /// After the peer has the entry durably (DRBD protocol C).
+    /// Once the entry is written — in order, not necessarily synced — on both nodes;
+    /// `fsync` makes it durable on both (DRBD protocol C).
     Sync,
 }
 
@@ -65,6 +71,9 @@ pub enum PairState {
     Pair,
     /// The link is down: the primary retains entries, then marks a bitmap.
     Suspended,
+    /// Primary, after an unclean restart in sync mode: its peer may hold entries it lost,
+    /// so it writes nothing until it has taken them back (or given up: a new generation).
+    Reconciling,
 }
 
 impl std::fmt::Display for PairState {
@@ -74,17 +83,29 @@ impl std::fmt::Display for PairState {
             PairState::Copying => "copying",
             PairState::Pair => "pair",
             PairState::Suspended => "suspended",
+            PairState::Reconciling => "reconciling",
         })
     }
 }
 
-/// One lineage of a node's data: a random id and the first seq written under it.
+/// One lineage of a node's data: a random id, and where it branched off the previous one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Generation {
     /// Random identifier.
     pub id: u64,
-    /// First seq of this generation.
-    pub start: Seq,
+    /// The newest seq of the previous generation this one continues from (`Seq::NONE` for
+    /// the first): a node of the previous generation that holds a seq beyond it holds
+    /// changes this lineage does not have — the two diverged.
+    pub base: Seq,
+}
+
+/// Sync mode: the pair acknowledged writes without the peer (docs/PROTOCOL.md §5.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Degraded {
+    /// The first seq acknowledged without the peer having it.
+    pub since: Seq,
+    /// When (host clock, ns since the Unix epoch).
+    pub at_ns: u64,
 }
 
 /// How the primary keeps what the secondary has not applied yet.
@@ -119,6 +140,14 @@ pub struct PersistedState {
     pub empty: bool,
     /// Primary: a peer has been paired at least once (so entries are kept for it).
     pub paired: bool,
+    /// Primary: the pair ran in sync mode, where entries reach the peer before they are
+    /// durable here — after an unclean restart the peer may be ahead (reconcile first).
+    pub sync_mode: bool,
+    /// Primary, sync mode: writes were acknowledged without the peer since then.
+    pub degraded: Option<Degraded>,
+    /// Primary: a full copy started and has not completed: the next copy sends every block
+    /// too, however often it is interrupted (the peer's blocks may be in any state).
+    pub full_copy: bool,
 }
 
 impl PersistedState {
@@ -129,12 +158,15 @@ impl PersistedState {
             epoch: Epoch(1),
             generations: vec![Generation {
                 id: generation_id,
-                start: Seq(1),
+                base: Seq::NONE,
             }],
             backlog: Backlog::Journal,
             inconsistent_until: None,
             empty: false,
             paired: false,
+            sync_mode: false,
+            degraded: None,
+            full_copy: false,
         }
     }
 
@@ -148,6 +180,9 @@ impl PersistedState {
             inconsistent_until: None,
             empty: true,
             paired: false,
+            sync_mode: false,
+            degraded: None,
+            full_copy: false,
         }
     }
 }
@@ -171,14 +206,17 @@ pub struct Hello {
     pub epoch: Epoch,
     /// Sender's lineages.
     pub generations: Vec<Generation>,
-    /// Newest seq in the sender's journal.
+    /// Newest seq in the sender's journal (a secondary: the newest it received).
     pub last_seq: Seq,
-    /// Secondary: newest seq applied durably.
-    pub applied: Seq,
+    /// Newest seq durable in the sender's journal.
+    pub durable: Seq,
     /// Secondary: its volume is mid-copy and not consistent.
     pub inconsistent: bool,
     /// Secondary: never filled from a primary.
     pub empty: bool,
+    /// Largest entry (bytes of block data) the sender's journal takes: a primary seals its
+    /// entries at the smaller of this and its own limit.
+    pub max_entry_bytes: u64,
 }
 
 /// One journal entry on the wire, with the content of every block.
@@ -192,6 +230,9 @@ pub struct WireEntry {
     pub timestamp_ns: u64,
     /// `(block, content)` pairs.
     pub blocks: Vec<WireBlock>,
+    /// A transaction in the entry freed blocks: a replica makes it durable before it
+    /// writes a *fresh* block of a later entry in place (that block may be one it freed).
+    pub frees: bool,
 }
 
 /// One block of an entry or of a copy.
@@ -240,8 +281,35 @@ pub enum Message {
     Ack {
         /// Sender's epoch.
         epoch: Epoch,
-        /// Newest seq applied durably.
-        applied: Seq,
+        /// Newest seq received: written to its journal, applied, not necessarily synced
+        /// (releases sync-mode writers).
+        received: Seq,
+        /// Newest seq durable in its journal (releases the primary's journal space).
+        durable: Seq,
+    },
+    /// The primary's own journal is durable up to `seq` (primary → secondary): the
+    /// secondary may release its copies of entries up to it; newer ones it keeps, since a
+    /// crashed primary takes them back from it (sync mode).
+    Durable {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Newest seq durable on the primary.
+        seq: Seq,
+    },
+    /// Make every entry up to `upto` durable and acknowledge (an `fsync` on the primary).
+    Flush {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Seq to make durable.
+        upto: Seq,
+    },
+    /// Reconciliation (primary → secondary): send back the entries after `after` (the
+    /// primary's newest), which the primary lost in a crash.
+    Pull {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// The newest seq the primary has.
+        after: Seq,
     },
     /// The connection will not be used, and why.
     Refuse {
@@ -261,6 +329,9 @@ impl Message {
             | Message::CopyBlocks { epoch, .. }
             | Message::CopyEnd { epoch, .. }
             | Message::Ack { epoch, .. }
+            | Message::Durable { epoch, .. }
+            | Message::Flush { epoch, .. }
+            | Message::Pull { epoch, .. }
             | Message::Refuse { epoch, .. } => *epoch,
         }
     }
@@ -268,11 +339,30 @@ impl Message {
     /// The stream a message travels on (docs/PROTOCOL.md §3).
     pub fn stream(&self) -> Stream {
         match self {
-            Message::Entry { .. } | Message::CopyBlocks { .. } | Message::CopyEnd { .. } => {
-                Stream::Replication
-            }
+            Message::Entry { .. }
+            | Message::CopyBlocks { .. }
+            | Message::CopyEnd { .. }
+            | Message::Flush { .. } => Stream::Replication,
             _ => Stream::Control,
         }
+    }
+}
+
+impl Message {
+    /// Bytes of block data the message carries (what a receiver buffers).
+    pub fn data_bytes(&self) -> u64 {
+        match self {
+            Message::Entry { entry, .. } => entry.data_bytes(),
+            Message::CopyBlocks { blocks, .. } => blocks.iter().map(|b| b.data.len() as u64).sum(),
+            _ => 0,
+        }
+    }
+}
+
+impl WireEntry {
+    /// Bytes of block data in the entry.
+    pub fn data_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.data.len() as u64).sum()
     }
 }
 

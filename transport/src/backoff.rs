@@ -1,4 +1,4 @@
-//! The dialler's reconnect delay: exponential from 100 ms to 5 s, jittered
+//! The dialler's reconnect delay: exponential from 100 ms to 1 s, jittered
 //! (docs/PROTOCOL.md §3).
 //!
 //! Each failed attempt doubles the base delay, capped at [`MAX_DELAY`]; the delay returned
@@ -17,9 +17,11 @@ use std::time::Duration;
 /// First delay: short enough that a peer restarting (a daemon upgrade) is reached again
 /// within a fraction of a second, long enough not to spin on a refused connection.
 pub const MIN_DELAY: Duration = Duration::from_millis(100);
-/// Longest delay: a peer back after a long outage is found within ~5 s, while a node
-/// whose peer is down sends one handshake every ~5 s (negligible).
-pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// Longest delay: a peer back after an outage is found within about a second — well within
+/// the sync timeout (5 s by default) for which a primary restarted after a crash waits for
+/// its peer to reconcile — while a node whose peer is down sends about one handshake a
+/// second (negligible).
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Relative jitter, ±20 %: enough to desynchronise, small enough to keep the schedule.
 const JITTER: f64 = 0.2;
 
@@ -57,7 +59,7 @@ impl Backoff {
         reason = "an endless sequence: an Iterator would make every caller unwrap an Option"
     )]
     pub fn next(&mut self) -> Duration {
-        // 100 ms · 2^6 = 6.4 s > 5 s: past 6 doublings the base stays at the cap.
+        // 100 ms · 2^6 = 6.4 s > 1 s: past the doublings the base stays at the cap.
         let base = MIN_DELAY
             .saturating_mul(1 << self.attempt.min(6))
             .min(MAX_DELAY);
@@ -88,23 +90,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grows_from_100ms_to_5s_with_jitter() {
+    fn grows_from_100ms_to_1s_with_jitter() {
         let mut b = Backoff::with_seed(42);
         let delays: Vec<Duration> = (0..20).map(|_| b.next()).collect();
         for d in &delays {
             assert!((MIN_DELAY..=MAX_DELAY).contains(d), "{d:?}");
         }
-        // Base 100, 200, 400, 800, 1600, 3200, 5000 ms, each ±20 %.
-        let bases = [100u64, 200, 400, 800, 1600, 3200, 5000];
+        // Base 100, 200, 400, 800, 1000 ms, each ±20 %.
+        let bases = [100u64, 200, 400, 800, 1000];
         for (d, base) in delays.iter().zip(bases) {
             let ms = d.as_secs_f64() * 1000.0;
             assert!(
                 ms >= (base as f64 * 0.8).max(100.0) - 1e-6
-                    && ms <= (base as f64 * 1.2).min(5000.0) + 1e-6,
+                    && ms <= (base as f64 * 1.2).min(1000.0) + 1e-6,
                 "{ms} vs base {base}"
             );
         }
-        assert!(delays[10..].iter().all(|d| *d >= Duration::from_secs(4)));
+        assert!(
+            delays[10..]
+                .iter()
+                .all(|d| *d >= Duration::from_millis(800))
+        );
         // Jittered: not all equal at the cap.
         assert!(delays[10..].windows(2).any(|w| w[0] != w[1]));
     }

@@ -285,7 +285,7 @@ fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
     let primary = Fs::open(v, FsOptions::default()).unwrap();
     primary.sync().unwrap();
     primary.with_volume_mut(|v| v.checkpoint()).unwrap();
-    let _ = primary.with_volume_mut(|v| v.take_durable_entries());
+    let _ = primary.with_volume_mut(|v| v.take_entries(false));
     let rv = Volume::open(
         Box::new(pairfs::MemDevice::from_bytes(
             n.crash_point().durable_image(),
@@ -322,7 +322,7 @@ fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
         primary.unlink(d.ino, format!("f{i}").as_bytes()).unwrap();
     }
     primary.sync().unwrap();
-    let metas = primary.with_volume_mut(|v| v.take_durable_entries());
+    let metas = primary.with_volume_mut(|v| v.take_entries(false));
     assert!(metas.len() > 10, "{} entries", metas.len());
     for m in metas {
         let e = primary.with_volume(|v| v.read_wire_entry(m.seq)).unwrap();

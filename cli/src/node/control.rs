@@ -1,0 +1,77 @@
+//! The control socket, `DIR/control.sock` (mode 0600): one request line, one JSON reply
+//! line. The CLI's `status` talks to a running node through it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::oneshot;
+
+use super::{Event, Shared, StatusReport};
+
+/// Control socket name in the data directory.
+pub(crate) const CONTROL_SOCKET: &str = "control.sock";
+
+/// Serves requests on `DIR/control.sock` until the runtime stops.
+pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
+    let path = dir.join(CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "control socket unavailable");
+            return;
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let (r, mut w) = stream.split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match line.trim() {
+                "status" => {
+                    let (tx, rx) = oneshot::channel();
+                    if shared.events.send(Event::Status(tx)).is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(s) => serde_json::to_string(&s).unwrap_or_default(),
+                        Err(_) => return,
+                    }
+                }
+                other => format!("{{\"error\":\"unknown request {other:?}\"}}"),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.write_all(b"\n").await;
+        });
+    }
+}
+
+/// Asks a running node for its status through its control socket.
+pub(crate) fn query_status(dir: &Path) -> Result<StatusReport> {
+    use std::io::{BufRead, BufReader, Write};
+    let path = dir.join(CONTROL_SOCKET);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no pairfs daemon answers on {} (is `pairfs mount`/`pairfs serve` running?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).context("decoding the daemon's status")
+}

@@ -1,0 +1,579 @@
+//! The driver: the only task that touches the [`Replicator`]. It turns what happens — a
+//! connection, a message, entries sealed or durable, a copy's progress, a status request —
+//! into the replicator's events, and carries out its actions on the volume, the network
+//! and the node's files, in order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pairfs::repl::{
+    Action, CopyKind, Message, Mode, Replicator, Role, Stream, WireBlock, WireEntry,
+};
+use pairfs::{Seq, VolumeError};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::block_in_place;
+
+use super::hooks::{Gate, PeerProgress};
+use super::link::ConnHandle;
+use super::{Event, Host, Shared, StatusReport};
+use crate::config::NodeConfig;
+use crate::state::{DiffBitmap, save_state};
+
+/// Blocks per copy message: 256 × 4 KiB = 1 MiB frames, well under the frame limit.
+const COPY_BATCH: usize = 256;
+/// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
+/// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
+const REOPEN_FIRST: Duration = Duration::from_millis(500);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+
+/// What must wait until the actions of an event are carried out.
+enum After {
+    Nothing,
+    /// The peer's message holds its share of the receive budget until handled.
+    Release(OwnedSemaphorePermit),
+    /// A writer waits until the degraded state is persisted.
+    Notify(std::sync::mpsc::Sender<()>),
+}
+
+pub(crate) struct Driver {
+    cfg: NodeConfig,
+    host: Arc<Host>,
+    shared: Arc<Shared>,
+    repl: Replicator,
+    bitmap: DiffBitmap,
+    conn: Option<ConnHandle>,
+    copy_cancel: Option<Arc<AtomicBool>>,
+    copy_started: Option<Instant>,
+    /// The volume is poisoned: try to reopen it at this instant.
+    reopen_at: Option<Instant>,
+    reopen_delay: Duration,
+    reopen_error: Option<String>,
+    /// Writes were admitted at the last publish (orphans are freed when they first are).
+    admitted: bool,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        cfg: NodeConfig,
+        host: Arc<Host>,
+        shared: Arc<Shared>,
+        repl: Replicator,
+        bitmap: DiffBitmap,
+    ) -> Driver {
+        Driver {
+            cfg,
+            host,
+            shared,
+            repl,
+            bitmap,
+            conn: None,
+            copy_cancel: None,
+            copy_started: None,
+            reopen_at: None,
+            reopen_delay: REOPEN_FIRST,
+            reopen_error: None,
+            admitted: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        // Entries that became sendable before the runtime started.
+        self.take_entries();
+        self.actions().await;
+        self.publish();
+        loop {
+            let now = Instant::now();
+            let next = [self.repl.poll_timeout(), self.reopen_at]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = next
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_millis(250));
+            let after = match tokio::time::timeout(timeout, rx.recv()).await {
+                Ok(Some(ev)) => self.on_event(ev),
+                Ok(None) => return,
+                Err(_) => {
+                    self.repl.handle_timeout(Instant::now());
+                    self.maybe_reopen();
+                    After::Nothing
+                }
+            };
+            self.actions().await;
+            self.publish();
+            match after {
+                After::Nothing => {}
+                After::Release(permit) => drop(permit),
+                After::Notify(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Primary: hands the replicator the entries it may now send; both roles: how far the
+    /// local journal is durable.
+    fn take_entries(&mut self) {
+        let primary = self.repl.role() == Role::Primary;
+        let unsynced = self.repl.sends_unsynced();
+        let (metas, durable) = self.host.vol_mut(|v| {
+            let metas = if primary {
+                v.take_entries(unsynced)
+            } else {
+                Vec::new()
+            };
+            (metas, v.journal().durable_seq())
+        });
+        for m in metas {
+            self.repl.handle_local_entry(m);
+        }
+        self.repl.handle_local_durable(durable, Instant::now());
+    }
+
+    fn on_event(&mut self, ev: Event) -> After {
+        let now = Instant::now();
+        match ev {
+            Event::Connected(h) => {
+                if let Some(old) = self.conn.take() {
+                    old.conn.close(1, "replaced");
+                    self.repl.handle_disconnected();
+                }
+                if self.reopen_at.is_some() {
+                    // No stream until the volume is usable again.
+                    h.conn.close(1, "the volume is being reopened");
+                    return After::Nothing;
+                }
+                self.conn = Some(h);
+                self.repl.handle_connected(now);
+            }
+            Event::Disconnected(id) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.conn = None;
+                    self.repl.handle_disconnected();
+                }
+            }
+            Event::Message(id, r) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.repl.handle_message(r.message, now);
+                }
+                return After::Release(r.permit);
+            }
+            Event::Entries => self.take_entries(),
+            Event::Flush(seq) => {
+                self.take_entries();
+                self.repl.handle_fsync(seq);
+            }
+            Event::Degraded { seq, done } => {
+                self.repl.handle_degraded(seq, pairfs::types::now_ns());
+                return After::Notify(done);
+            }
+            Event::CopyProgress { sent, total } => self.repl.handle_copy_progress(sent, total),
+            Event::CopyDone { id, newest } => {
+                self.take_entries();
+                self.repl.handle_copy_sent(id, newest);
+            }
+            Event::CopyFailed { id, error } => {
+                tracing::warn!(copy = id, %error, "copy failed; it restarts with the connection");
+                if let Some(c) = self.conn.take() {
+                    c.conn.close(1, "copy failed");
+                }
+                self.repl.handle_disconnected();
+            }
+            Event::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+        After::Nothing
+    }
+
+    /// Carries out the replicator's actions, in order.
+    async fn actions(&mut self) {
+        while let Some(a) = self.repl.poll_action() {
+            if let Err(e) = self.act(a).await {
+                tracing::error!(error = %format!("{e:#}"), "replication action failed");
+            }
+        }
+    }
+
+    async fn send(&mut self, m: Message) {
+        let Some(c) = self.conn.as_ref() else { return };
+        match m.stream() {
+            Stream::Control => {
+                let _ = c.ctrl.send(m);
+            }
+            Stream::Replication => {
+                let tx = c.repl.clone();
+                let _ = tx.send(m).await;
+            }
+        }
+    }
+
+    async fn act(&mut self, a: Action) -> Result<()> {
+        match a {
+            Action::Send(m) => self.send(m).await,
+            Action::SendEntry(meta) => {
+                // Disk reads and fsyncs leave the worker thread to the network tasks.
+                let r = block_in_place(|| self.host.vol(|v| v.read_wire_entry(meta.seq)));
+                match r {
+                    Ok(entry) => {
+                        let epoch = self.repl.persisted().epoch;
+                        self.send(Message::Entry { epoch, entry }).await;
+                    }
+                    Err(VolumeError::InPlaceChanged { .. } | VolumeError::EntryGone { .. }) => {
+                        self.repl.handle_entry_unavailable(meta.seq);
+                    }
+                    Err(e) => return Err(e).context("reading an entry to send"),
+                }
+            }
+            Action::SendOwnEntries { after, upto } => self.send_own_entries(after, upto).await,
+            Action::StartCopy { kind, id } => self.start_copy(kind, id),
+            Action::StopCopy => {
+                if let Some(c) = self.copy_cancel.take() {
+                    c.store(true, Ordering::Release);
+                }
+            }
+            Action::LimitEntries(bytes) => {
+                self.host.vol_mut(|v| v.set_max_entry_wire_bytes(bytes));
+            }
+            Action::Apply(e) => {
+                let seq = e.seq;
+                match block_in_place(|| self.apply(&e)) {
+                    Ok(meta) => self.repl.handle_applied(meta, Instant::now()),
+                    Err(err) => {
+                        self.repl
+                            .handle_apply_failed(Some(seq), &format!("{err:#}"));
+                        self.schedule_reopen();
+                    }
+                }
+            }
+            Action::ApplyCopy(blocks) => {
+                let r = block_in_place(|| self.host.vol_mut(|v| v.write_copy_blocks(&blocks)));
+                if let Err(err) = r {
+                    self.repl.handle_apply_failed(None, &err.to_string());
+                    self.schedule_reopen();
+                }
+            }
+            Action::AdoptVolume(id) => {
+                self.host
+                    .vol_mut(|v| v.adopt_id(id))
+                    .context("taking the primary's volume identity")?;
+                tracing::info!(volume = %id, "this node now replicates volume");
+            }
+            Action::SyncLocal => match block_in_place(|| self.host.sync()) {
+                Ok(durable) => self.repl.handle_local_durable(durable, Instant::now()),
+                Err(err) => {
+                    self.repl.handle_sync_failed(&format!("{err:#}"));
+                    self.schedule_reopen();
+                }
+            },
+            Action::Release(seq) => self.host.vol_mut(|v| v.set_release_limit(seq)),
+            Action::MarkBitmap(seq) => {
+                let blocks = self.host.vol(|v| v.retained_blocks(seq))?;
+                self.bitmap.mark(blocks);
+                self.bitmap.persist()?;
+                self.host.vol_mut(|v| v.force_release(seq))?;
+            }
+            Action::ClearBitmap => {
+                if self.bitmap.count() > 0 {
+                    self.bitmap.clear();
+                    self.bitmap.persist()?;
+                }
+            }
+            Action::Persist(st) => save_state(&self.cfg.data, &st)?,
+            Action::Acked { received, durable } => {
+                self.shared.set_peer(PeerProgress { received, durable });
+            }
+            Action::Disconnect(reason) => {
+                if let Some(c) = self.conn.take() {
+                    c.conn.close(2, &reason);
+                }
+                self.repl.handle_disconnected();
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one replicated entry (secondary; or a primary reconciling), then drops what
+    /// the caches (ours and the kernel's) hold of what it changed.
+    fn apply(&self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
+        if let Some(fs) = self.host.fs() {
+            let (meta, mut inv) = fs.apply_replicated(e).context("applying an entry")?;
+            if e.blocks.is_empty() {
+                // The end of a copy: anything may have changed underneath.
+                fs.reload().context("reloading after a copy")?;
+                inv.inodes = fs.referenced_inode_list();
+                inv.inodes.push(1);
+            }
+            self.host.invalidate(&inv);
+            return Ok(meta);
+        }
+        self.host
+            .vol_mut(|v| v.apply_replicated(e))
+            .context("applying an entry")
+    }
+
+    /// Secondary, answering a reconciling primary: its own entries after `after`.
+    async fn send_own_entries(&mut self, after: Seq, upto: Seq) {
+        let r = block_in_place(|| {
+            self.host.vol(|v| {
+                let locs: Vec<Seq> = v
+                    .retained_entries()
+                    .iter()
+                    .filter(|e| e.seq > after && e.seq <= upto)
+                    .map(|e| e.seq)
+                    .collect();
+                let mut out = Vec::with_capacity(locs.len());
+                for seq in locs {
+                    out.push(v.read_wire_entry(seq)?);
+                }
+                Ok::<_, VolumeError>(out)
+            })
+        });
+        let entries = match r {
+            Ok(v) if v.first().is_some_and(|e| e.prev_seq == after) => v,
+            Ok(_) => {
+                let why = format!("this node no longer holds the entry after seq {after}");
+                self.repl.handle_pull_failed(&why);
+                return;
+            }
+            Err(e) => {
+                self.repl.handle_pull_failed(&e.to_string());
+                return;
+            }
+        };
+        tracing::warn!(
+            after = %after,
+            upto = %upto,
+            count = entries.len(),
+            "sending back entries the primary lost in a crash"
+        );
+        let epoch = self.repl.persisted().epoch;
+        for entry in entries {
+            self.send(Message::Entry { epoch, entry }).await;
+        }
+    }
+
+    /// After a failed apply or sync: if that poisoned the volume, reopen it soon.
+    fn schedule_reopen(&mut self) {
+        let poisoned = self.host.vol(|v| v.is_poisoned());
+        if poisoned && self.reopen_at.is_none() && self.repl.role() == Role::Secondary {
+            tracing::warn!(
+                in_ms = self.reopen_delay.as_millis() as u64,
+                "the volume refuses writes after an I/O error: reopening it"
+            );
+            self.reopen_at = Some(Instant::now() + self.reopen_delay);
+        }
+    }
+
+    fn maybe_reopen(&mut self) {
+        let Some(at) = self.reopen_at else { return };
+        if Instant::now() < at {
+            return;
+        }
+        match block_in_place(|| self.host.reopen()) {
+            Ok(()) => {
+                let durable = self.host.vol(|v| v.journal().durable_seq());
+                self.repl.handle_volume_reopened(durable);
+                self.reopen_at = None;
+                self.reopen_delay = REOPEN_FIRST;
+                self.reopen_error = None;
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, retry_in_s = self.reopen_delay.as_secs_f64(), "reopening the volume failed");
+                self.reopen_error = Some(msg);
+                self.reopen_delay = (self.reopen_delay * 2).min(REOPEN_MAX);
+                self.reopen_at = Some(Instant::now() + self.reopen_delay);
+            }
+        }
+    }
+
+    fn start_copy(&mut self, kind: CopyKind, id: u64) {
+        if let Some(c) = self.copy_cancel.take() {
+            c.store(true, Ordering::Release);
+        }
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.copy_cancel = Some(cancel.clone());
+        self.copy_started = Some(Instant::now());
+        let host = self.host.clone();
+        let events = self.shared.events.clone();
+        let tx = conn.repl.clone();
+        let epoch = self.repl.persisted().epoch;
+        let marked = if kind == CopyKind::Bitmap {
+            Some(self.bitmap.marked())
+        } else {
+            None
+        };
+        tracing::info!(copy = id, ?kind, "copy starts");
+        tokio::task::spawn_blocking(move || {
+            let r = copy_blocks(&host, &tx, &events, &cancel, epoch, marked);
+            match r {
+                Ok(Some(newest)) => {
+                    let _ = events.send(Event::CopyDone { id, newest });
+                }
+                Ok(None) => {} // cancelled
+                Err(e) => {
+                    let _ = events.send(Event::CopyFailed {
+                        id,
+                        error: format!("{e:#}"),
+                    });
+                }
+            }
+        });
+    }
+
+    /// Tells the writers what they may do; frees orphans when writes are first admitted.
+    fn publish(&mut self) {
+        let primary = self.repl.role() == Role::Primary;
+        let admits = primary && self.repl.admits_writes();
+        self.shared.publish(Gate {
+            admits,
+            sync_waits: self.repl.sync_waits(),
+            backpressure: self.repl.backpressure(),
+        });
+        if admits && !self.admitted {
+            if let Some(fs) = self.host.fs_arc().filter(|fs| !fs.is_read_only()) {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = fs.reap_orphans() {
+                        tracing::warn!(error = %e, "freeing unlinked files left by a crash failed");
+                    }
+                });
+            }
+        }
+        self.admitted = admits;
+    }
+
+    fn status(&self) -> StatusReport {
+        let s = self.repl.status();
+        let (committed, durable, used, cap, bs) = self.host.vol(|v| {
+            let j = v.journal();
+            (
+                j.last_seq().0,
+                j.durable_seq().0,
+                j.used_bytes(),
+                j.capacity_for_entries(),
+                v.block_size() as f64,
+            )
+        });
+        let lag_seconds = s
+            .oldest_unacked_ns
+            .map(|t| (pairfs::types::now_ns().saturating_sub(t)) as f64 / 1e9)
+            .unwrap_or(0.0);
+        let rate = match (self.copy_started, s.copy_progress) {
+            (Some(t), Some((sent, _))) => {
+                let secs = t.elapsed().as_secs_f64().max(0.001);
+                Some(sent as f64 * bs / secs)
+            }
+            _ => None,
+        };
+        let apply_error = match (&s.apply_error, &self.reopen_error) {
+            (Some(a), Some(r)) => Some(format!("{a}; reopening the volume failed: {r}")),
+            (a, _) => a.clone(),
+        };
+        StatusReport {
+            node: self.cfg.name.clone(),
+            role: format!("{:?}", s.role).to_lowercase(),
+            state: s.state.to_string(),
+            mode: match self.cfg.mode {
+                Mode::Async => "async".into(),
+                Mode::Sync => "sync".into(),
+            },
+            epoch: s.epoch.0,
+            peer: self.cfg.peer.as_ref().map(|p| p.name.clone()),
+            peer_address: self.cfg.peer.as_ref().map(|p| p.address.to_string()),
+            connected: s.connected,
+            committed_seq: committed,
+            durable_seq: durable,
+            sent_seq: s.sent.0,
+            replica_received_seq: s.received.0,
+            replica_durable_seq: s.durable.0,
+            lag_entries: s.lag_entries,
+            lag_bytes: s.lag_bytes,
+            lag_seconds,
+            peer_apply_rate_bps: s.apply_rate.map(|r| r as f64),
+            backlog: match s.backlog {
+                pairfs::repl::Backlog::Journal => "journal".into(),
+                pairfs::repl::Backlog::Bitmap { .. } => "bitmap".into(),
+            },
+            bitmap_blocks: self.bitmap.count(),
+            copy_sent: s.copy_progress.map(|(a, _)| a),
+            copy_total: s.copy_progress.map(|(_, b)| b),
+            copy_rate_bps: rate,
+            inconsistent: s.inconsistent,
+            journal_used: used,
+            journal_capacity: cap,
+            refused: s.refused,
+            wire_bytes_sent: self.shared.wire_sent.load(Ordering::Relaxed),
+            wire_bytes_received: self.shared.wire_received.load(Ordering::Relaxed),
+            degraded_since_seq: s.degraded.map(|d| d.since.0),
+            degraded_since_ns: s.degraded.map(|d| d.at_ns),
+            apply_error,
+            writable: self.admitted,
+        }
+    }
+}
+
+/// Streams a copy (on a blocking thread): every block ever written (`marked = None`) or
+/// the marked ones. Returns the newest durable seq once everything was sent, `None` if
+/// cancelled.
+fn copy_blocks(
+    host: &Host,
+    tx: &mpsc::Sender<Message>,
+    events: &mpsc::UnboundedSender<Event>,
+    cancel: &AtomicBool,
+    epoch: pairfs::repl::Epoch,
+    marked: Option<Vec<u64>>,
+) -> Result<Option<Seq>> {
+    let list: Vec<u64> = match marked {
+        Some(m) => m,
+        None => {
+            let ranges = host.vol(|v| v.written_ranges())?;
+            ranges.iter().flat_map(|&(s, n)| s..s + n).collect()
+        }
+    };
+    let total = list.len() as u64;
+    let bs = host.vol(|v| v.block_size());
+    let mut sent = 0u64;
+    let mut last_report = Instant::now();
+    for chunk in list.chunks(COPY_BATCH) {
+        if cancel.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let mut blocks = Vec::with_capacity(chunk.len());
+        host.vol(|v| -> Result<(), VolumeError> {
+            for &b in chunk {
+                let mut data = vec![0u8; bs];
+                v.read_current(b, &mut data)?;
+                blocks.push(WireBlock {
+                    block: b,
+                    data,
+                    fresh: false,
+                });
+            }
+            Ok(())
+        })?;
+        if tx
+            .blocking_send(Message::CopyBlocks { epoch, blocks })
+            .is_err()
+        {
+            return Ok(None); // the connection went away
+        }
+        sent += chunk.len() as u64;
+        if last_report.elapsed() > Duration::from_millis(200) {
+            last_report = Instant::now();
+            let _ = events.send(Event::CopyProgress { sent, total });
+        }
+    }
+    let _ = events.send(Event::CopyProgress { sent, total });
+    // Every block sent reflects a state at or before what is committed now: a marker entry
+    // after it, durable, is where the peer is consistent (PROTOCOL.md §5.2).
+    host.vol_mut(|v| v.append_marker())
+        .context("ending the copy")?;
+    let newest = host.sync()?;
+    Ok(Some(newest))
+}

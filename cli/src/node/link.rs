@@ -1,0 +1,236 @@
+//! The connection to the peer: one QUIC connection, dialled by the node whose name sorts
+//! first and accepted by both (docs/PROTOCOL.md §3), with a control stream and one
+//! replication stream per direction.
+//!
+//! Memory taken from the peer is bounded in bytes: a reader hands a frame to the driver only
+//! once it holds permits for its size from the connection's budget, and the driver returns
+//! them when it has handled the message. A slow driver therefore stops the readers, and
+//! QUIC's flow control then stops the peer — nothing queues without bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pairfs::repl::{MAX_FRAME, Message};
+use pairfs_transport::{Backoff, Connection, Endpoint, FrameReceiver, frame};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::{Event, Shared};
+
+/// Frame kinds on the wire (the transport carries them, the node reads them).
+pub(crate) const KIND_CONTROL: u8 = 1;
+pub(crate) const KIND_REPLICATION: u8 = 2;
+/// Replication messages queued per connection for the sender task before the driver waits.
+const REPL_QUEUE: usize = 32;
+/// Bytes of the peer's messages held at once between the readers and the driver: two of
+/// the largest frames, so that one is handled while the next is read.
+const RECEIVE_BUDGET: usize = 2 * MAX_FRAME as usize;
+/// The least a message counts against that budget: bounds how many small (control)
+/// messages can queue.
+const MIN_PERMIT: usize = 4096;
+
+/// A message from the peer and the share of the receive budget it holds until dropped.
+pub(crate) struct Received {
+    pub(crate) message: Message,
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+/// The driver's handle on a connection.
+pub(crate) struct ConnHandle {
+    pub(crate) id: u64,
+    pub(crate) conn: Connection,
+    pub(crate) ctrl: mpsc::UnboundedSender<Message>,
+    pub(crate) repl: mpsc::Sender<Message>,
+}
+
+/// Keeps one connection to the peer: dials (with backoff) if this node's name sorts first.
+/// Every node also accepts: the peer dials the other way, and strangers must be answered
+/// (and refused by the certificate pin, with a log line) rather than ignored.
+pub(crate) async fn connection_manager(
+    ep: Arc<Endpoint>,
+    peer: SocketAddr,
+    dial: bool,
+    shared: Arc<Shared>,
+) {
+    let ids = Arc::new(AtomicU64::new(0));
+    {
+        let (ep, shared, ids) = (ep.clone(), shared.clone(), ids.clone());
+        tokio::spawn(async move {
+            loop {
+                match ep.accept().await {
+                    Ok(Some(c)) => {
+                        let id = ids.fetch_add(1, Ordering::AcqRel) + 1;
+                        tracing::info!(conn = id, "the peer connected");
+                        run_connection(id, c, false, shared.clone()).await;
+                    }
+                    Ok(None) => return,
+                    Err(e) => tracing::debug!(error = %e, "accept failed"),
+                }
+            }
+        });
+    }
+    if !dial {
+        return;
+    }
+    let mut backoff = Backoff::with_seed(0x5eed);
+    loop {
+        let conn = match ep.connect(peer).await {
+            Ok(c) => c,
+            Err(e) => {
+                let d = backoff.next();
+                tracing::debug!(error = %e, retry_in = ?d, "peer unreachable");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let id = ids.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::info!(conn = id, "connected to the peer");
+        let closed = run_connection(id, conn, true, shared.clone()).await;
+        // Wait for this connection to end before dialling again.
+        closed.notified().await;
+        tracing::info!(conn = id, "connection to the peer lost");
+        tokio::time::sleep(backoff.next()).await;
+    }
+}
+
+/// Sets up the streams of a connection; returns a notifier fired when it ends.
+async fn run_connection(
+    id: u64,
+    conn: Connection,
+    dialer: bool,
+    shared: Arc<Shared>,
+) -> Arc<Notify> {
+    let closed = Arc::new(Notify::new());
+    let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel::<Message>();
+    let (repl_tx, mut repl_rx) = mpsc::channel::<Message>(REPL_QUEUE);
+    let budget = Arc::new(Semaphore::new(RECEIVE_BUDGET));
+    let ended = Arc::new(AtomicBool::new(false));
+    let end = {
+        let (shared, closed, ended, conn) =
+            (shared.clone(), closed.clone(), ended.clone(), conn.clone());
+        move |why: String| {
+            if !ended.swap(true, Ordering::AcqRel) {
+                tracing::debug!(conn = id, %why, "connection ends");
+                conn.close(1, &why);
+                let _ = shared.events.send(Event::Disconnected(id));
+                closed.notify_one();
+            }
+        }
+    };
+    let end = Arc::new(end);
+    // Control stream: the dialler opens it, the acceptor waits for it.
+    let ctrl = if dialer {
+        conn.open_bi().await
+    } else {
+        conn.accept_bi().await
+    };
+    let (mut csend, crecv) = match ctrl {
+        Ok(s) => s,
+        Err(e) => {
+            end(format!("control stream: {e}"));
+            return closed;
+        }
+    };
+    let _ = shared.events.send(Event::Connected(ConnHandle {
+        id,
+        conn: conn.clone(),
+        ctrl: ctrl_tx,
+        repl: repl_tx,
+    }));
+    {
+        let end = end.clone();
+        tokio::spawn(async move {
+            while let Some(m) = ctrl_rx.recv().await {
+                if let Err(e) = csend.send(KIND_CONTROL, &m).await {
+                    end(format!("sending: {e}"));
+                    return;
+                }
+            }
+        });
+    }
+    {
+        let (end, shared, budget) = (end.clone(), shared.clone(), budget.clone());
+        tokio::spawn(async move {
+            let why = read_messages(id, crecv, &shared, &budget, None).await;
+            end(format!("control stream: {why}"));
+        });
+    }
+    {
+        let (end, conn2, shared) = (end.clone(), conn.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut sender = None;
+            while let Some(m) = repl_rx.recv().await {
+                if sender.is_none() {
+                    match conn2.open_uni().await {
+                        Ok(s) => sender = Some(s),
+                        Err(e) => return end(format!("replication stream: {e}")),
+                    }
+                }
+                let Some(s) = sender.as_mut() else { return };
+                if let Err(e) = s.send(KIND_REPLICATION, &m).await {
+                    return end(format!("sending: {e}"));
+                }
+                shared
+                    .wire_sent
+                    .store(conn2.stats().bytes_sent, Ordering::Relaxed);
+            }
+        });
+    }
+    {
+        let (end, conn2, shared) = (end.clone(), conn.clone(), shared.clone());
+        tokio::spawn(async move {
+            let r = match conn2.accept_uni().await {
+                Ok(r) => r,
+                Err(e) => return end(format!("replication stream: {e}")),
+            };
+            let why = read_messages(id, r, &shared, &budget, Some(&conn2)).await;
+            end(format!("replication stream: {why}"));
+        });
+    }
+    {
+        let (end, conn2) = (end.clone(), conn.clone());
+        tokio::spawn(async move {
+            let why = conn2.closed().await;
+            end(format!("closed: {why}"));
+        });
+    }
+    closed
+}
+
+/// Reads the messages of one stream into the driver's queue, each once it holds its share
+/// of `budget`; returns why the stream ended. `stats`: the connection whose received bytes
+/// to publish.
+async fn read_messages(
+    id: u64,
+    mut r: FrameReceiver,
+    shared: &Shared,
+    budget: &Arc<Semaphore>,
+    stats: Option<&Connection>,
+) -> String {
+    loop {
+        let (header, payload) = match r.recv_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return "closed by the peer".into(),
+            Err(e) => return e.to_string(),
+        };
+        let message: Message = match frame::decode_payload(&header, &payload) {
+            Ok(m) => m,
+            Err(e) => return format!("bad frame: {e}"),
+        };
+        drop(payload);
+        let share = (header.len as usize).clamp(MIN_PERMIT, RECEIVE_BUDGET);
+        let Ok(permit) = budget.clone().acquire_many_owned(share as u32).await else {
+            return "receive budget closed".into();
+        };
+        if let Some(c) = stats {
+            shared
+                .wire_received
+                .store(c.stats().bytes_received, Ordering::Relaxed);
+        }
+        let received = Received { message, permit };
+        if shared.events.send(Event::Message(id, received)).is_err() {
+            return "the node stopped".into();
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The node daemon: drives the sans-IO [`Replicator`] with a QUIC connection to the peer,
+//! the local volume (directly, or through the mounted filesystem) and the files of
+//! `state.rs` (docs/DESIGN.md §2: the transport and the daemon only drive the core).
+//!
+//! Threads: a tokio runtime (two workers) runs the connection manager, the per-connection
+//! readers and writers, the control socket and the driver; the driver is the only task
+//! that touches the replicator, and carries out its actions in order. Copies run on a
+//! blocking thread. The FUSE threads reach the node only through [`FsHooks`]
+//! (`hooks.rs`).
+//!
+//! - `link.rs`: the QUIC connection and its streams, with a bounded receive budget;
+//! - `driver.rs`: the replicator's events and actions on the volume;
+//! - `hooks.rs`: what the writers wait for;
+//! - `control.rs`: the control socket (`pairfs status`).
+
+mod control;
+mod driver;
+mod hooks;
+mod link;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pairfs::repl::{PersistedState, ReplConfig, Replicator, Role};
+use pairfs::{Seq, Volume};
+use pairfs_fs::Fs;
+use pairfs_fs::replica::Invalidations;
+use pairfs_transport::{Endpoint, Identity, TransportConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) use control::query_status;
+pub(crate) use hooks::Shared;
+
+use crate::config::NodeConfig;
+use crate::state::{DiffBitmap, load_state, save_state};
+
+/// Opens the node's volume again (after an I/O error poisoned it).
+pub(crate) type Reopen = Box<dyn Fn() -> Result<Volume> + Send + Sync>;
+
+/// Where the node's volume lives: alone (`serve`, or a secondary waiting for its first
+/// copy) or inside the mounted filesystem.
+pub(crate) struct Host {
+    bare: Mutex<Option<Volume>>,
+    fs: OnceLock<Arc<Fs>>,
+    notifier: Mutex<Option<fuser::Notifier>>,
+    shared: OnceLock<Arc<Shared>>,
+    reopen: Reopen,
+}
+
+impl Host {
+    pub(crate) fn bare(v: Volume, reopen: Reopen) -> Arc<Host> {
+        Arc::new(Host {
+            bare: Mutex::new(Some(v)),
+            fs: OnceLock::new(),
+            notifier: Mutex::new(None),
+            shared: OnceLock::new(),
+            reopen,
+        })
+    }
+
+    pub(crate) fn with_fs(fs: Arc<Fs>, reopen: Reopen) -> Arc<Host> {
+        let h = Host {
+            bare: Mutex::new(None),
+            fs: OnceLock::new(),
+            notifier: Mutex::new(None),
+            shared: OnceLock::new(),
+            reopen,
+        };
+        let _ = h.fs.set(fs);
+        Arc::new(h)
+    }
+
+    pub(crate) fn set_notifier(&self, n: fuser::Notifier) {
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+    }
+
+    fn fs(&self) -> Option<&Arc<Fs>> {
+        self.fs.get()
+    }
+
+    /// The mounted filesystem, if any.
+    pub(crate) fn fs_arc(&self) -> Option<Arc<Fs>> {
+        self.fs.get().cloned()
+    }
+
+    /// Opens the filesystem on the bare volume (atomically for the driver).
+    pub(crate) fn promote(
+        &self,
+        open: impl FnOnce(Volume) -> pairfs_fs::FsResult<Fs>,
+    ) -> Result<()> {
+        let mut g = self.bare.lock().unwrap_or_else(|e| e.into_inner());
+        let v = g.take().context("the volume is already in a filesystem")?;
+        let fs = Arc::new(open(v)?);
+        let _ = self.fs.set(fs);
+        drop(g);
+        Ok(())
+    }
+
+    /// Group commit and checkpoints of a bare volume (a mounted one has its own thread).
+    pub(crate) fn maintain(&self) {
+        if self.fs.get().is_some() {
+            return;
+        }
+        let (did, writeback) = self.vol_mut(|v| (v.maintain(Instant::now()), v.take_writeback()));
+        pairfs::volume::start_writeback(writeback);
+        match did {
+            Ok(true) => {
+                if let Some(s) = self.shared.get() {
+                    pairfs_fs::FsHooks::entries(&**s);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "background commit failed"),
+        }
+    }
+
+    /// Flushes everything at shutdown.
+    pub(crate) fn close(&self) -> Result<()> {
+        match self.fs.get() {
+            Some(fs) => fs.close().context("flushing at shutdown"),
+            None => self.vol_mut(|v| v.close()).context("flushing at shutdown"),
+        }
+    }
+
+    /// Runs `f` with the volume (write access).
+    fn vol_mut<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> T {
+        if let Some(fs) = self.fs.get() {
+            return fs.with_volume_mut(f);
+        }
+        let mut g = self.bare.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut() {
+            Some(v) => f(v),
+            None => {
+                drop(g);
+                // The volume moved into the filesystem in between.
+                self.fs
+                    .get()
+                    .map(|fs| fs.with_volume_mut(f))
+                    .expect("the volume is either bare or in the filesystem")
+            }
+        }
+    }
+
+    /// Runs `f` with the volume (read access; shares the filesystem's read lock).
+    fn vol<T>(&self, f: impl FnOnce(&Volume) -> T) -> T {
+        if let Some(fs) = self.fs.get() {
+            return fs.with_volume(f);
+        }
+        self.vol_mut(|v| f(v))
+    }
+
+    /// Makes everything committed or applied durable; returns the newest durable seq.
+    fn sync(&self) -> Result<Seq> {
+        if let Some(fs) = self.fs.get() {
+            if !fs.is_read_only() {
+                fs.sync()?;
+                return Ok(fs.with_volume(|v| v.journal().durable_seq()));
+            }
+        }
+        self.vol_mut(|v| {
+            v.sync()?;
+            Ok(v.journal().durable_seq())
+        })
+    }
+
+    /// Reopens the volume from disk (recovery runs again) in place of a poisoned one; a
+    /// mounted filesystem reloads, and the kernel forgets everything it cached.
+    fn reopen(&self) -> Result<()> {
+        let v = (self.reopen)()?;
+        match self.fs.get() {
+            Some(fs) => {
+                fs.replace_volume(v).context("reloading the filesystem")?;
+                let mut inodes = fs.referenced_inode_list();
+                inodes.push(1);
+                self.invalidate(&Invalidations {
+                    inodes,
+                    entries: Vec::new(),
+                });
+            }
+            None => {
+                let mut g = self.bare.lock().unwrap_or_else(|e| e.into_inner());
+                *g = Some(v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel forget what changed underneath a replica's mount. Reads that were
+    /// served from the state before are answered first, so that no page they bring into
+    /// the kernel's cache can outlive the invalidation.
+    fn invalidate(&self, inv: &Invalidations) {
+        let n = self.notifier.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = n.as_ref() else { return };
+        if let Some(fs) = self.fs.get() {
+            fs.wait_for_reads();
+        }
+        for &ino in &inv.inodes {
+            let _ = n.inval_inode(fuser::INodeNo(ino), 0, 0);
+        }
+        for (dir, name) in &inv.entries {
+            // Names are bytes: a name that is not UTF-8 must be invalidated as it is.
+            let _ = n.inval_entry(fuser::INodeNo(*dir), OsStr::from_bytes(name));
+        }
+    }
+}
+
+/// The status a node reports (`pairfs status`, control socket).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct StatusReport {
+    pub(crate) node: String,
+    pub(crate) role: String,
+    pub(crate) state: String,
+    pub(crate) mode: String,
+    pub(crate) epoch: u64,
+    pub(crate) peer: Option<String>,
+    pub(crate) peer_address: Option<String>,
+    pub(crate) connected: bool,
+    pub(crate) committed_seq: u64,
+    pub(crate) durable_seq: u64,
+    pub(crate) sent_seq: u64,
+    /// The secondary's newest received seq (applied, visible on its mount).
+    pub(crate) replica_received_seq: u64,
+    /// The secondary's newest durable seq.
+    pub(crate) replica_durable_seq: u64,
+    pub(crate) lag_entries: u64,
+    pub(crate) lag_bytes: u64,
+    pub(crate) lag_seconds: f64,
+    /// The peer's apply rate as last measured while it had a backlog (bytes/s).
+    pub(crate) peer_apply_rate_bps: Option<f64>,
+    pub(crate) backlog: String,
+    pub(crate) bitmap_blocks: u64,
+    pub(crate) copy_sent: Option<u64>,
+    pub(crate) copy_total: Option<u64>,
+    pub(crate) copy_rate_bps: Option<f64>,
+    pub(crate) inconsistent: bool,
+    pub(crate) journal_used: u64,
+    pub(crate) journal_capacity: u64,
+    pub(crate) refused: Option<String>,
+    pub(crate) wire_bytes_sent: u64,
+    pub(crate) wire_bytes_received: u64,
+    /// Sync mode: writes acknowledged without the peer since this seq.
+    pub(crate) degraded_since_seq: Option<u64>,
+    /// … and since this time (ns since the Unix epoch).
+    pub(crate) degraded_since_ns: Option<u64>,
+    /// The last failed apply (secondary), until one succeeds.
+    pub(crate) apply_error: Option<String>,
+    /// The filesystem admits writes (a primary not reconciling).
+    pub(crate) writable: bool,
+}
+
+/// What the driver hears about.
+pub(crate) enum Event {
+    Connected(link::ConnHandle),
+    Disconnected(u64),
+    Message(u64, link::Received),
+    /// Entries were sealed or became durable.
+    Entries,
+    /// An fsync wants the peer to make everything up to this seq durable.
+    Flush(Seq),
+    /// A sync-mode writer waited for the peer in vain; `done` once that is persisted.
+    Degraded {
+        seq: Seq,
+        done: std::sync::mpsc::Sender<()>,
+    },
+    CopyProgress {
+        sent: u64,
+        total: u64,
+    },
+    CopyDone {
+        id: u64,
+        newest: Seq,
+    },
+    CopyFailed {
+        id: u64,
+        error: String,
+    },
+    Status(oneshot::Sender<StatusReport>),
+}
+
+/// A running node; dropping it stops the runtime.
+pub(crate) struct NodeHandle {
+    pub(crate) shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The pair state at startup: from `pair.state`, or new for the configured role.
+pub(crate) fn initial_state(cfg: &NodeConfig) -> Result<PersistedState> {
+    if let Some(st) = load_state(&cfg.data)? {
+        if st.role != cfg.role {
+            tracing::info!(
+                persisted = ?st.role,
+                configured = ?cfg.role,
+                "the persisted role wins over the configured one"
+            );
+        }
+        return Ok(st);
+    }
+    let st = match cfg.role {
+        Role::Primary => PersistedState::new_primary(random_u64()?),
+        Role::Secondary => anyhow::bail!(
+            "{} has no pair state: create a secondary with `pairfs init --secondary` (it must \
+             be empty: its volume will be overwritten by the primary's)",
+            cfg.data.display()
+        ),
+    };
+    save_state(&cfg.data, &st)?;
+    Ok(st)
+}
+
+fn random_u64() -> Result<u64> {
+    let mut id = [0u8; 8];
+    pairfs::types::fill_random(&mut id).context("reading randomness")?;
+    Ok(u64::from_le_bytes(id))
+}
+
+/// Starts the node's runtime.
+pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<NodeHandle> {
+    let identity = Identity::load(&cfg.data).with_context(|| {
+        format!(
+            "loading the identity of {} (created by `pairfs init`)",
+            cfg.data.display()
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pairfs-node")
+        .enable_all()
+        .build()
+        .context("starting the node runtime")?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::new(tx, cfg.sync_timeout));
+    let (block_size, blocks, volume, retained, durable, unclean, capacity, max_entry) =
+        host.vol(|v| {
+            (
+                v.block_size() as u32,
+                v.block_count(),
+                v.id(),
+                v.retained_entries(),
+                v.journal().durable_seq(),
+                v.recovery().unclean,
+                v.journal().header().capacity,
+                v.max_replicated_entry_bytes(),
+            )
+        });
+    let mut rcfg = ReplConfig::new(&cfg.name, volume, block_size, blocks);
+    rcfg.mode = cfg.mode;
+    rcfg.journal_limit = cfg.journal_limit_for(capacity)?;
+    rcfg.max_lag = cfg.max_lag;
+    rcfg.sync_timeout = cfg.sync_timeout;
+    rcfg.max_entry_bytes = max_entry;
+    rcfg.next_generation_id = random_u64()?;
+    let role = st.role;
+    let repl = Replicator::new(
+        rcfg,
+        st,
+        if role == Role::Primary {
+            retained
+        } else {
+            vec![]
+        },
+        durable,
+        unclean,
+        Instant::now(),
+    );
+    let bitmap = DiffBitmap::load(&cfg.data, blocks)?;
+    let _ = host.shared.set(shared.clone());
+    let _guard = rt.enter();
+    let endpoint = match &cfg.peer {
+        Some(p) => Some(
+            Endpoint::bind(
+                cfg.listen,
+                &identity,
+                p.fingerprint,
+                TransportConfig {
+                    keepalive: cfg.keepalive,
+                    idle_timeout: cfg.idle_timeout,
+                    max_frame: pairfs::repl::MAX_FRAME,
+                },
+            )
+            .with_context(|| format!("listening on {}", cfg.listen))?,
+        ),
+        None => None,
+    };
+    let driver = driver::Driver::new(cfg.clone(), host.clone(), shared.clone(), repl, bitmap);
+    rt.spawn(driver.run(rx));
+    if let (Some(ep), Some(p)) = (endpoint, cfg.peer.clone()) {
+        let dial = cfg.name < p.name;
+        rt.spawn(link::connection_manager(
+            Arc::new(ep),
+            p.address,
+            dial,
+            shared.clone(),
+        ));
+    }
+    rt.spawn(control::control_socket(cfg.data.clone(), shared.clone()));
+    drop(_guard);
+    Ok(NodeHandle {
+        shared,
+        rt: Some(rt),
+    })
+}
+
+/// True when a secondary's volume holds a consistent filesystem (it can be mounted).
+pub(crate) fn mountable(st: &PersistedState) -> bool {
+    !(st.empty || st.inconsistent_until.is_some())
+}

@@ -1,0 +1,3 @@
+//! Parts of the replication simulation (`tests/repl_sim.rs`).
+
+pub(crate) mod store;
