@@ -107,7 +107,10 @@ pub enum VolumeError {
     },
     /// An earlier write or sync failed: the volume refuses writes until it is reopened
     /// (the state on disk is unknown; STYLE.md, after redb's `PreviousIo`).
-    #[error("volume stopped accepting writes after an earlier I/O error; remount to recover")]
+    #[error(
+        "volume stopped accepting writes after an earlier I/O error; remount (a secondary \
+         reopens it by itself)"
+    )]
     Poisoned,
     /// The volume was opened read-only.
     #[error("volume is read-only")]

@@ -548,7 +548,7 @@ impl Volume {
 
     fn poison<T>(&mut self, e: VolumeError) -> Result<T, VolumeError> {
         if !self.poisoned {
-            tracing::error!(error = %e, "volume I/O failed; refusing further writes until remount");
+            tracing::error!(error = %e, "volume I/O failed; refusing further writes until it is reopened");
         }
         self.poisoned = true;
         Err(e)
@@ -859,6 +859,24 @@ impl Volume {
         let loc = self.append_entry(&entry)?;
         self.stats.entries += 1;
         Ok(loc.seq)
+    }
+
+    /// Online verify's repair (PROTOCOL.md §5.5): commits the current content of `blocks`
+    /// again, unchanged, as images, so that the entries that follow carry it to the peer.
+    /// Nothing changes here.
+    pub fn rewrite_blocks(&mut self, blocks: &[BlockNo]) -> Result<(), VolumeError> {
+        // A few hundred blocks a transaction, well under every entry limit.
+        const PER_TX: usize = 256;
+        let mut buf = vec![0u8; self.bs];
+        for chunk in blocks.chunks(PER_TX) {
+            let mut tx = Transaction::new();
+            for &b in chunk {
+                self.read_current(b, &mut buf)?;
+                tx.write_meta(b, Arc::from(buf.as_slice()));
+            }
+            self.commit(tx)?;
+        }
+        Ok(())
     }
 
     /// Makes every committed transaction durable (group commit: one journal sync).

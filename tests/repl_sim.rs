@@ -31,6 +31,7 @@ use pairfs::repl::{
     Action, Backlog, Backpressure, CopyKind, Message, Mode, PairState, PersistedState, ReplConfig,
     Replicator, Stream, WireBlock, WireEntry,
 };
+use pairfs::types::crc32c;
 use pairfs::{Seq, VolumeId};
 use sim::store::{BLOCKS, Crash, META, ModelStore, Store, VolumeStore, Write, value_of};
 
@@ -53,6 +54,9 @@ struct Coverage {
     unavailable: u64,
     reconciled: u64,
     volume_seeds: u64,
+    /// Verify batches compared (and found equal), and not compared (asked again).
+    verified: u64,
+    verify_skipped: u64,
     /// Steps the pair spent streaming (state `pair`).
     pair_steps: u64,
     steps: u64,
@@ -76,6 +80,8 @@ impl Coverage {
             (&mut self.unavailable, c.unavailable),
             (&mut self.reconciled, c.reconciled),
             (&mut self.volume_seeds, c.volume_seeds),
+            (&mut self.verified, c.verified),
+            (&mut self.verify_skipped, c.verify_skipped),
             (&mut self.pair_steps, c.pair_steps),
             (&mut self.steps, c.steps),
         ];
@@ -192,6 +198,7 @@ struct Sim {
     trace: bool,
     journal_limit: u64,
     tune: fn(&mut ReplConfig),
+    verify_ids: u64,
     /// The last state [`Sim::state_at`] computed.
     state_cache: std::cell::RefCell<Option<(Seq, State)>>,
     cov: Coverage,
@@ -313,6 +320,7 @@ impl Sim {
             trace,
             journal_limit,
             tune,
+            verify_ids: 0,
             state_cache: std::cell::RefCell::new(None),
             cov: Coverage {
                 volume_seeds: u64::from(volumes),
@@ -500,6 +508,16 @@ impl Sim {
                     }
                 }
             }
+            Action::VerifyAnswer { id, differ } => match differ {
+                Some(d) => {
+                    assert!(
+                        d.is_empty(),
+                        "verify {id}: blocks {d:?} differ on the secondary"
+                    );
+                    self.cov.verified += 1;
+                }
+                None => self.cov.verify_skipped += 1,
+            },
             Action::Disconnect(reason) => {
                 panic!("primary disconnected unexpectedly: {reason}");
             }
@@ -511,7 +529,10 @@ impl Sim {
                 let (d, now) = (self.p.store.durable(), self.now);
                 self.p.repl.handle_local_durable(d, now);
             }
-            a @ (Action::ApplyCopy(_) | Action::AdoptVolume(_) | Action::SendOwnEntries { .. }) => {
+            a @ (Action::ApplyCopy(_)
+            | Action::AdoptVolume(_)
+            | Action::SendOwnEntries { .. }
+            | Action::VerifyBlocks { .. }) => {
                 panic!("secondary action on the primary: {a:?}")
             }
         }
@@ -544,6 +565,14 @@ impl Sim {
                 for entry in entries {
                     self.enqueue(1, Message::Entry { epoch, entry });
                 }
+            }
+            Action::VerifyBlocks { id, blocks } => {
+                let differ: Vec<u64> = blocks
+                    .iter()
+                    .filter(|(b, crc)| crc32c(&self.s.store.read_block(*b)) != *crc)
+                    .map(|(b, _)| *b)
+                    .collect();
+                self.s.repl.handle_verify_done(id, differ);
             }
             Action::Disconnect(reason) => {
                 panic!("secondary disconnected unexpectedly: {reason}");
@@ -704,6 +733,23 @@ impl Sim {
         self.p_durable = durable;
         self.free_pending
             .retain(|(_, s)| s.is_none_or(|s| s > durable));
+    }
+
+    /// An online verify batch: the checksums of the blocks in use in the state after
+    /// what is sealed now (sent right behind that entry; the peer compares in that state).
+    fn verify(&mut self) {
+        self.seal();
+        let at = self.p.store.last();
+        let blocks: Vec<(u64, u32)> = self
+            .state_at(at)
+            .in_use
+            .iter()
+            .map(|&b| (b, crc32c(&self.p.store.read_block(b))))
+            .collect();
+        self.verify_ids += 1;
+        let id = self.verify_ids;
+        self.p.repl.handle_verify_request(id, at, blocks);
+        self.run_actions();
     }
 
     /// An fsync on the primary: durable here, then on the peer (sync mode).
@@ -1035,12 +1081,13 @@ impl Sim {
             700..=729 => self.secondary_commit(),
             730..=799 => self.copy_step(),
             800..=819 => self.fsync(),
-            820..=829 => {
+            820..=825 => {
                 let before = self.p.store.last();
                 self.p.store.checkpoint();
                 self.store_synced(before);
                 self.take_entries();
             }
+            826..=829 => self.verify(),
             830..=834 => self.disconnect(),
             835..=904 => self.connect(),
             905..=907 if !self.partitioned => {

@@ -107,6 +107,20 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Compare every block in use on the two nodes of a running pair (online verify, run on
+    /// the primary); exits 1 if any block differs, 2 if the verify could not run.
+    Verify {
+        /// The primary's node configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Write the differing blocks again from the primary (resyncing the secondary),
+        /// then compare them once more.
+        #[arg(long)]
+        repair: bool,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure this build's raw loopback QUIC throughput (benchmark baseline).
     #[command(hide = true)]
     BenchQuic {
@@ -208,6 +222,11 @@ fn main() -> ExitCode {
             json,
             watch,
         } => status(config.as_deref(), data.as_deref(), json, watch).map(|()| ExitCode::SUCCESS),
+        Cmd::Verify {
+            config,
+            repair,
+            json,
+        } => verify(&config, repair, json),
         Cmd::BenchQuic { seconds, blocks } => {
             bench::bench_quic(seconds, blocks).map(|_| ExitCode::SUCCESS)
         }
@@ -559,6 +578,9 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
                 }
                 host.promote(|v| Fs::open(v, fs_opts(true)))
                     .context("opening the replicated filesystem")?;
+                if let Some(fs) = host_fs(&host) {
+                    fs.set_hooks(handle.shared.clone());
+                }
             }
             let fs = host_fs(&host).context("no filesystem")?;
             let h2 = host.clone();
@@ -574,6 +596,131 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
 
 fn host_fs(h: &node::Host) -> Option<Arc<Fs>> {
     h.fs_arc()
+}
+
+fn verify(config: &Path, repair: bool, json: bool) -> Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    let dir = NodeConfig::load(config)?.data;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    let result = node::run_verify(&dir, repair, |u| {
+        let node::VerifyUpdate::Progress {
+            compared,
+            total,
+            differ,
+            bytes_per_s,
+        } = u
+        else {
+            return;
+        };
+        if json {
+            return;
+        }
+        let line = progress_bar(
+            "verify",
+            *compared,
+            *total,
+            bytes_per_s / 4096.0,
+            4096.0,
+            &format!(" · {differ} differ"),
+        );
+        if tty {
+            eprint!("\r{line}");
+        } else if last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = std::time::Instant::now();
+            eprintln!("{line}");
+        }
+        let _ = std::io::stderr().flush();
+    })?;
+    if tty && !json {
+        eprintln!();
+    }
+    let report = match result {
+        node::VerifyUpdate::Done(r) => r,
+        node::VerifyUpdate::Failed { error } => {
+            if json {
+                println!("{}", serde_json::json!({ "error": error }));
+            } else {
+                eprintln!("pairfs: verify failed: {error}");
+            }
+            return Ok(ExitCode::from(2));
+        }
+        node::VerifyUpdate::Progress { .. } => bail!("the daemon ended the verify early"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", verify_text(&report));
+    }
+    Ok(if report.differing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn verify_text(r: &node::VerifyReport) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "verify: {} blocks ({}) compared in {:.1} s: {}",
+        r.blocks_compared,
+        size::human(r.bytes_compared),
+        r.seconds,
+        if r.differing == 0 {
+            "the nodes hold the same data".to_string()
+        } else {
+            format!("{} block(s) DIFFER", r.differing)
+        }
+    );
+    for (b, owner) in &r.listed {
+        let _ = writeln!(o, "  block {b}: {owner}");
+    }
+    if r.differing > r.listed.len() as u64 {
+        let _ = writeln!(o, "  … and {} more", r.differing - r.listed.len() as u64);
+    }
+    if r.invisible > 0 {
+        let _ = writeln!(
+            o,
+            "  ({} block(s) differ where no reader sees them: free, or allocated and never written)",
+            r.invisible
+        );
+    }
+    if let Some(n) = r.repaired {
+        let _ = writeln!(
+            o,
+            "repair: {n} block(s) written again from the primary and now equal{}",
+            if r.unrepaired > 0 {
+                format!("; {} still differ", r.unrepaired)
+            } else {
+                String::new()
+            }
+        );
+    }
+    o
+}
+
+/// `label [#####-----]  42.0% done/total units · rate/s · ETA n s` + `extra`.
+fn progress_bar(label: &str, done: u64, total: u64, rate: f64, unit: f64, extra: &str) -> String {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        (done as f64 * 100.0 / total as f64).min(100.0)
+    };
+    let width = 30;
+    let filled = ((pct / 100.0) * width as f64) as usize;
+    let eta = if rate > 0.0 && total > done {
+        format!("{:.0} s", (total - done) as f64 / rate)
+    } else {
+        "-".into()
+    };
+    format!(
+        "{label:<9} [{}{}] {pct:5.1}% {done}/{total} blocks · {}/s · ETA {eta}{extra}",
+        "#".repeat(filled),
+        "-".repeat(width - filled.min(width)),
+        size::human((rate * unit) as u64),
+    )
 }
 
 fn status(config: Option<&Path>, data: Option<&Path>, json: bool, watch: bool) -> Result<()> {
@@ -676,30 +823,27 @@ fn status_text(s: &node::StatusReport) -> String {
         }
     );
     if let (Some(sent), Some(total)) = (s.copy_sent, s.copy_total) {
-        let pct = if total == 0 {
-            100.0
-        } else {
-            sent as f64 * 100.0 / total as f64
-        };
-        let width = 30;
-        let filled = ((pct / 100.0) * width as f64) as usize;
-        let rate = s.copy_rate_bps.unwrap_or(0.0);
-        let eta = if rate > 0.0 && total > sent {
-            let bs = 4096.0;
-            format!("{:.0} s", (total - sent) as f64 * bs / rate)
-        } else {
-            "-".into()
-        };
+        let rate = s.copy_rate_bps.unwrap_or(0.0) / 4096.0;
+        let _ = writeln!(o, "{}", progress_bar("copy", sent, total, rate, 4096.0, ""));
+    }
+    if s.verify_running {
+        let _ = writeln!(o, "verify    running");
+    }
+    if let Some(v) = &s.last_verify {
+        let ago = pairfs::types::now_ns().saturating_sub(v.finished_ns) as f64 / 1e9;
         let _ = writeln!(
             o,
-            "copy      [{}{}] {:5.1}% {}/{} blocks · {}/s · ETA {}",
-            "#".repeat(filled),
-            "-".repeat(width - filled.min(width)),
-            pct,
-            sent,
-            total,
-            size::human(rate as u64),
-            eta
+            "verified  {ago:.0} s ago: {} blocks, {}{}",
+            v.blocks_compared,
+            if v.differing == 0 {
+                "no difference".to_string()
+            } else {
+                format!("{} differed", v.differing)
+            },
+            match v.repaired {
+                Some(n) => format!(", {n} repaired"),
+                None => String::new(),
+            }
         );
     }
     if let Some(r) = &s.refused {

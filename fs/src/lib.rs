@@ -3,6 +3,7 @@
 //! - [`format`]: the on-disk structures (FORMAT.md §3);
 //! - [`fs`]: the FS core, every POSIX operation as one volume transaction;
 //! - [`fsck`]: the consistency checker;
+//! - [`inspect`]: which blocks are in use, and what a block belongs to (`pairfs verify`);
 //! - [`fuse`]: the thin FUSE adapter (fuser, multi-threaded).
 //!
 //! The internal modules: `btree` (directories and extent trees), `dir`, `extent`, `xattr`,
@@ -17,6 +18,7 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod inspect;
 pub mod replica;
 mod siphash;
 mod tx;

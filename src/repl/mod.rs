@@ -311,6 +311,28 @@ pub enum Message {
         /// The newest seq the primary has.
         after: Seq,
     },
+    /// Online verify (primary → secondary, on the replication stream right after the
+    /// entry `at`): the checksums of these blocks in the primary's state after `at`.
+    Verify {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Identifies the request.
+        id: u64,
+        /// The state compared: after this seq.
+        at: Seq,
+        /// `(block, CRC-32C of its content)`, blocks in increasing order.
+        blocks: Vec<(u64, u32)>,
+    },
+    /// The answer to a [`Message::Verify`] (secondary → primary).
+    Verified {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// The request answered.
+        id: u64,
+        /// The blocks whose content differs here; `None`: not compared (this node was not
+        /// at that state, or is not consistent), ask again.
+        differ: Option<Vec<u64>>,
+    },
     /// The connection will not be used, and why.
     Refuse {
         /// Sender's epoch.
@@ -332,6 +354,8 @@ impl Message {
             | Message::Durable { epoch, .. }
             | Message::Flush { epoch, .. }
             | Message::Pull { epoch, .. }
+            | Message::Verify { epoch, .. }
+            | Message::Verified { epoch, .. }
             | Message::Refuse { epoch, .. } => *epoch,
         }
     }
@@ -342,7 +366,8 @@ impl Message {
             Message::Entry { .. }
             | Message::CopyBlocks { .. }
             | Message::CopyEnd { .. }
-            | Message::Flush { .. } => Stream::Replication,
+            | Message::Flush { .. }
+            | Message::Verify { .. } => Stream::Replication,
             _ => Stream::Control,
         }
     }

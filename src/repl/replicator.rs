@@ -32,6 +32,9 @@ use crate::types::{Seq, VolumeId};
 const MAX_EARLY: usize = 256;
 /// Bytes of block data those may hold: one entry's worth and a margin.
 const MAX_EARLY_BYTES: u64 = 2 * super::MAX_ENTRY_WIRE_BYTES;
+/// Verify requests a secondary holds for a state it has not reached (a primary keeps a
+/// few in flight; more is not a primary speaking the protocol).
+const MAX_VERIFY_WAIT: usize = 64;
 /// Busy time one sample of the peer's drain rate spans at least.
 const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
 /// The fraction of `max_lag` the predicted lag of a new write is held to (see
@@ -48,6 +51,10 @@ pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 /// peer to reconcile (`replication.sync_timeout`, README). Five seconds: a few idle
 /// timeouts and reconnect attempts, short enough that a dead peer stalls writers briefly.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An online verify request: its id, the seq whose state it describes, and the blocks'
+/// checksums there.
+type VerifyRequest = (u64, Seq, Vec<(u64, u32)>);
 
 /// Static settings of a replicator.
 #[derive(Clone, Debug)]
@@ -267,6 +274,23 @@ pub enum Action {
         /// Newest seq the peer has durably.
         durable: Seq,
     },
+    /// Secondary (online verify): compare these checksums with the blocks' content in the
+    /// state now (the one the primary computed them in), then call
+    /// [`Replicator::handle_verify_done`] with the blocks that differ.
+    VerifyBlocks {
+        /// The request.
+        id: u64,
+        /// `(block, CRC-32C on the primary)`.
+        blocks: Vec<(u64, u32)>,
+    },
+    /// Primary (online verify): the answer to request `id` — the blocks that differ, or
+    /// `None` if they could not be compared (ask again).
+    VerifyAnswer {
+        /// The request.
+        id: u64,
+        /// Differing blocks.
+        differ: Option<Vec<u64>>,
+    },
     /// Close the connection with a reason (refused peer, protocol violation).
     Disconnect(String),
 }
@@ -377,6 +401,9 @@ pub struct Replicator {
     reconcile: Option<Reconcile>,
     /// The backlog went to the bitmap while a copy was being sent: a bitmap copy follows.
     copy_again: bool,
+    /// Online verify: requests waiting for their entry to be sent, and those sent.
+    verifies: VecDeque<VerifyRequest>,
+    verifies_out: std::collections::BTreeSet<u64>,
     /// Restarted after a crash, and no copy or stream has run since: a copy the crash
     /// interrupted may have sent the peer data this node then lost (copies read what is
     /// committed, not only what is durable), so a peer left mid-copy gets a full copy.
@@ -400,6 +427,8 @@ pub struct Replicator {
     copy_end: Option<Seq>,
     /// A reconciling primary pulled entries after this seq while an apply was outstanding.
     pull: Option<Seq>,
+    /// Verify requests for a state this node has not reached yet.
+    verify_wait: VecDeque<VerifyRequest>,
 }
 
 impl Replicator {
@@ -455,6 +484,8 @@ impl Replicator {
             reconcile,
             crashed: unclean,
             copy_again: false,
+            verifies: VecDeque::new(),
+            verifies_out: Default::default(),
             received: durable,
             durable,
             ooo: BTreeMap::new(),
@@ -464,6 +495,7 @@ impl Replicator {
             syncing: false,
             copy_end: None,
             pull: None,
+            verify_wait: VecDeque::new(),
             persisted,
         };
         if primary {
@@ -681,6 +713,17 @@ impl Replicator {
 
     fn clear_buffers(&mut self) {
         self.pull = None;
+        self.verify_wait.clear();
+        let lost: Vec<u64> = self
+            .verifies
+            .drain(..)
+            .map(|(id, _, _)| id)
+            .chain(std::mem::take(&mut self.verifies_out))
+            .collect();
+        for id in lost {
+            self.out
+                .push_back(Action::VerifyAnswer { id, differ: None });
+        }
         self.ooo.clear();
         self.ooo_bytes = 0;
         self.early.clear();
@@ -782,6 +825,14 @@ impl Replicator {
                 self.out.push_back(Action::Release(seq));
             }
             (Role::Secondary, Message::Pull { after, .. }) => self.on_pull(after),
+            (Role::Secondary, Message::Verify { id, at, blocks, .. }) => {
+                self.on_verify(id, at, blocks)
+            }
+            (Role::Primary, Message::Verified { id, differ, .. }) => {
+                if self.verifies_out.remove(&id) {
+                    self.out.push_back(Action::VerifyAnswer { id, differ });
+                }
+            }
             (role, m) => {
                 self.refuse(format!(
                     "protocol violation: {} got {}",
@@ -1347,11 +1398,103 @@ impl Replicator {
             self.in_flight += e.bytes;
             to_send.push(*e);
         }
-        if let Some(last) = to_send.last() {
-            self.sent_upto = last.seq;
-        }
+        self.send_verifies(); // those whose entry went out before
         for e in to_send {
+            self.sent_upto = e.seq;
             self.out.push_back(Action::SendEntry(e));
+            // Right behind their entry, before the next: the peer compares in that state.
+            self.send_verifies();
+        }
+    }
+
+    /// Sends the verify requests whose entry has been sent.
+    fn send_verifies(&mut self) {
+        while self
+            .verifies
+            .front()
+            .is_some_and(|(_, at, _)| *at <= self.sent_upto)
+        {
+            if let Some((id, at, blocks)) = self.verifies.pop_front() {
+                let epoch = self.persisted.epoch;
+                self.verifies_out.insert(id);
+                self.send(Message::Verify {
+                    epoch,
+                    id,
+                    at,
+                    blocks,
+                });
+            }
+        }
+    }
+
+    /// Primary, online verify (docs/PROTOCOL.md §5.5): compare `blocks` — their
+    /// checksums in this node's state after `at`, which the caller sealed so that no entry
+    /// after it has been handed in yet — with the peer's. The answer comes as
+    /// [`Action::VerifyAnswer`]; at once if the pair is not streaming.
+    pub fn handle_verify_request(&mut self, id: u64, at: Seq, blocks: Vec<(u64, u32)>) {
+        let streaming = self.persisted.role == Role::Primary
+            && self.connected
+            && self.peer.is_some()
+            && self.state == PairState::Pair;
+        if !streaming || at < self.last_seq {
+            self.out
+                .push_back(Action::VerifyAnswer { id, differ: None });
+            return;
+        }
+        self.verifies.push_back((id, at, blocks));
+        self.send_verifies();
+    }
+
+    /// Secondary: the driver compared request `id`.
+    pub fn handle_verify_done(&mut self, id: u64, differ: Vec<u64>) {
+        let epoch = self.persisted.epoch;
+        self.send(Message::Verified {
+            epoch,
+            id,
+            differ: Some(differ),
+        });
+    }
+
+    fn on_verify(&mut self, id: u64, at: Seq, blocks: Vec<(u64, u32)>) {
+        let consistent = self.persisted.inconsistent_until.is_none() && !self.persisted.empty;
+        if !consistent || at < self.received || self.verify_wait.len() >= MAX_VERIFY_WAIT {
+            self.send(Message::Verified {
+                epoch: self.persisted.epoch,
+                id,
+                differ: None,
+            });
+            return;
+        }
+        self.verify_wait.push_back((id, at, blocks));
+        self.verify_waiting();
+    }
+
+    /// Compares the verify requests for the state this node is in; refuses those it has
+    /// passed.
+    fn verify_waiting(&mut self) {
+        if self.applying.is_some() {
+            return;
+        }
+        // (A copy since the request: the state is not a prefix's.)
+        let consistent = self.persisted.inconsistent_until.is_none() && !self.persisted.empty;
+        while let Some((id, at, _)) = self.verify_wait.front() {
+            let (id, at) = (*id, *at);
+            if at > self.received && consistent {
+                return;
+            }
+            let Some((_, _, blocks)) = self.verify_wait.pop_front() else {
+                return;
+            };
+            if at == self.received && consistent {
+                self.out.push_back(Action::VerifyBlocks { id, blocks });
+            } else {
+                let epoch = self.persisted.epoch;
+                self.send(Message::Verified {
+                    epoch,
+                    id,
+                    differ: None,
+                });
+            }
         }
     }
 
@@ -1651,6 +1794,7 @@ impl Replicator {
     fn after_apply(&mut self) {
         self.ack();
         self.maybe_sync();
+        self.verify_waiting();
         if self.persisted.inconsistent_until == Some(Seq::NONE) {
             return; // copy data is arriving: entries resume after the copy's end
         }
@@ -1779,6 +1923,8 @@ fn message_name(m: &Message) -> &'static str {
         Message::Durable { .. } => "Durable",
         Message::Flush { .. } => "Flush",
         Message::Pull { .. } => "Pull",
+        Message::Verify { .. } => "Verify",
+        Message::Verified { .. } => "Verified",
         Message::Refuse { .. } => "Refuse",
     }
 }

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code, unreachable_pub)]
 
+pub mod pair;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

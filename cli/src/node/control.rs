@@ -1,5 +1,6 @@
-//! The control socket, `DIR/control.sock` (mode 0600): one request line, one JSON reply
-//! line. The CLI's `status` talks to a running node through it.
+//! The control socket, `DIR/control.sock` (mode 0600): one request line; one JSON reply
+//! line (`status`), or JSON lines of progress and a last one with the result (`verify`,
+//! `verify repair`). The CLI talks to a running node through it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-use super::{Event, Shared, StatusReport};
+use super::{Event, Shared, StatusReport, VerifyUpdate};
 
 /// Control socket name in the data directory.
 pub(crate) const CONTROL_SOCKET: &str = "control.sock";
@@ -40,7 +41,31 @@ pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
             if BufReader::new(r).read_line(&mut line).await.is_err() {
                 return;
             }
-            let reply = match line.trim() {
+            let request = line.trim();
+            if let Some(rest) = request.strip_prefix("verify") {
+                let repair = rest.trim() == "repair";
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                if shared
+                    .events
+                    .send(Event::Verify {
+                        repair,
+                        updates: tx,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                while let Some(u) = rx.recv().await {
+                    let last = !matches!(u, VerifyUpdate::Progress { .. });
+                    let mut line = serde_json::to_string(&u).unwrap_or_default();
+                    line.push('\n');
+                    if w.write_all(line.as_bytes()).await.is_err() || last {
+                        return;
+                    }
+                }
+                return;
+            }
+            let reply = match request {
                 "status" => {
                     let (tx, rx) = oneshot::channel();
                     if shared.events.send(Event::Status(tx)).is_err() {
@@ -59,16 +84,45 @@ pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
     }
 }
 
-/// Asks a running node for its status through its control socket.
-pub(crate) fn query_status(dir: &Path) -> Result<StatusReport> {
-    use std::io::{BufRead, BufReader, Write};
+fn connect(dir: &Path) -> Result<std::os::unix::net::UnixStream> {
     let path = dir.join(CONTROL_SOCKET);
-    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+    std::os::unix::net::UnixStream::connect(&path).with_context(|| {
         format!(
             "no pairfs daemon answers on {} (is `pairfs mount`/`pairfs serve` running?)",
             path.display()
         )
+    })
+}
+
+/// Runs a verify on the node whose data directory is `dir`: calls `progress` with every
+/// update until the last, which it returns.
+pub(crate) fn run_verify(
+    dir: &Path,
+    repair: bool,
+    mut progress: impl FnMut(&VerifyUpdate),
+) -> Result<VerifyUpdate> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = connect(dir)?;
+    s.write_all(if repair {
+        b"verify repair\n"
+    } else {
+        b"verify\n"
     })?;
+    for line in BufReader::new(s).lines() {
+        let u: VerifyUpdate = serde_json::from_str(&line.context("reading from the daemon")?)
+            .context("decoding the daemon's verify update")?;
+        if !matches!(u, VerifyUpdate::Progress { .. }) {
+            return Ok(u);
+        }
+        progress(&u);
+    }
+    anyhow::bail!("the daemon stopped before the verify finished")
+}
+
+/// Asks a running node for its status through its control socket.
+pub(crate) fn query_status(dir: &Path) -> Result<StatusReport> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = connect(dir)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"status\n")?;
     let mut line = String::new();

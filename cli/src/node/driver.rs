@@ -17,9 +17,13 @@ use tokio::task::block_in_place;
 
 use super::hooks::{Gate, PeerProgress};
 use super::link::ConnHandle;
+use super::verify::{Step, VerifyJob, VerifyReport, VerifyUpdate};
 use super::{Event, Host, Shared, StatusReport};
 use crate::config::NodeConfig;
-use crate::state::{DiffBitmap, save_state};
+use crate::state::{DiffBitmap, save_state, write_durably};
+
+/// The last verify's report in the data directory.
+const VERIFY_FILE: &str = "verify.json";
 
 /// Blocks per copy message: 256 × 4 KiB = 1 MiB frames, well under the frame limit.
 const COPY_BATCH: usize = 256;
@@ -52,6 +56,14 @@ pub(crate) struct Driver {
     reopen_error: Option<String>,
     /// Writes were admitted at the last publish (orphans are freed when they first are).
     admitted: bool,
+    /// A `pairfs verify` running, and the last one's result.
+    verify: Option<VerifyJob>,
+    last_verify: Option<VerifyReport>,
+    verify_ids: u64,
+    /// Secondary: blocks a verify found different here. The kernel may cache their old
+    /// content without any inode having changed: when an entry (the repair) writes one,
+    /// everything the kernel caches is dropped.
+    suspect: std::collections::HashSet<u64>,
 }
 
 impl Driver {
@@ -63,7 +75,6 @@ impl Driver {
         bitmap: DiffBitmap,
     ) -> Driver {
         Driver {
-            cfg,
             host,
             shared,
             repl,
@@ -75,6 +86,13 @@ impl Driver {
             reopen_delay: REOPEN_FIRST,
             reopen_error: None,
             admitted: false,
+            last_verify: std::fs::read(cfg.data.join(VERIFY_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            cfg,
+            verify: None,
+            verify_ids: 0,
+            suspect: Default::default(),
         }
     }
 
@@ -89,19 +107,28 @@ impl Driver {
                 .into_iter()
                 .flatten()
                 .min();
+            let idle = if self.verify.is_some() {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(250)
+            };
             let timeout = next
                 .map(|t| t.saturating_duration_since(now))
-                .unwrap_or(Duration::from_millis(250));
+                .unwrap_or(idle)
+                .min(idle);
             let after = match tokio::time::timeout(timeout, rx.recv()).await {
                 Ok(Some(ev)) => self.on_event(ev),
                 Ok(None) => return,
                 Err(_) => {
+                    // (Durability reached by a group commit nobody announced, too.)
+                    self.take_entries();
                     self.repl.handle_timeout(Instant::now());
                     self.maybe_reopen();
                     After::Nothing
                 }
             };
             self.actions().await;
+            self.drive_verify().await;
             self.publish();
             match after {
                 After::Nothing => {}
@@ -184,8 +211,115 @@ impl Driver {
             Event::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Event::Verify { repair, updates } => self.start_verify(repair, updates),
         }
         After::Nothing
+    }
+
+    fn start_verify(&mut self, repair: bool, updates: mpsc::UnboundedSender<VerifyUpdate>) {
+        let refuse = |why: String| {
+            let _ = updates.send(VerifyUpdate::Failed { error: why });
+        };
+        if self.repl.role() != Role::Primary {
+            let peer = self
+                .cfg
+                .peer
+                .as_ref()
+                .map_or("the primary", |p| p.name.as_str());
+            return refuse(format!(
+                "this node is the secondary: run `pairfs verify` on the primary ({peer})"
+            ));
+        }
+        if self.verify.is_some() {
+            return refuse("a verify is already running on this node".into());
+        }
+        let st = self.repl.status();
+        if !st.connected || st.state != pairfs::repl::PairState::Pair {
+            return refuse(format!(
+                "the pair is {} ({}): verify compares a connected, streaming pair",
+                st.state,
+                if st.connected {
+                    "connected"
+                } else {
+                    "peer unreachable"
+                }
+            ));
+        }
+        let (blocks, bs, used) = self.host.vol(|v| {
+            let used = pairfs_fs::inspect::superblock(v)
+                .and_then(|sb| {
+                    pairfs_fs::inspect::blocks_in_use(v, &sb, 0, sb.total_blocks)
+                        .map(|u| u.len() as u64)
+                })
+                .unwrap_or(v.block_count());
+            (v.block_count(), v.block_size() as u64, used)
+        });
+        tracing::info!(repair, blocks = used, "verify starts");
+        self.verify = Some(VerifyJob::new(
+            repair,
+            updates,
+            blocks,
+            used,
+            bs,
+            self.verify_ids + 1,
+        ));
+    }
+
+    /// Advances a running verify: batches while it has room, its end.
+    async fn drive_verify(&mut self) {
+        let Some(mut job) = self.verify.take() else {
+            return;
+        };
+        loop {
+            let host = self.host.clone();
+            let r = block_in_place(|| job.step(&host, &mut || self.take_entries()));
+            match r {
+                Ok(Step::Batch { id, at, blocks }) => {
+                    self.verify_ids = self.verify_ids.max(id);
+                    self.repl.handle_verify_request(id, at, blocks);
+                    self.actions_for_verify(&mut job).await;
+                }
+                Ok(Step::Wait) => {
+                    job.report_progress();
+                    self.verify = Some(job);
+                    return;
+                }
+                Ok(Step::Finished(report)) => {
+                    tracing::info!(
+                        compared = report.blocks_compared,
+                        differing = report.differing,
+                        repaired = ?report.repaired,
+                        "verify finished"
+                    );
+                    if let Ok(json) = serde_json::to_vec(&report) {
+                        if let Err(e) = write_durably(&self.cfg.data.join(VERIFY_FILE), &json) {
+                            tracing::warn!(error = %format!("{e:#}"), "recording the verify result");
+                        }
+                    }
+                    self.last_verify = Some(report);
+                    return;
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    tracing::warn!(error = %msg, "verify failed");
+                    job.fail(&msg);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out the replicator's actions while a verify job is out of `self`.
+    async fn actions_for_verify(&mut self, job: &mut VerifyJob) {
+        while let Some(a) = self.repl.poll_action() {
+            if let Action::VerifyAnswer { id, differ } = a {
+                job.answer(id, differ);
+                continue;
+            }
+            if let Err(e) = self.act(a).await {
+                tracing::error!(error = %format!("{e:#}"), "replication action failed");
+            }
+        }
     }
 
     /// Carries out the replicator's actions, in order.
@@ -291,17 +425,45 @@ impl Driver {
                 }
                 self.repl.handle_disconnected();
             }
+            Action::VerifyAnswer { id, differ } => {
+                if let Some(job) = self.verify.as_mut().filter(|j| j.owns(id)) {
+                    job.answer(id, differ);
+                }
+            }
+            Action::VerifyBlocks { id, blocks } => {
+                let differ = block_in_place(|| {
+                    self.host.vol(|v| {
+                        let mut buf = vec![0u8; v.block_size()];
+                        let mut differ = Vec::new();
+                        for (b, crc) in blocks {
+                            let same = v.read_current(b, &mut buf).is_ok()
+                                && pairfs::types::crc32c(&buf) == crc;
+                            if !same {
+                                differ.push(b);
+                            }
+                        }
+                        differ
+                    })
+                });
+                if !differ.is_empty() {
+                    tracing::warn!(blocks = ?differ, "verify: blocks differ from the primary's");
+                    self.suspect.extend(&differ);
+                }
+                self.repl.handle_verify_done(id, differ);
+            }
         }
         Ok(())
     }
 
     /// Applies one replicated entry (secondary; or a primary reconciling), then drops what
     /// the caches (ours and the kernel's) hold of what it changed.
-    fn apply(&self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
+    fn apply(&mut self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
+        let repairs =
+            !self.suspect.is_empty() && e.blocks.iter().any(|b| self.suspect.remove(&b.block));
         if let Some(fs) = self.host.fs() {
             let (meta, mut inv) = fs.apply_replicated(e).context("applying an entry")?;
-            if e.blocks.is_empty() {
-                // The end of a copy: anything may have changed underneath.
+            if e.blocks.is_empty() || repairs {
+                // The end of a copy, or a repair: anything may have changed underneath.
                 fs.reload().context("reloading after a copy")?;
                 inv.inodes = fs.referenced_inode_list();
                 inv.inodes.push(1);
@@ -514,6 +676,8 @@ impl Driver {
             degraded_since_ns: s.degraded.map(|d| d.at_ns),
             apply_error,
             writable: self.admitted,
+            last_verify: self.last_verify.clone(),
+            verify_running: self.verify.is_some(),
         }
     }
 }

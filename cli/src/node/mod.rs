@@ -17,6 +17,7 @@ mod control;
 mod driver;
 mod hooks;
 mod link;
+mod verify;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -32,8 +33,9 @@ use pairfs_transport::{Endpoint, Identity, TransportConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) use control::query_status;
+pub(crate) use control::{query_status, run_verify};
 pub(crate) use hooks::Shared;
+pub(crate) use verify::{VerifyReport, VerifyUpdate};
 
 use crate::config::NodeConfig;
 use crate::state::{DiffBitmap, load_state, save_state};
@@ -250,6 +252,9 @@ pub(crate) struct StatusReport {
     pub(crate) apply_error: Option<String>,
     /// The filesystem admits writes (a primary not reconciling).
     pub(crate) writable: bool,
+    /// The last `pairfs verify` (persisted), and whether one is running.
+    pub(crate) last_verify: Option<VerifyReport>,
+    pub(crate) verify_running: bool,
 }
 
 /// What the driver hears about.
@@ -279,6 +284,11 @@ pub(crate) enum Event {
         error: String,
     },
     Status(oneshot::Sender<StatusReport>),
+    /// `pairfs verify`: start one; its updates go to `updates`.
+    Verify {
+        repair: bool,
+        updates: mpsc::UnboundedSender<VerifyUpdate>,
+    },
 }
 
 /// A running node; dropping it stops the runtime.
