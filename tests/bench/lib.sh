@@ -1,7 +1,7 @@
 # Shared by tests/bench/run.sh (single node) and tests/bench/repl.sh (the pair):
 # helpers, the python bits and the foundation workloads, so that both measure the same
 # thing. Sourced, not run. The workloads read the caller's settings: SEQ_MIB, SMALL_FILES,
-# SMALL_DIRS, SMALL_SIZE, TARBALL, TAR_ENTRIES, FSYNC_OPS, FSYNC_SIZE.
+# SMALL_DIRS, SMALL_SIZE, TARBALL, TAR_ENTRIES, FSYNC_OPS, FSYNC_SIZE, OVERWRITE_MIB.
 # Each wl_* takes the target directory, runs in a subshell with `set -e`, and prints one
 # line per metric: "NAME UNIT VALUE".
 # shellcheck shell=bash
@@ -203,4 +203,29 @@ wl_fsync() {
     local dir=$1
     drop_caches
     python3 -c "$PY_FSYNC_LOOP" "$dir/fsync.bin" "$FSYNC_OPS" "$FSYNC_SIZE"
+}
+
+# cpu_seconds PID...: user + system CPU seconds the processes have used so far (their
+# own threads; /proc/PID/stat fields 14 and 15, read after the command name, which may
+# hold spaces).  A PID that is gone counts 0.
+cpu_seconds() {
+    local pid ticks=0 stat f
+    for pid in "$@"; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        read -ra f <<<"${stat##*) }" # f[0] is field 3 (the state)
+        ticks=$((ticks + f[11] + f[12]))
+    done
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
+
+# overwrite: a file of OVERWRITE_MIB written and fsync'ed, then overwritten in place
+# (conv=notrunc) and fsync'ed again: the cost of overwriting blocks in use.
+wl_overwrite() {
+    local dir=$1 t0 t1
+    dd if=/dev/zero of="$dir/over.bin" bs=1M count="$OVERWRITE_MIB" conv=fsync status=none
+    drop_caches
+    t0=$(now)
+    dd if=/dev/zero of="$dir/over.bin" bs=1M count="$OVERWRITE_MIB" conv=notrunc,fsync status=none
+    t1=$(now)
+    echo "overwrite MiB/s $(rate "$OVERWRITE_MIB" "$(secs "$t0" "$t1")")"
 }

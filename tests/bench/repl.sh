@@ -3,28 +3,30 @@
 #
 # Measures, in ONE run, with REPS repetitions per measurement (medians reported):
 #
-#   1. sequential write 1 GiB (`dd bs=1M conv=fsync`) on a standalone node, on the
-#      primary of an async pair and on the primary of a sync pair; ratios
-#      async/standalone (goal >= 0.8) and sync/standalone (goal >= 0.5);
-#   2. lag: replication lag while writing LAG_MIB (3 GiB) with a plain dd at the
+#   1. the foundation workloads of tests/bench/run.sh (lib.sh, shared) on a GlusterFS
+#      replica-2 volume (both bricks on this host, same disk, FUSE client), on the
+#      primary of a sync pair and of an async pair, and on a standalone node; goals:
+#      sync/gluster >= 2x on each, and on seqwrite sync/async >= 0.8 (both nodes share
+#      this machine's cores, so pair/standalone measures the machine: shown, no goal);
+#   2. CPU: each node's CPU seconds per GiB around seqwrite (the daemons' own user +
+#      system time from the write's start until the replica has it all: primary and
+#      secondary separately; for gluster the client + first brick, and the second
+#      brick), and the machine's busy time per GiB;
+#   3. lag: replication lag while writing LAG_MIB (3 GiB) with a plain dd at the
 #      mount's full speed on an async pair whose max_lag is LAG_MAX_LAG (1s: writers
 #      wait while the peer is further behind), sampling `pairfs status --json` of the
 #      primary every LAG_INTERVAL (100 ms); median and max of lag_seconds and
 #      lag_bytes over the steady state (from LAG_SKIP = 2 s after dd's start to its
-#      end), and the time from dd's end until the pair has drained (goal: < 1 s);
-#   3. catchup: async pair in sync; SIGSTOP the secondary's daemon (link loss),
+#      end), and the time from dd's end until the pair has drained;
+#   4. catchup: async pair in sync; SIGSTOP the secondary's daemon (link loss),
 #      write CATCHUP_MIB (1 GiB) + fsync on the primary, SIGCONT, time until the
-#      secondary's applied_seq reaches the primary's durable_seq and the pair is
-#      back in state "pair"; throughput = backlog bytes / time, compared with
+#      secondary's replica_received_seq reaches the primary's durable_seq and the pair
+#      is back in state "pair"; throughput = backlog bytes / time, compared with
 #      `pairfs bench-quic` run in the same rep (goal >= 0.7x);
-#   4. wire: bytes on the wire (delta of the primary's wire_bytes_sent, and of the
+#   5. wire: bytes on the wire (delta of the primary's wire_bytes_sent, and of the
 #      secondary's wire_bytes_received as a cross-check) / bytes written by the
 #      workload, measured around every write workload on a pair (goal <= 1.1 for
-#      seqwrite and smallfiles);
-#   5. the foundation workloads of tests/bench/run.sh (lib.sh, shared) on a
-#      GlusterFS replica-2 volume (both bricks on this host, same disk, FUSE
-#      client), on the primary of a sync pair and of an async pair, and on a
-#      standalone node; ratio sync/gluster (goal >= 2x).
+#      seqwrite and smallfiles).
 #
 # Targets (TARGETS; default all):
 #   standalone  `pairfs mount --data` of a fresh volume, no peer
@@ -33,14 +35,14 @@
 #   gluster     a fresh replica-2 GlusterFS volume mounted with mount -t glusterfs
 #
 # Workloads (WORKLOADS, space-separated; default all):
-#   seqwrite    dd 1 GiB from /dev/zero, conv=fsync                     MiB/s      all targets
+#   seqwrite    dd 1 GiB from /dev/zero, conv=fsync (+ CPU per GiB)     MiB/s      all targets
 #   seqread     dd that file back to /dev/null with cold caches         MiB/s      all targets
 #   smallfiles  create 10,000 x 4 KiB files in 100 dirs, then sync      files/s    all targets
 #   untar       extract a real source tree (tar of TAR_SRC), then sync  entries/s  all targets
 #   stat        lstat every entry of that tree with cold caches         entries/s  all targets
 #   fsync       2,000 x (append 4 KiB + fsync) on one file              ops/s      all targets
-#   lag         part 2 above                                                       async pair
-#   catchup     part 3 above (runs `pairfs bench-quic` in every rep)               async pair
+#   lag         part 3 above                                                       async pair
+#   catchup     part 4 above (runs `pairfs bench-quic` in every rep)               async pair
 #
 # "then sync" means: sync(1), then fsync() of the target's root directory (FUSE
 # does not forward sync(2)/syncfs(2) to the daemon; see README §Durability).
@@ -84,7 +86,8 @@ KEEP=${KEEP:-0}                                      # 1: keep BENCH_DIR's conte
 
 PAIRFS_SIZE=${PAIRFS_SIZE:-8G}                       # volume of every node
 PAIRFS_JOURNAL=${PAIRFS_JOURNAL:-2G}                 # journal of every node (1 GiB backlogs must fit)
-JOURNAL_LIMIT=${JOURNAL_LIMIT:-2G}                   # [replication] journal_limit
+JOURNAL_LIMIT=${JOURNAL_LIMIT:-}                     # [replication] journal_limit (empty: the default,
+                                                     # half the journal)
 PAIRFS_INIT_ARGS=${PAIRFS_INIT_ARGS:-}               # e.g. "--block-size 16384"
 PAIRFS_MOUNT_ARGS=${PAIRFS_MOUNT_ARGS:-}             # e.g. "--threads 8 --noatime" (both nodes)
 PORT_A=${PORT_A:-17301}                              # QUIC ports of the pair on 127.0.0.1
@@ -209,10 +212,11 @@ jf() { jq -r --arg k "$2" 'if .[$k] == null then "" else .[$k] | tostring end' <
 
 # wait_replica PAIRFS CFG_A CFG_B T0 MIN_SEQ STALL CAP TRACE: poll both nodes
 # every 50 ms until the primary is in state "pair", connected, and both the
-# secondary's applied_seq and the primary's view of it reach MIN_SEQ (MIN_SEQ 0:
+# secondary's replica_received_seq (what it has applied) and the primary's view of it
+# reach MIN_SEQ (MIN_SEQ 0:
 # the primary's current durable_seq, with nothing committed but not durable and
 # no lag).  Prints the seconds since T0.  Exits 1 when the replica made no
-# progress (applied_seq, copy) for STALL seconds or CAP seconds have passed
+# progress (received seq, copy) for STALL seconds or CAP seconds have passed
 # since T0, printing the last statuses on stderr.  Every poll goes to TRACE.
 PY_WAIT_REPLICA='
 import json, os, subprocess, sys, time
@@ -235,14 +239,14 @@ while os.getppid() == ppid:          # (ends with the script)
     if sa and sb:
         target = min_seq if min_seq > 0 else sa["durable_seq"]
         done = (sa["state"] == "pair" and sa["connected"] and sb["state"] == "pair"
-                and sb["applied_seq"] >= target and sa["applied_seq"] >= target
+                and sb["replica_received_seq"] >= target and sa["replica_received_seq"] >= target
                 and (min_seq > 0 or (sa["committed_seq"] == sa["durable_seq"] and sa["lag_entries"] == 0)))
         if done:
             print("%.6f" % (time.time() - t0))
             sys.exit(0)
-        # progress: the highest applied_seq / copy position seen so far grows
+        # progress: the highest received seq / copy position seen so far grows
         # (the view of the primary drops to 0 while it is disconnected)
-        key = (sb["applied_seq"], sa.get("copy_sent") or 0, sb.get("copy_sent") or 0)
+        key = (sb["replica_received_seq"], sa.get("copy_sent") or 0, sb.get("copy_sent") or 0)
         if best is None or any(k > b for k, b in zip(key, best)):
             best = key if best is None else tuple(max(k, b) for k, b in zip(key, best))
             last_progress = now
@@ -390,8 +394,8 @@ fingerprint = "$7"
 
 [replication]
 mode = "$8"
-journal_limit = "$JOURNAL_LIMIT"
 EOF
+    if [[ -n $JOURNAL_LIMIT ]]; then printf 'journal_limit = "%s"\n' "$JOURNAL_LIMIT" >>"$9"; fi
     if [[ -n $MAX_LAG ]]; then printf 'max_lag = "%s"\n' "$MAX_LAG" >>"$9"; fi
 }
 
@@ -521,6 +525,55 @@ bytes_written() {
         fsync) echo $((FSYNC_OPS * FSYNC_SIZE)) ;;
         *) echo 0 ;;
     esac
+}
+
+# -------------------------------------------------------------------- cpu --
+
+# gl_pid PATTERN: the pid of the gluster process whose command line holds PATTERN.
+gl_pid() {
+    local pid
+    for pid in $(pgrep glusterfs); do
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$1"; then echo "$pid"; fi
+    done
+}
+
+# node_pids KIND NODE: the processes of node 1 (where the writer runs: the standalone
+# node, the primary, or gluster's FUSE client and first brick) or node 2 (the secondary,
+# gluster's second brick).
+node_pids() {
+    case $1/$2 in
+        standalone/1 | pair/1) echo "$PA_PID" ;;
+        pair/2) echo "$PB_PID" ;;
+        gluster/1) gl_pid " $GL_MNT"; gl_pid "brick-name $GL_BRICKS/b1 " ;;
+        gluster/2) gl_pid "brick-name $GL_BRICKS/b2 " ;;
+    esac
+}
+
+# busy_seconds: CPU seconds the whole machine has spent not idle (/proc/stat).
+busy_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print ($2 + $3 + $4 + $7 + $8 + $9) / hz; exit }' /proc/stat
+}
+
+# cpu_snapshot KIND: "node1 node2 machine" CPU seconds so far (node2 "-" without one).
+cpu_snapshot() {
+    local n2=-
+    [[ $1 == standalone ]] || n2=$(cpu_seconds $(node_pids "$1" 2))
+    echo "$(cpu_seconds $(node_pids "$1" 1)) $n2 $(busy_seconds)"
+}
+
+# record_cpu BEFORE AFTER BYTES: CPU seconds per GiB written, of each node and of the
+# whole machine, from two cpu_snapshot lines (uses run_one's wl, target, rep).
+record_cpu() {
+    local b a names=(cpu_node1 cpu_node2 cpu_machine) i v shown=
+    read -ra b <<<"$1"
+    read -ra a <<<"$2"
+    for i in 0 1 2; do
+        [[ ${b[i]} == - ]] && continue
+        v=$(awk -v x="${b[i]}" -v y="${a[i]}" -v n="$3" 'BEGIN { printf "%.3f", (y - x) / (n / 1073741824) }')
+        record "$wl" "$target" "$rep" "${names[i]}" "$v" s/GiB
+        shown="$shown ${names[i]}=$v"
+    done
+    log "    CPU s/GiB:$shown"
 }
 
 # ---------------------------------------------------------------- gluster --
@@ -708,7 +761,7 @@ record() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"; }
 # run_one WORKLOAD TARGET REP: set up, run (with a watchdog), check the replica,
 # tear down, record.
 run_one() {
-    local wl=$1 target=$2 rep=$3 res rc=0 deadline metric unit value kind s0a s0b s1a s1b c0 c1 t written
+    local wl=$1 target=$2 rep=$3 res rc=0 deadline metric unit value kind s0a s0b s1a s1b c0 c1 t written cpu0=
     LOGP=$LOGS/$wl-$target-$rep
     CTX="$wl/$target rep $rep"
     res=$LOGP.out
@@ -744,6 +797,9 @@ run_one() {
         c0=$(conn_count)
     fi
 
+    # CPU per GiB: around the sequential write, until the replica has it too.
+    [[ $wl == seqwrite ]] && cpu0=$(cpu_snapshot "$kind")
+
     # The workload runs in a background subshell with errexit on, so that any
     # failing command ends it; the watchdog kills the daemon if it hangs.
     (set -e; "wl_$wl" "$TARGET_DIR") >"$res" 2>"$res.err" &
@@ -776,6 +832,7 @@ run_one() {
             log "    $metric = $value $unit"
         done <"$res"
         if [[ -s $res.err ]]; then log "    stderr: $(head -n 3 "$res.err")"; fi
+        if [[ -n $cpu0 && $kind != pair ]]; then record_cpu "$cpu0" "$(cpu_snapshot "$kind")" "$(bytes_written "$wl")"; fi
     else
         problem "$CTX" "workload FAILED (status $rc)" "$(tail -n 5 "$res.err")"
         record "$wl" "$target" "$rep" FAIL - "status-$rc"
@@ -793,6 +850,7 @@ run_one() {
         t0=$(now)
         if wait_replica "$t0" 0 "$DRAIN_TIMEOUT" "$LOGP.wait-final.jsonl"; then
             record "$wl" "$target" "$rep" replica_wait "$WAIT_T" s
+            if [[ -n $cpu0 ]]; then record_cpu "$cpu0" "$(cpu_snapshot "$kind")" "$(bytes_written "$wl")"; fi
             s1a=$(status "$CFG_A")
             s1b=$(status "$CFG_B")
             c1=$(conn_count)
@@ -905,7 +963,7 @@ for e in summary:
         x, y = e[a], e[b]
         return "%.2f" % (x["median"] / y["median"]) if x and y and y["median"] else "-"
     ratios = [r("sync", "gluster"), r("async", "gluster"), r("async", "standalone"), r("sync", "standalone")]
-    if e["unit"] in ("ratio", "s", "MiB", "n") or e["metric"].startswith("fsync_p"):
+    if e["unit"] in ("ratio", "s", "MiB", "n", "s/GiB") or e["metric"].startswith("fsync_p"):
         ratios = ["-"] * 4   # not rates: no throughput ratio
     table.append([e["workload"], e["metric"], e["unit"]] + [cell(e, t) for t in targets] + ratios)
 w = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -925,23 +983,31 @@ def goal(name, value, op, bound, note=""):
 def ratio(a, b):
     return a / b if a is not None and b else None
 sw = lambda t: med("seqwrite", "write", t)
-goal("1b seqwrite async/standalone", ratio(sw("async"), sw("standalone")), ">=", 0.8)
-goal("1c seqwrite sync/standalone", ratio(sw("sync"), sw("standalone")), ">=", 0.5)
-goal("2  lag_seconds, steady-state median", med("lag", "lag_s_median", "async"), "<", 1.0, "s")
-goal("2  lag_seconds, steady-state max", med("lag", "lag_s_max", "async"), "<", 1.0, "s")
-goal("2  drain after dd's end", med("lag", "drain_after_dd", "async"), "<", 1.0, "s (no goal set; shown against 1 s)")
-goal("3  catch-up / bench-quic", med("catchup", "catchup_vs_quic", "async"), ">=", 0.7,
+goal("1  seqwrite sync/async", ratio(sw("sync"), sw("async")), ">=", 0.8,
+     "async/standalone %s, sync/standalone %s (the machine, not goals)" % tuple(
+         (lambda v: "%.2f" % v if v is not None else "-")(ratio(sw(t), sw("standalone"))) for t in ("async", "sync")))
+goal("3  lag_seconds, steady-state median", med("lag", "lag_s_median", "async"), "<", 1.0, "s")
+goal("3  lag_seconds, steady-state max", med("lag", "lag_s_max", "async"), "<", 1.0, "s")
+goal("3  drain after dd's end", med("lag", "drain_after_dd", "async"), "<", 1.0, "s (no goal set; shown against 1 s)")
+goal("4  catch-up / bench-quic", med("catchup", "catchup_vs_quic", "async"), ">=", 0.7,
      "catch-up %s MiB/s, quic %s MiB/s" % tuple(num(x) if x is not None else "-" for x in
                                              (med("catchup", "catchup", "async"), med("catchup", "quic_loopback", "async"))))
 for wl in ("seqwrite", "smallfiles"):
     for t in ("async", "sync"):
-        goal("4  wire sent/written, %s, %s" % (wl, t), med(wl, "wire_sent/written", t), "<=", 1.1,
+        goal("5  wire sent/written, %s, %s" % (wl, t), med(wl, "wire_sent/written", t), "<=", 1.1,
              "secondary received/written: %s" % (lambda v: "%.3f" % v if v is not None else "-")(med(wl, "wire_recv/written", t)))
 metric_of = {"seqwrite": "write", "seqread": "read", "smallfiles": "create", "untar": "extract", "stat": "lstat", "fsync": "fsync"}
 for wl, m in metric_of.items():
     if wl in order:
-        goal("5  %s sync/gluster" % wl, ratio(med(wl, m, "sync"), med(wl, m, "gluster")), ">=", 2.0,
+        goal("1  %s sync/gluster" % wl, ratio(med(wl, m, "sync"), med(wl, m, "gluster")), ">=", 2.0,
              "async/gluster %s" % (lambda v: "%.2f" % v if v is not None else "-")(ratio(med(wl, m, "async"), med(wl, m, "gluster"))))
+p("")
+p("== CPU seconds per GiB written, seqwrite (node 1: the writer's node: standalone, primary,")
+p("   gluster client + brick 1; node 2: secondary, gluster brick 2; machine: all busy time) ==")
+for t in targets:
+    v = [med("seqwrite", m, t) for m in ("cpu_node1", "cpu_node2", "cpu_machine")]
+    if any(x is not None for x in v):
+        p("  %-10s  node1 %s  node2 %s  machine %s" % ((t,) + tuple(num(x) if x is not None else "-" for x in v)))
 p("")
 p("== goals ==")
 gh = ["goal", "value", "target", "met?", "note"]

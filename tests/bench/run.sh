@@ -6,7 +6,9 @@
 #   native  - a plain directory on the disk holding BENCH_DIR (the physical limit)
 #   bindfs  - a `bindfs -o big_writes` mount of such a directory (plain FUSE
 #             passthrough: the cost of FUSE itself, without pairfs)
-# and prints medians plus the ratios pairfs/native and pairfs/bindfs.
+#   base    - optional (TARGETS must name it): the same as pairfs with another
+#             build, PAIRFS_BASE (an A/B of two versions in one run)
+# and prints medians plus the ratios pairfs/native, pairfs/bindfs and pairfs/base.
 #
 # Workloads (WORKLOADS, space-separated; default all):
 #   seqwrite    dd 1 GiB from /dev/zero, conv=fsync                     MiB/s
@@ -15,6 +17,7 @@
 #   untar       extract a real source tree (tar of TAR_SRC), then sync  entries/s
 #   stat        lstat every entry of that tree with cold caches         entries/s
 #   fsync       2,000 x (append 4 KiB + fsync) on one file              ops/s
+#   overwrite   overwrite a 512 MiB file in place (notrunc), then fsync  MiB/s
 #   rss         pairfs only: daemon RSS with 100,000 files, 16 GiB vol  MiB
 #
 # "then sync" means: sync(1), then fsync() of the target's root directory.
@@ -44,9 +47,10 @@ PAIRFS=${PAIRFS:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/pairfs}  # 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/pairfs-bench}        # work dir, on the disk under test
 OUT=${OUT:-/tmp/pairfs-bench}                        # results dir
 REPS=${REPS:-3}                                      # repetitions per workload and target
-ALL_WORKLOADS="seqwrite seqread smallfiles untar stat fsync rss"
+ALL_WORKLOADS="seqwrite seqread smallfiles untar stat fsync overwrite rss"
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
-TARGETS=${TARGETS:-"pairfs native bindfs"}           # which ways to run (subset allowed)
+TARGETS=${TARGETS:-"pairfs native bindfs"}           # which ways to run (subset allowed; + "base")
+PAIRFS_BASE=${PAIRFS_BASE:-}                         # the "base" target's pairfs binary
 WL_TIMEOUT=${WL_TIMEOUT:-1800}                       # seconds before a workload counts as hung
 KEEP=${KEEP:-0}                                      # 1: keep BENCH_DIR's contents at exit
 
@@ -63,6 +67,7 @@ SMALL_SIZE=${SMALL_SIZE:-4096}
 TAR_SRC=${TAR_SRC:-/usr/include}                     # tree the untar/stat tarball is made of
 FSYNC_OPS=${FSYNC_OPS:-2000}
 FSYNC_SIZE=${FSYNC_SIZE:-4096}
+OVERWRITE_MIB=${OVERWRITE_MIB:-512}
 RSS_SIZE=${RSS_SIZE:-16G}                            # rss workload: volume size,
 RSS_DIRS=${RSS_DIRS:-1000}                           # directories,
 RSS_FILES=${RSS_FILES:-100000}                       # files in all,
@@ -126,17 +131,19 @@ unmount_daemon() {
 # Every setup_* leaves the directory to benchmark in TARGET_DIR.
 
 # setup_pairfs [SIZE]: fresh volume, mounted in the background, logging to LOGF.
+# The binary is PFS_BIN (default PAIRFS).
 setup_pairfs() {
+    local bin=${PFS_BIN:-$PAIRFS}
     local size=${1:-$PAIRFS_SIZE}
     mkdir -p "$PAIRFS_MNT" || return 1
     # A fresh data dir: `init --force` replaces the volume but refuses to replace a node's
     # identity.key.
     rm -rf "$PAIRFS_DATA"
     # shellcheck disable=SC2086 # word splitting of the *_ARGS is intended
-    "$PAIRFS" init --data "$PAIRFS_DATA" --size "$size" --journal-size "$PAIRFS_JOURNAL" \
+    "$bin" init --data "$PAIRFS_DATA" --size "$size" --journal-size "$PAIRFS_JOURNAL" \
         $PAIRFS_INIT_ARGS --force >>"$LOGF" 2>&1 || { log "pairfs init failed (see $LOGF)"; return 1; }
     # shellcheck disable=SC2086
-    "$PAIRFS" mount --data "$PAIRFS_DATA" $PAIRFS_MOUNT_ARGS "$PAIRFS_MNT" >>"$LOGF" 2>&1 &
+    "$bin" mount --data "$PAIRFS_DATA" $PAIRFS_MOUNT_ARGS "$PAIRFS_MNT" >>"$LOGF" 2>&1 &
     PAIRFS_PID=$!
     if ! wait_mounted "$PAIRFS_MNT" "$PAIRFS_PID" "$LOGF"; then
         teardown_pairfs >/dev/null || true
@@ -162,12 +169,17 @@ teardown_pairfs() {
     elif grep -q ' WARN ' "$LOGF"; then
         log "pairfs logged warnings (log: $LOGF): $(grep ' WARN ' "$LOGF" | head -n 3)"
     fi
-    if ! "$PAIRFS" fsck --data "$PAIRFS_DATA" >>"$LOGF.fsck" 2>&1; then
+    if ! "${PFS_BIN:-$PAIRFS}" fsck --data "$PAIRFS_DATA" >>"$LOGF.fsck" 2>&1; then
         loud "pairfs fsck is NOT clean (report: $LOGF.fsck):" "$(head -n 20 "$LOGF.fsck")"
         ok=1
     fi
     return "$ok"
 }
+
+# The "base" target: pairfs with the PAIRFS_BASE build.
+setup_base() { PFS_BIN=$PAIRFS_BASE setup_pairfs "$@"; }
+
+teardown_base() { PFS_BIN=$PAIRFS_BASE teardown_pairfs; }
 
 setup_native() {
     rm -rf "$NATIVE_DIR" && mkdir -p "$NATIVE_DIR" || return 1
@@ -250,7 +262,10 @@ wl_rss() {
 # targets_for WORKLOAD: the targets that workload runs on.
 targets_for() {
     if [[ $1 == rss ]]; then
-        if [[ " $TARGETS " == *" pairfs "* ]]; then echo pairfs; fi
+        local t
+        for t in pairfs base; do
+            if [[ " $TARGETS " == *" $t "* ]]; then echo "$t"; fi
+        done
     else
         echo "$TARGETS"
     fi
@@ -284,7 +299,7 @@ run_one() {
     while kill -0 "$WL_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
     if kill -0 "$WL_PID" 2>/dev/null; then
         loud "$wl/$target rep $rep: still running after $WL_TIMEOUT s; killing the daemon"
-        if [[ $target == pairfs && -n $PAIRFS_PID ]]; then kill -KILL "$PAIRFS_PID" 2>/dev/null || true; fi
+        if [[ ($target == pairfs || $target == base) && -n $PAIRFS_PID ]]; then kill -KILL "$PAIRFS_PID" 2>/dev/null || true; fi
         if [[ $target == bindfs && -n $BINDFS_PID ]]; then kill -KILL "$BINDFS_PID" 2>/dev/null || true; fi
         sleep 2
         pkill -KILL -P "$WL_PID" 2>/dev/null || true
@@ -314,6 +329,10 @@ run_one() {
 print_facts() {
     {
         machine_facts "$PAIRFS"
+        if [[ " $TARGETS " == *" base "* ]]; then
+            printf 'pairfs_base\t%s (built %s, sha256 %.12s)\n' "$PAIRFS_BASE" \
+                "$(date -r "$PAIRFS_BASE" -Iseconds)" "$(sha256sum "$PAIRFS_BASE" | cut -d' ' -f1)"
+        fi
         printf 'pairfs_volume\t%s (rss: %s), journal %s, init args: %s, mount args: %s\n' \
             "$PAIRFS_SIZE" "$RSS_SIZE" "$PAIRFS_JOURNAL" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}"
         printf 'bindfs\t%s, -o %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$BINDFS_OPTS"
@@ -346,7 +365,7 @@ for wl, target, rep, metric, value, unit in rows:
     data.setdefault(k, {}).setdefault(target, []).append(float(value))
 keys.sort(key=lambda k: order.index(k[0]) if k[0] in order else 99)
 
-targets = ["pairfs", "native", "bindfs"]
+targets = ["pairfs", "native", "bindfs", "base"]
 summary = []
 for k in keys:
     entry = {"workload": k[0], "metric": k[1], "unit": units[k]}
@@ -354,7 +373,7 @@ for k in keys:
         v = data[k].get(t)
         entry[t] = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v),
                     "values": v} if v else None
-    for t in ("native", "bindfs"):
+    for t in ("native", "bindfs", "base"):
         p, o = entry["pairfs"], entry[t]
         entry["pairfs/" + t] = p["median"] / o["median"] if p and o and o["median"] else None
     summary.append(entry)
@@ -367,13 +386,16 @@ def ratio(e, t):
     r = e["pairfs/" + t]
     return "%.2f" % r if r is not None else "-"
 
-head = ["workload", "metric", "unit", "pairfs", "native", "bindfs", "pairfs/native", "pairfs/bindfs", "pairfs min-max"]
+head = ["workload", "metric", "unit", "pairfs", "native", "bindfs", "base", "pairfs/native", "pairfs/bindfs", "pairfs/base",
+        "pairfs min-max", "base min-max"]
 table = [head]
 for e in summary:
     p = e["pairfs"]
+    b = e["base"]
     table.append([e["workload"], e["metric"], e["unit"], med(e, "pairfs"), med(e, "native"), med(e, "bindfs"),
-                  ratio(e, "native"), ratio(e, "bindfs"),
-                  "%s-%s" % (num(p["min"]), num(p["max"])) if p else "-"])
+                  med(e, "base"), ratio(e, "native"), ratio(e, "bindfs"), ratio(e, "base"),
+                  "%s-%s" % (num(p["min"]), num(p["max"])) if p else "-",
+                  "%s-%s" % (num(b["min"]), num(b["max"])) if b else "-"])
 w = [max(len(r[i]) for r in table) for i in range(len(head))]
 print("== results: medians of %s reps (rates: higher is better) ==" % facts.get("reps", "?"))
 for i, r in enumerate(table):
@@ -387,9 +409,9 @@ if fails:
             print("  %s: %s" % (wl, x))
 
 with open(summary_path, "w") as f:
-    f.write("\t".join(head[:8]) + "\n")
+    f.write("\t".join(head[:10]) + "\n")
     for r in table[1:]:
-        f.write("\t".join(r[:8]) + "\n")
+        f.write("\t".join(r[:10]) + "\n")
 with open(json_path, "w") as f:
     json.dump({"facts": facts, "summary": summary, "failures": fails,
                "raw": [dict(zip(["workload", "target", "rep", "metric", "value", "unit"], r)) for r in rows]},
@@ -405,7 +427,8 @@ main() {
         [[ " $ALL_WORKLOADS " == *" $w "* ]] || die "unknown workload '$w' (known: $ALL_WORKLOADS)"
     done
     for t in $TARGETS; do
-        [[ $t == pairfs || $t == native || $t == bindfs ]] || die "unknown target '$t'"
+        [[ $t == pairfs || $t == native || $t == bindfs || $t == base ]] || die "unknown target '$t'"
+        [[ $t != base || -x $PAIRFS_BASE ]] || die "target base needs PAIRFS_BASE, a pairfs binary"
     done
     if ! command -v bindfs >/dev/null || ! command -v fusermount3 >/dev/null; then
         log "installing bindfs and fuse3"
