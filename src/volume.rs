@@ -1,4 +1,5 @@
-//! The volume: the normal area, the journal in front of it, and the caches (DESIGN §3).
+//! The volume: the normal area, the journal in front of it, and the caches
+//! (docs/DESIGN.md §3).
 //!
 //! Writers hand the volume whole [`Transaction`]s (the block writes of one FS operation).
 //! `commit` merges a transaction into the *open entry* (group commit: later writes of a
@@ -7,23 +8,24 @@
 //! peer, past `max_entry_wire_bytes`). Everything committed is made durable (sealed, and the
 //! journal synced) at the latest `commit_interval` after the oldest transaction not yet
 //! durable ([`Volume::maintain`]), however many entries were sealed meanwhile. A sealed
-//! entry is durable once the journal is synced; a crash recovers exactly a prefix of sealed entries, so every state a
-//! reader of the normal area can see after recovery is the state after some whole prefix of
-//! transactions (data blocks written in place excepted, see below).
+//! entry is durable once the journal is synced; a crash recovers exactly a prefix of sealed
+//! entries, so every state a reader of the normal area can see after recovery is the state
+//! after some whole prefix of transactions.
 //!
 //! **Where a block's new content goes.** Metadata blocks, small data writes and every
 //! overwrite of a block the state before the transaction uses travel as IMAGEs in the
 //! journal and reach the normal area at the next checkpoint. A transaction writing at least
-//! `inplace_min_blocks` data blocks that were *free* before it (newly allocated) writes
-//! them straight into the normal area (IN_PLACE; the entry keeps only their checksums), so
-//! bulk file data is written once (seed 001 §0136; FORMAT.md §2.4 for the ordering rules
+//! `inplace_min_blocks` data blocks writes those of them that were *free* before it (newly
+//! allocated) straight into the normal area (IN_PLACE; the entry keeps only their
+//! checksums), so bulk file data is written once (FORMAT.md §2.4 for the ordering rules
 //! this relies on). Nothing any committed state references is ever changed before the
 //! entry that changes it is durable: after any crash the normal area (every block in use)
 //! is exactly the state after the recovered prefix of entries, which is what lets a
 //! replica equal its primary block for block.
 //!
-//! **Reads** resolve a block in the order of DESIGN §3: the open entry's images, the images
-//! of sealed entries not yet checkpointed (`pending`), the clean cache, the normal area.
+//! **Reads** resolve a block in the order of docs/DESIGN.md §3: the open entry's images, the
+//! images of sealed entries not yet checkpointed (`pending`), the clean cache, the normal
+//! area.
 //!
 //! **Errors.** After a failed write or sync the volume is *poisoned*: every later commit
 //! fails until it is reopened, because the state on disk is unknown.
@@ -73,8 +75,8 @@ pub struct VolumeOptions {
     /// Replication is configured: journal entries stay after their checkpoint until the
     /// replication driver releases them ([`Volume::set_release_limit`]).
     pub retain: bool,
-    /// Bytes of overwritten, not yet replicated in-place data kept aside in memory (seed
-    /// 001 §0136); beyond it such entries fall back to a bitmap resync.
+    /// Bytes of overwritten, not yet replicated in-place data kept aside in memory
+    /// (JP 2003-418907 ¶0136); beyond it such entries fall back to a bitmap resync.
     pub evacuation_limit: u64,
     /// With `retain`: seal the open entry when its blocks (in-place data included) reach
     /// this many bytes, so that one entry is one message on the wire.
@@ -1013,10 +1015,6 @@ impl Volume {
         Ok(())
     }
 
-    /// Saves aside the current content of `b` if a retained entry holds it in place and it
-    /// is about to be overwritten (seed 001 §0136: the entry must still be sent with the
-    /// data it had). Beyond `evacuation_limit` nothing is saved: sending that entry then
-    /// fails its checksum and replication falls back to the bitmap.
     /// Writes whole blocks into the normal area, each run of consecutive block numbers in
     /// one write (a replicated entry or copy batch holds thousands of 4 KiB blocks).
     fn write_blocks(
@@ -1042,6 +1040,10 @@ impl Volume {
         Ok(())
     }
 
+    /// Saves aside the current content of `b` if a retained entry holds it in place and it
+    /// is about to be overwritten (JP 2003-418907 ¶0136: the entry must still be sent with
+    /// the data it had). Beyond `evacuation_limit` nothing is saved: sending that entry then
+    /// fails its checksum and replication falls back to the bitmap.
     fn evacuate(&mut self, b: BlockNo) -> Result<(), VolumeError> {
         let Some(&seq) = self.inplace_refs.get(&b) else {
             return Ok(());
@@ -2232,6 +2234,48 @@ mod tests {
             7,
             "nothing older replayed over the copy"
         );
+    }
+
+    #[test]
+    fn a_replicated_entry_naming_a_block_twice_is_refused_and_changes_nothing() {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        // Fresh blocks: they would be written in place before the entry is journaled.
+        let block = |n: u64, fill: u8| WireBlock {
+            block: n,
+            data: vec![fill; BS],
+            fresh: true,
+        };
+        let entry = |seq: u64, blocks: Vec<WireBlock>| WireEntry {
+            seq: Seq(seq),
+            prev_seq: Seq::NONE,
+            timestamp_ns: 1,
+            blocks,
+            frees: false,
+        };
+        for (why, blocks) in [
+            ("twice", vec![block(3, 1), block(5, 1), block(3, 2)]),
+            ("out of order", vec![block(5, 1), block(3, 1)]),
+            ("outside the volume", vec![block(3, 1), block(256, 1)]),
+        ] {
+            let err = v.apply_replicated(&entry(10, blocks)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    VolumeError::InvalidParams(_) | VolumeError::OutOfRange { .. }
+                ),
+                "{why}: {err:?}"
+            );
+            assert_eq!(v.read_block(3).unwrap()[0], 0, "{why}: nothing applied");
+            assert_eq!(
+                v.journal().last_seq(),
+                Seq::NONE,
+                "{why}: nothing journaled"
+            );
+        }
+        // Refused as data, not as an I/O failure: the volume goes on.
+        v.apply_replicated(&entry(10, vec![block(3, 4)])).unwrap();
+        assert_eq!(v.read_block(3).unwrap()[0], 4);
     }
 
     #[test]

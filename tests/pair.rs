@@ -57,6 +57,66 @@ fn two_nodes_replicate_a_real_tree() {
     p.a.stop();
 }
 
+/// The replica's kernel caches names for a second (the replica mount's TTL); when an entry
+/// changes a directory, the replica invalidates the names it touched at once. A name that
+/// is not UTF-8 must be invalidated as the bytes it is: a lossy conversion names another
+/// entry, and the replica went on resolving the old name to the renamed file until the
+/// TTL ran out.
+#[test]
+fn the_replica_forgets_renamed_names_that_are_not_utf8() {
+    let mut p = pair("nonutf8", "1G", "");
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    let exists = |path: &str| {
+        let out = sh(&format!(
+            "python3 -c 'import os; print(os.path.exists(b\"{path}\"))'"
+        ));
+        out.trim() == "True"
+    };
+    // A round is conclusive only if the check comes within the TTL of the replica's last
+    // lookup of the old name (else the kernel forgot it anyway).
+    let mut conclusive = 0;
+    for round in 0..5 {
+        let old = format!("caf\\xe9{round}");
+        sh(&format!(
+            "python3 -c 'open(b\"{ma}/{old}\", \"w\").write(\"one\")'"
+        ));
+        p.fsync_a();
+        p.caught_up(Duration::from_secs(30));
+        let t = Instant::now();
+        while !exists(&format!("{mb}/{old}")) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the replica never showed the file"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let looked_up = Instant::now(); // the kernel caches the name from here
+        sh(&format!(
+            "python3 -c 'import os; os.rename(b\"{ma}/{old}\", b\"{ma}/renamed{round}\")'"
+        ));
+        p.fsync_a();
+        p.caught_up(Duration::from_secs(30));
+        let still_there = exists(&format!("{mb}/{old}"));
+        if looked_up.elapsed() >= Duration::from_millis(900) {
+            continue;
+        }
+        assert!(
+            !still_there,
+            "round {round}: the replica still resolves the old name after the rename was applied"
+        );
+        assert_eq!(sh(&format!("cat {mb}/renamed{round}")), "one");
+        conclusive += 1;
+        break;
+    }
+    assert!(
+        conclusive > 0,
+        "no round checked within the TTL (machine too slow?)"
+    );
+    p.b.stop();
+    p.a.stop();
+}
+
 #[test]
 fn killed_secondary_catches_up_from_the_journal() {
     let mut p = pair("kill", "4G", "[replication]\njournal_limit = \"256M\"\n");

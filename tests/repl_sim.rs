@@ -1371,6 +1371,31 @@ fn a_crashed_sync_primary_takes_back_from_its_peer_what_it_lost() {
     sim.converge();
 }
 
+/// A secondary whose journal takes smaller entries than the filesystem's largest
+/// transaction is refused at pairing, with both sizes named, rather than failing the
+/// primary's writes later.
+#[test]
+fn a_peer_whose_journal_is_too_small_is_refused_naming_both_sizes() {
+    let mut sim = Sim::with(Rng(17), false, Mode::Async, false, 100_000, |c| {
+        c.max_entry_bytes = 1 << 20;
+    });
+    sim.faults = false;
+    write_meta(&mut sim, 0, 9);
+    sim.make_durable();
+    let refusals = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sim.connect();
+        deliver_all(&mut sim);
+    }));
+    assert!(refusals.is_err(), "the pair was not refused");
+    let refused = sim.p.repl.status().refused.unwrap_or_default();
+    assert!(
+        refused.contains("at most 1048576 bytes")
+            && refused.contains(&pairfs::repl::MIN_PEER_ENTRY_BYTES.to_string()),
+        "{refused}"
+    );
+    assert_ne!(sim.p.repl.status().state, PairState::Pair);
+}
+
 /// Commits a write of metadata block `b`.
 fn write_meta(sim: &mut Sim, b: u64, v: u64) {
     sim.p.store.commit(&[(b, v, false)], false);

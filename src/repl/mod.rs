@@ -1,8 +1,8 @@
-//! Replication of a volume to a peer node (DESIGN §4, docs/PROTOCOL.md).
+//! Replication of a volume to a peer node (docs/DESIGN.md §4, docs/PROTOCOL.md).
 //!
-//! Sans-IO (STYLE.md, after `quinn-proto`): [`Replicator`] is a state machine that takes
-//! events — a connection came up or went down, a message arrived, a local journal entry
-//! became durable, the driver finished applying something, time passed — and hands out
+//! Sans-IO (docs/DESIGN.md §10.1, after `quinn-proto`): [`Replicator`] is a state machine
+//! that takes events — a connection came up or went down, a message arrived, a local
+//! journal entry became durable, the driver finished applying something, time passed — and hands out
 //! [`Action`]s: messages to send, entries to read and send, entries to apply, journal space
 //! to release, state to persist. It never touches a socket, a file or the clock. The QUIC
 //! transport and the daemon drive it; the deterministic simulation in `tests/repl_sim.rs`
@@ -13,8 +13,8 @@ mod replicator;
 use serde::{Deserialize, Serialize};
 
 pub use replicator::{
-    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta, ReplConfig,
-    Replicator, Status,
+    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta,
+    MIN_PEER_ENTRY_BYTES, ReplConfig, Replicator, Status,
 };
 
 use crate::types::{Seq, VolumeId};

@@ -27,6 +27,15 @@ use super::{
 };
 use crate::types::{Seq, VolumeId};
 
+/// The smallest entry a peer's journal must take: the filesystem's largest transaction (a
+/// 1 MiB write with its metadata) with room to spare. A peer that takes less is refused at
+/// pairing, naming both sizes, rather than failing writes later. An entry takes at most a
+/// quarter of a journal: a 16 MiB journal takes entries of almost 4 MiB.
+pub const MIN_PEER_ENTRY_BYTES: u64 = 2 << 20;
+
+/// Entries a secondary buffers ahead of a gap, whatever their size (entries without blocks
+/// would otherwise escape the byte bound); beyond, they are dropped and come again.
+const MAX_OUT_OF_ORDER_ENTRIES: usize = 4096;
 /// Messages kept while waiting for the peer's hello (a few replication frames can overtake
 /// it; more means the peer is not speaking the protocol).
 const MAX_EARLY: usize = 256;
@@ -928,6 +937,15 @@ impl Replicator {
 
     /// Hello accepted: resume the stream, or start the copy the peer needs.
     fn start_streaming(&mut self, h: Hello, full: bool, now: Instant) {
+        if h.max_entry_bytes < MIN_PEER_ENTRY_BYTES {
+            self.refuse(format!(
+                "the peer's journal takes entries of at most {} bytes, and this primary's \
+                 transactions need {} (its own limit: {}): re-create the peer with a journal \
+                 of at least 16 MiB (`pairfs init --journal-size 16M`)",
+                h.max_entry_bytes, MIN_PEER_ENTRY_BYTES, self.cfg.max_entry_bytes,
+            ));
+            return;
+        }
         let (received, durable, inconsistent) = (h.last_seq, h.durable, h.inconsistent);
         self.out.push_back(Action::LimitEntries(
             h.max_entry_bytes.min(super::MAX_ENTRY_WIRE_BYTES),
@@ -1019,7 +1037,14 @@ impl Replicator {
         self.last_progress = Some(now);
         self.retained.push_back(e);
         self.retained_bytes += e.journal_bytes;
-        let Some(target) = self.reconcile.as_ref().and_then(|r| r.target) else {
+        let timeout = self.cfg.sync_timeout;
+        let Some(r) = self.reconcile.as_mut() else {
+            return;
+        };
+        // Progress: the take-back gives up only after `sync_timeout` without any (a long
+        // backlog on a slow link must not end in a new generation halfway).
+        r.deadline = now + timeout;
+        let Some(target) = r.target else {
             return;
         };
         if self.last_seq < target {
@@ -1626,7 +1651,8 @@ impl Replicator {
             return;
         }
         let bytes = e.data_bytes();
-        if self.ooo_bytes + bytes <= self.cfg.max_out_of_order_bytes {
+        let room = self.ooo.len() < MAX_OUT_OF_ORDER_ENTRIES || self.ooo.contains_key(&e.prev_seq);
+        if room && self.ooo_bytes + bytes <= self.cfg.max_out_of_order_bytes {
             self.ooo_bytes += bytes;
             if let Some(old) = self.ooo.insert(e.prev_seq, e) {
                 self.ooo_bytes -= old.data_bytes();

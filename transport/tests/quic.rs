@@ -634,7 +634,7 @@ async fn stolen_certificate_without_its_key_is_refused() {
             pairfs_transport::tls::PinnedServerVerifier::new(b.id.fingerprint()),
         ))
         .with_client_cert_resolver(Arc::new(Fixed(Arc::new(stolen))));
-    client.alpn_protocols = vec![b"pairfs/1".to_vec()];
+    client.alpn_protocols = vec![pairfs_transport::tls::ALPN.to_vec()];
     let text = raw_dial(client, &b.ep).await;
     assert!(
         text.contains("BadSignature"),
@@ -670,14 +670,15 @@ async fn client_without_certificate_or_with_wrong_alpn_is_refused() {
             pairfs_transport::tls::PinnedServerVerifier::new(b.id.fingerprint()),
         ))
         .with_no_client_auth();
-        c.alpn_protocols = vec![b"pairfs/1".to_vec()];
+        c.alpn_protocols = vec![pairfs_transport::tls::ALPN.to_vec()];
         c
     };
     let text = raw_dial(no_cert, &b.ep).await;
     assert!(text.contains("no certificates"), "{text}");
 
     let mut wrong_alpn = pairfs_transport::tls::client_config(&a.id, b.id.fingerprint()).unwrap();
-    wrong_alpn.alpn_protocols = vec![b"pairfs/2".to_vec()];
+    // A node of protocol version 1.
+    wrong_alpn.alpn_protocols = vec![b"pairfs/1".to_vec()];
     let text = raw_dial(wrong_alpn, &b.ep).await;
     // Alert 120: no_application_protocol.
     assert!(text.contains("error 120"), "{text}");

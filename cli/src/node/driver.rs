@@ -369,6 +369,13 @@ impl Driver {
                 }
             }
             Action::LimitEntries(bytes) => {
+                if bytes < pairfs::repl::MAX_ENTRY_WIRE_BYTES {
+                    tracing::info!(
+                        peer_takes = bytes,
+                        ours = pairfs::repl::MAX_ENTRY_WIRE_BYTES,
+                        "the peer's journal takes smaller entries than ours: entries are sealed at its size"
+                    );
+                }
                 self.host.vol_mut(|v| v.set_max_entry_wire_bytes(bytes));
             }
             Action::Apply(e) => {
@@ -458,6 +465,15 @@ impl Driver {
     /// Applies one replicated entry (secondary; or a primary reconciling), then drops what
     /// the caches (ours and the kernel's) hold of what it changed.
     fn apply(&mut self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
+        let r = self.apply_inner(e);
+        if r.is_ok() {
+            // The volume works again: a later failure starts the reopen backoff afresh.
+            self.reopen_delay = REOPEN_FIRST;
+        }
+        r
+    }
+
+    fn apply_inner(&mut self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
         let repairs =
             !self.suspect.is_empty() && e.blocks.iter().any(|b| self.suspect.remove(&b.block));
         if let Some(fs) = self.host.fs() {
@@ -539,7 +555,9 @@ impl Driver {
                 let durable = self.host.vol(|v| v.journal().durable_seq());
                 self.repl.handle_volume_reopened(durable);
                 self.reopen_at = None;
-                self.reopen_delay = REOPEN_FIRST;
+                // Not reset until an entry applies: a disk that stays full fails the next
+                // apply at once, and the reopens must back off all the same.
+                self.reopen_delay = (self.reopen_delay * 2).min(REOPEN_MAX);
                 self.reopen_error = None;
             }
             Err(e) => {

@@ -28,6 +28,10 @@ const RECEIVE_BUDGET: usize = 2 * MAX_FRAME as usize;
 /// The least a message counts against that budget: bounds how many small (control)
 /// messages can queue.
 const MIN_PERMIT: usize = 4096;
+/// A connection that lasted this long resets the dialler's backoff: one that ends sooner
+/// (the peer refused it: diverged, another volume) is redialled ever more slowly, up to
+/// the backoff's maximum, instead of every 100 ms.
+const STABLE_CONNECTION: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A message from the peer and the share of the receive budget it holds until dropped.
 pub(crate) struct Received {
@@ -83,13 +87,16 @@ pub(crate) async fn connection_manager(
                 continue;
             }
         };
-        backoff.reset();
         let id = ids.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::info!(conn = id, "connected to the peer");
+        let since = std::time::Instant::now();
         let closed = run_connection(id, conn, true, shared.clone()).await;
         // Wait for this connection to end before dialling again.
         closed.notified().await;
         tracing::info!(conn = id, "connection to the peer lost");
+        if since.elapsed() >= STABLE_CONNECTION {
+            backoff.reset();
+        }
         tokio::time::sleep(backoff.next()).await;
     }
 }
@@ -232,5 +239,17 @@ async fn read_messages(
         if shared.events.send(Event::Message(id, received)).is_err() {
             return "the node stopped".into();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_alpn_names_this_protocol_version() {
+        // One place for the version: a node of another version must fail the handshake.
+        assert_eq!(
+            pairfs_transport::tls::ALPN,
+            format!("pairfs/{}", pairfs::repl::PROTOCOL_VERSION).as_bytes()
+        );
     }
 }
