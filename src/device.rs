@@ -1,4 +1,4 @@
-//! Storage behind a trait (STYLE.md, after redb's `StorageBackend`).
+//! Storage behind a trait (docs/DESIGN.md §10.1, after redb's `StorageBackend`).
 //!
 //! A [`BlockDevice`] is a flat, positional byte store: the normal area and the journal of a
 //! node each live on one. Three implementations:

@@ -1,4 +1,4 @@
-//! Errors of the core layer: one enum per component (STYLE.md "Errors").
+//! Errors of the core layer: one enum per component (docs/DESIGN.md §10.2).
 
 use std::io;
 
@@ -106,7 +106,7 @@ pub enum VolumeError {
         blocks: u64,
     },
     /// An earlier write or sync failed: the volume refuses writes until it is reopened
-    /// (the state on disk is unknown; STYLE.md, after redb's `PreviousIo`).
+    /// (the state on disk is unknown; docs/DESIGN.md §10.2, after redb's `PreviousIo`).
     #[error(
         "volume stopped accepting writes after an earlier I/O error; remount (a secondary \
          reopens it by itself)"

@@ -1,10 +1,10 @@
-//! The journal: the remote-unreflected area of DESIGN §3 (seed 000 §0075–0077, seed 001
-//! §0195–0233), byte layout in `docs/FORMAT.md` §2.
+//! The journal: the remote-unreflected area of docs/DESIGN.md §3 (JP 2003-402994
+//! ¶0075–0077, JP 2003-418907 ¶0195–0233), byte layout in `docs/FORMAT.md` §2.
 //!
 //! One file holds two header slots and a circular log of *entries*. An entry is one atomic
 //! transaction: a `Seq`, the host timestamp, and the blocks it writes, each with a CRC-32C;
 //! a block's content is either in the entry (IMAGE) or was written straight into the normal
-//! area before the entry (IN_PLACE, seed 001 §0136: file data is not written twice).
+//! area before the entry (IN_PLACE: bulk file data is not written twice).
 //!
 //! The journal is the node's write-ahead log *and* its replication queue: entries stay
 //! *retained* until the owner releases them (after the local checkpoint and, with a peer,

@@ -1,9 +1,10 @@
 //! pairfs core: the block volume of a node and the rules that keep it consistent.
 //!
-//! DESIGN §2–§3. A node's data lives in a block-addressed *normal area*; every change goes
-//! first through the *journal* (the remote-unreflected area), as whole transactions with a
-//! [`Seq`], a host timestamp and per-block checksums. The journal is at once the write-ahead
-//! log that makes crashes harmless and the ordered queue that replication streams from.
+//! docs/DESIGN.md §2–§3. A node's data lives in a block-addressed *normal area*; every
+//! change goes first through the *journal* (the remote-unreflected area), as whole
+//! transactions with a [`Seq`], a host timestamp and per-block checksums. The journal is at
+//! once the write-ahead log that makes crashes harmless and the ordered queue that
+//! replication streams from.
 //!
 //! - [`device`]: the [`BlockDevice`] trait and its file and memory implementations;
 //! - [`crash`]: a device that can produce the image a crash leaves, for crash tests;

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A journal sequence number (DESIGN §3): strictly increasing along the log, persisted,
+/// A journal sequence number (docs/DESIGN.md §3): strictly increasing along the log, persisted,
 /// never reused. `Seq(0)` means "none".
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -105,7 +105,8 @@ pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Wall-clock time in nanoseconds since the Unix epoch (the host timestamp of DESIGN §3).
+/// Wall-clock time in nanoseconds since the Unix epoch (the host timestamp of
+/// docs/DESIGN.md §3).
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

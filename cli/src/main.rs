@@ -1,4 +1,4 @@
-//! `pairfs`: the command-line tool and node daemon (DESIGN §2, `cli/`).
+//! `pairfs`: the command-line tool and node daemon (docs/DESIGN.md §2, `cli/`).
 //!
 //! Wires the layers together: a data directory, its volume (with recovery), the FS core and
 //! the FUSE session; parses and checks every argument with a clear message.

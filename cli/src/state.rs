@@ -4,7 +4,7 @@
 //! - `diff.bitmap`: the difference bitmap (blocks changed and not known to be on the peer).
 //!
 //! Both are small and rewritten whole: temp file, fsync, rename, fsync of the directory
-//! (STYLE.md "Durable file replacement"), with a magic and a CRC-32C so that a damaged
+//! (docs/DESIGN.md §10.3 "Durable file replacement"), with a magic and a CRC-32C so that a damaged
 //! file is an error, never a silently wrong state.
 
 use std::io::Write;

@@ -1,5 +1,5 @@
 //! `FsError`: every failure of the FS core, converted to an errno once, at the FUSE edge
-//! (STYLE.md, after mountpoint-s3 `fs/error.rs`).
+//! (docs/DESIGN.md §10.2, after mountpoint-s3 `fs/error.rs`).
 
 use pairfs::VolumeError;
 

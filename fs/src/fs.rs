@@ -1,4 +1,4 @@
-//! The filesystem core: POSIX operations over the pairfs volume (DESIGN §2).
+//! The filesystem core: POSIX operations over the pairfs volume (docs/DESIGN.md §2).
 //!
 //! Every mutation is one transaction: it runs against an [`FsTx`] under the write lock and
 //! is committed to the volume whole, or not at all (an error midway leaves nothing behind).

@@ -1,6 +1,6 @@
-//! The FUSE adapter: a thin wrapper that maps fuser callbacks onto [`Fs`] (STYLE.md, after
-//! mountpoint-s3 `fuse.rs`). Each callback converts its arguments, calls the FS core and
-//! replies; errors become an errno here and nowhere else.
+//! The FUSE adapter: a thin wrapper that maps fuser callbacks onto [`Fs`] (docs/DESIGN.md
+//! §10.1, after mountpoint-s3 `fuse.rs`). Each callback converts its arguments, calls the FS
+//! core and replies; errors become an errno here and nowhere else.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

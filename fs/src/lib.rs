@@ -1,4 +1,4 @@
-//! pairfs filesystem: a POSIX filesystem on the pairfs volume (DESIGN §2).
+//! pairfs filesystem: a POSIX filesystem on the pairfs volume (docs/DESIGN.md §2).
 //!
 //! - [`format`]: the on-disk structures (FORMAT.md §3);
 //! - [`fs`]: the FS core, every POSIX operation as one volume transaction;

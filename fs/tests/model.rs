@@ -1,4 +1,4 @@
-//! Model-based test of the FS core (STYLE.md): random operations applied to the FS and to
+//! Model-based test of the FS core (docs/DESIGN.md §10.4): random operations applied to the FS and to
 //! an in-memory model, with the whole tree, every file's bytes, link counts, modes and
 //! xattrs compared after every step, and fsck run after every step. Remounts in the
 //! workload check that everything persists through close/reopen.

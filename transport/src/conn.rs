@@ -49,8 +49,8 @@ pub const CLOSE_FRAME_ERROR: u32 = 1;
 /// Default keep-alive interval: four per idle timeout, so that losing up to three
 /// consecutive keep-alives (or their acks) on a lossy link does not end the connection.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_millis(250);
-/// Default idle timeout: a dead peer is noticed in about a second (docs/PROTOCOL.md §3),
-/// which bounds how long writers wait in `sync` mode before the pair is suspended.
+/// Default idle timeout: a dead peer is noticed in about a second (docs/PROTOCOL.md §3);
+/// the pair is then suspended (sync-mode writers wait up to `replication.sync_timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Tuning of the transport; the defaults are those of docs/PROTOCOL.md §3.

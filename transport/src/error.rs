@@ -1,7 +1,7 @@
 //! The error of the transport layer.
 //!
-//! One enum for the whole crate (STYLE.md: one `thiserror` enum per layer), except the two
-//! pure decoders that have their own small error types: [`FrameError`] for frames (wrapped
+//! One enum for the whole crate (docs/DESIGN.md §10.2: one `thiserror` enum per layer),
+//! except the two pure decoders that have their own small error types: [`FrameError`] for frames (wrapped
 //! here as [`TransportError::Frame`]) and [`FingerprintError`](crate::FingerprintError)
 //! for parsing a fingerprint from configuration text.
 //!

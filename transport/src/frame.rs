@@ -35,8 +35,8 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 12;
 /// Default limit on a frame's payload: 16 MiB.
 ///
-/// Large enough for a replication entry of a few thousand 4 KiB blocks, or a copy batch,
-/// so that splitting (`EntryChunk`) is rare; small enough that the receiver may allocate
+/// Large enough for a replication entry of a few thousand 4 KiB blocks, or a copy batch
+/// (the node raises it to fit its largest entry); small enough that the receiver may allocate
 /// it up front for every stream (the header is checked before the allocation) without a
 /// peer being able to make it reserve much memory, and that one frame takes well under a
 /// second on a gigabit link, so it does not hold the replication stream for long.

@@ -11,7 +11,8 @@
 //! - `link.rs`: the QUIC connection and its streams, with a bounded receive budget;
 //! - `driver.rs`: the replicator's events and actions on the volume;
 //! - `hooks.rs`: what the writers wait for;
-//! - `control.rs`: the control socket (`pairfs status`).
+//! - `control.rs`: the control socket (`pairfs status`, `pairfs verify`);
+//! - `verify.rs`: the online verify job (docs/PROTOCOL.md §5.5).
 
 mod control;
 mod driver;

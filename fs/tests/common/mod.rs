@@ -1,6 +1,6 @@
 //! A reference model of the filesystem and a random workload, shared by the model-based
-//! test (`model.rs`) and the crash test (`crash.rs`). STYLE.md: an `Op` enum applied to the
-//! FS core and to a simple in-memory model, compared after every step.
+//! test (`model.rs`) and the crash test (`crash.rs`). docs/DESIGN.md §10.4: an `Op` enum
+//! applied to the FS core and to a simple in-memory model, compared after every step.
 
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code, unreachable_pub)]
