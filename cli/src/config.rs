@@ -327,6 +327,10 @@ mod tests {
             let c = NodeConfig::parse(text).unwrap();
             assert_eq!(c.max_lag, Some(Duration::from_secs(5)));
             assert!(c.peer.is_some());
+            // The demo's nodes (2 GiB, the default journal) start with these configs: a
+            // journal limit above half that journal stopped both (issue 9's own demo).
+            let journal = pairfs::datadir::default_journal_size(2 << 30, 4096);
+            c.journal_limit_for(journal).unwrap();
         }
     }
 
