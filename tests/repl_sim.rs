@@ -1278,19 +1278,7 @@ fn a_primary_that_cannot_reconcile_starts_a_new_generation_and_the_divergence_is
     });
     sim.faults = false;
     streaming(&mut sim);
-    // Entries the peer receives, sealed on the primary but never durable there.
-    write_meta(&mut sim, 1, 10);
-    sim.seal();
-    deliver_all(&mut sim);
-    while !sim.s_disk.is_empty() {
-        sim.secondary_disk();
-        deliver_all(&mut sim);
-    }
-    let peer_has = sim.s.store.last();
-    assert!(
-        peer_has > sim.p.store.durable(),
-        "the peer holds an unsynced entry"
-    );
+    let peer_has = peer_receives_an_entry_not_durable_on_the_primary(&mut sim);
     sim.partitioned = true;
     sim.disconnect();
     sim.p.store.crash(Crash::PowerLoss(0)); // loses everything unsynced
@@ -1343,18 +1331,7 @@ fn a_crashed_sync_primary_takes_back_from_its_peer_what_it_lost() {
     let mut sim = Sim::with(Rng(13), false, Mode::Sync, false, 100_000, |_| {});
     sim.faults = false;
     streaming(&mut sim);
-    write_meta(&mut sim, 1, 10);
-    sim.seal();
-    deliver_all(&mut sim);
-    while !sim.s_disk.is_empty() {
-        sim.secondary_disk();
-        deliver_all(&mut sim);
-    }
-    let peer_has = sim.s.store.last();
-    assert!(
-        peer_has > sim.p.store.durable(),
-        "the peer holds an unsynced entry"
-    );
+    let peer_has = peer_receives_an_entry_not_durable_on_the_primary(&mut sim);
     assert_eq!(sim.acked_received, peer_has, "the write was acknowledged");
     sim.crash_primary_with(Crash::PowerLoss(0));
     assert!(sim.p.store.last() < peer_has, "the crash lost the entry");
@@ -1394,6 +1371,24 @@ fn a_peer_whose_journal_is_too_small_is_refused_naming_both_sizes() {
         "{refused}"
     );
     assert_ne!(sim.p.repl.status().state, PairState::Pair);
+}
+
+/// Sync mode, streaming: an entry sealed on the primary (never made durable there) reaches
+/// the peer, which applies and syncs it. Returns the peer's newest seq.
+fn peer_receives_an_entry_not_durable_on_the_primary(sim: &mut Sim) -> Seq {
+    write_meta(sim, 1, 10);
+    sim.seal();
+    deliver_all(sim);
+    while !sim.s_disk.is_empty() {
+        sim.secondary_disk();
+        deliver_all(sim);
+    }
+    let peer_has = sim.s.store.last();
+    assert!(
+        peer_has > sim.p.store.durable(),
+        "the peer holds an unsynced entry"
+    );
+    peer_has
 }
 
 /// Commits a write of metadata block `b`.

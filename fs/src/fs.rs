@@ -893,11 +893,18 @@ impl Fs {
     /// reloads everything derived from it.
     pub fn replace_volume(&self, vol: Volume) -> FsResult<()> {
         let mut core = self.write_core();
-        let b0 = vol.read_block(0)?;
-        let sb = Superblock::decode(&b0, vol.block_count()).map_err(FsError::BadSuperblock)?;
-        let alloc = Allocator::load(&vol, &sb)?;
+        let (sb, alloc) = Self::derived(&vol)?;
         *core = Core { vol, sb, alloc };
         Ok(())
+    }
+
+    /// What the filesystem derives from its volume: the superblock and the allocation
+    /// state.
+    fn derived(vol: &Volume) -> FsResult<(Superblock, Allocator)> {
+        let b0 = vol.read_block(0)?;
+        let sb = Superblock::decode(&b0, vol.block_count()).map_err(FsError::BadSuperblock)?;
+        let alloc = Allocator::load(vol, &sb)?;
+        Ok((sb, alloc))
     }
 
     /// Runs `f` with the volume under the write lock (replication applies, copies).
@@ -917,10 +924,7 @@ impl Fs {
     /// a copy (a secondary's first copy).
     pub fn reload(&self) -> FsResult<()> {
         let mut core = self.write_core();
-        let Core { vol, sb, alloc } = &mut *core;
-        let b0 = vol.read_block(0)?;
-        *sb = Superblock::decode(&b0, vol.block_count()).map_err(FsError::BadSuperblock)?;
-        *alloc = Allocator::load(vol, sb)?;
+        (core.sb, core.alloc) = Self::derived(&core.vol)?;
         Ok(())
     }
 

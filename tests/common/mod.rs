@@ -249,18 +249,24 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .output();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.root);
-        }
+        clean_up(self.child.take(), &self.mnt, &self.root);
+    }
+}
+
+/// What a test node leaves behind: kills its daemon, unmounts lazily, and removes its
+/// directory unless the test failed (kept for the post-mortem).
+pub fn clean_up(child: Option<Child>, mnt: &Path, root: &Path) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mnt)
+        .output();
+    if !std::thread::panicking() {
+        let _ = std::fs::remove_dir_all(root);
     }
 }
 

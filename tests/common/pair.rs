@@ -140,18 +140,7 @@ impl PairNode {
 
 impl Drop for PairNode {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .output();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.root);
-        }
+        super::clean_up(self.child.take(), &self.mnt, &self.root);
     }
 }
 
@@ -323,13 +312,24 @@ impl Pair {
 
     /// Waits until the secondary applied everything the primary has committed.
     pub fn caught_up(&self, limit: Duration) {
-        let t = Instant::now();
-        loop {
-            let (ja, jb) = (self.a.json(), self.b.json());
+        self.wait_for_statuses(limit, |ja, jb| {
             let committed = ja["durable_seq"].as_u64().unwrap_or(0);
             let applied = jb["replica_received_seq"].as_u64().unwrap_or(0);
             let consistent = jb["inconsistent"] == serde_json::Value::Bool(false);
-            if committed > 0 && applied >= committed && consistent && ja["state"] == "pair" {
+            committed > 0 && applied >= committed && consistent && ja["state"] == "pair"
+        });
+    }
+
+    /// Polls both nodes' status until `done(primary, secondary)`, at most `limit`.
+    fn wait_for_statuses(
+        &self,
+        limit: Duration,
+        done: impl Fn(&serde_json::Value, &serde_json::Value) -> bool,
+    ) {
+        let t = Instant::now();
+        loop {
+            let (ja, jb) = (self.a.json(), self.b.json());
+            if done(&ja, &jb) {
                 return;
             }
             assert!(
@@ -418,22 +418,11 @@ impl Pair {
     /// Waits until the secondary has durably everything the primary has, and the pair
     /// streams.
     pub fn caught_up_durably(&self, limit: Duration) {
-        let t = Instant::now();
-        loop {
-            let (ja, jb) = (self.a.json(), self.b.json());
+        self.wait_for_statuses(limit, |ja, jb| {
             let durable = ja["durable_seq"].as_u64().unwrap_or(0);
             let peer = ja["replica_durable_seq"].as_u64().unwrap_or(0);
-            if durable > 0 && peer >= durable && ja["state"] == "pair" && jb["state"] == "pair" {
-                return;
-            }
-            assert!(
-                t.elapsed() < limit,
-                "no catch-up: primary {ja}\nsecondary {jb}\nlogs:\n{}\n{}",
-                self.a.log_text(),
-                self.b.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            durable > 0 && peer >= durable && ja["state"] == "pair" && jb["state"] == "pair"
+        });
     }
 }
 
