@@ -904,6 +904,44 @@ impl Journal {
         Ok(())
     }
 
+    /// Empties the log and makes the next entry follow `prev`, a seq of another log (the
+    /// local-unreflected area starting after a freeze point, FORMAT.md §5.1). Requires no
+    /// retained entry and `prev` at or above every seq written here, so that no old entry
+    /// can continue the new chain. Durable on return.
+    pub fn restart_after(&mut self, prev: Seq) -> Result<(), JournalError> {
+        if !self.retained.is_empty() || prev < self.last_seq {
+            return Err(JournalError::Mismatch(format!(
+                "cannot restart the log after seq {prev}: {} entries retained, newest seq {}",
+                self.retained.len(),
+                self.last_seq
+            )));
+        }
+        let bs = self.hdr.bs();
+        let zeros = vec![0u8; bs as usize];
+        // Where a scan looks for the first entry: the tail, and the wrap position.
+        for off in [self.head, bs] {
+            if off + bs <= self.hdr.capacity {
+                self.dev
+                    .write_at(&zeros, off)
+                    .map_err(JournalError::io("restarting the log"))?;
+            }
+        }
+        let tail = if self.head + bs <= self.hdr.capacity {
+            self.head
+        } else {
+            bs
+        };
+        self.head = tail;
+        self.last_seq = prev;
+        self.next = self.next.max(prev.next());
+        let reserve = Seq(self.next.0 + SEQ_RESERVE_STEP);
+        self.update_header(|h| {
+            h.tail_offset = tail;
+            h.tail_prev_seq = prev;
+            h.seq_reserved = h.seq_reserved.max(reserve);
+        })
+    }
+
     /// Forgets retained entries up to `seq` (their space becomes free once the header
     /// recording the new tail is written, see [`Journal::persist_tail`]).
     pub fn release_through(&mut self, seq: Seq) {

@@ -11,6 +11,7 @@
 //! - [`journal`]: the on-disk log (FORMAT.md §2);
 //! - [`volume`]: transactions, group commit, reads, checkpoints and recovery;
 //! - [`datadir`]: a node's data directory (files, lock, creation);
+//! - [`takeover`]: the data-location table and the local-unreflected area (issue 10);
 //! - [`types`]: `Seq`, `VolumeId` and the byte-level codec helpers.
 
 mod cache;
@@ -20,6 +21,7 @@ pub mod device;
 pub mod error;
 pub mod journal;
 pub mod repl;
+pub mod takeover;
 pub mod types;
 pub mod volume;
 
