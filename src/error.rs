@@ -133,6 +133,28 @@ pub enum VolumeError {
     /// Invalid parameters at creation.
     #[error("invalid volume parameters: {0}")]
     InvalidParams(String),
+    /// A block whose newest version is on the peer could not be fetched from it (a
+    /// takeover's reads, docs/PROTOCOL.md §7.4).
+    #[error("block {block} (seq {seq}) could not be read from the peer: {reason}")]
+    PeerFetch {
+        /// The block.
+        block: u64,
+        /// The seq of the version asked for.
+        seq: Seq,
+        /// Why.
+        reason: String,
+    },
+    /// The local-unreflected area has no room for the transaction until the merge frees
+    /// some (the writer waits and retries; nothing was written).
+    #[error(
+        "the local-unreflected area is full ({used} of {capacity} bytes) until the merge frees room"
+    )]
+    LocalUnreflectedFull {
+        /// Bytes in use.
+        used: u64,
+        /// Bytes for entries.
+        capacity: u64,
+    },
 }
 
 impl VolumeError {

@@ -45,6 +45,10 @@ use crate::journal::{
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
+mod taking;
+
+pub use taking::{MergeStep, PeerFetch, TakeoverProgress};
+
 /// Starts the writeback [`Volume::take_writeback`] asked for (call without the volume's
 /// lock). A failure is only logged: the next sync, the barrier, reports it.
 pub fn start_writeback(dev: Option<Arc<dyn BlockDevice>>) {
@@ -265,6 +269,9 @@ pub struct Volume {
     copying: bool,
     /// Secondary: an entry applied and not yet durable frees blocks.
     unsynced_frees: bool,
+    /// Taking over: the data-location table and the local-unreflected area
+    /// (docs/PROTOCOL.md §7).
+    taking: Option<Box<taking::Taking>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -446,6 +453,7 @@ impl Volume {
             evacuated_bytes: 0,
             copying: false,
             unsynced_frees: false,
+            taking: None,
         })
     }
 
@@ -510,6 +518,12 @@ impl Volume {
     /// Reads a metadata block (cached).
     pub fn read_block(&self, block: BlockNo) -> Result<Arc<[u8]>, VolumeError> {
         self.check_block(block)?;
+        if self.locate(block).is_some() {
+            // Newest in the LU area or on the peer (taking over): not cached here.
+            let mut buf = vec![0u8; self.bs];
+            self.read_located(block, &mut buf)?;
+            return Ok(Arc::from(buf));
+        }
         if let Some(d) = self.newest_image(block) {
             return Ok(d);
         }
@@ -545,6 +559,10 @@ impl Volume {
                 }
             }
         }
+        if self.taking.is_some() {
+            // Blocks newest in the LU area or on the peer replace what was read.
+            self.read_located(start, buf)?;
+        }
         Ok(())
     }
 
@@ -572,27 +590,12 @@ impl Volume {
         if tx.is_empty() {
             return Ok(TxId(self.next_tx.0 - 1));
         }
+        if self.taking.is_some() {
+            self.check_tx(&tx)?;
+            return self.commit_taking(tx);
+        }
         let bs = self.bs;
-        for (&b, d) in &tx.meta {
-            self.check_block(b)?;
-            if d.len() != bs {
-                return Err(VolumeError::InvalidParams(format!(
-                    "block {b} written with {} bytes, block size is {bs}",
-                    d.len()
-                )));
-            }
-        }
-        let mut data_blocks = 0usize;
-        for (start, d, _) in &tx.data {
-            if d.is_empty() || d.len() % bs != 0 {
-                return Err(VolumeError::InvalidParams(format!(
-                    "data run at block {start} of {} bytes is not whole blocks",
-                    d.len()
-                )));
-            }
-            self.check_block(start + (d.len() / bs) as u64 - 1)?;
-            data_blocks += d.len() / bs;
-        }
+        let data_blocks = self.check_tx(&tx)?;
         if self.opts.retain {
             // With a peer an entry must fit one message (PROTOCOL.md §4): seal the open
             // entry first if this transaction would take it over the limit.
@@ -694,6 +697,33 @@ impl Volume {
             self.seal()?;
         }
         Ok(id)
+    }
+
+    /// Checks a transaction's blocks (inside the volume, whole blocks); returns how many
+    /// data blocks it writes.
+    fn check_tx(&self, tx: &Transaction<'_>) -> Result<usize, VolumeError> {
+        let bs = self.bs;
+        for (&b, d) in &tx.meta {
+            self.check_block(b)?;
+            if d.len() != bs {
+                return Err(VolumeError::InvalidParams(format!(
+                    "block {b} written with {} bytes, block size is {bs}",
+                    d.len()
+                )));
+            }
+        }
+        let mut data_blocks = 0usize;
+        for (start, d, _) in &tx.data {
+            if d.is_empty() || d.len() % bs != 0 {
+                return Err(VolumeError::InvalidParams(format!(
+                    "data run at block {start} of {} bytes is not whole blocks",
+                    d.len()
+                )));
+            }
+            self.check_block(start + (d.len() / bs) as u64 - 1)?;
+            data_blocks += d.len() / bs;
+        }
+        Ok(data_blocks)
     }
 
     fn max_entry_bytes(&self) -> u64 {
@@ -893,6 +923,7 @@ impl Volume {
             return Ok(());
         }
         self.make_durable()?;
+        self.sync_taking()?;
         self.durable_tx = self.sealed_tx;
         self.unsynced_since = None;
         Ok(())
@@ -1287,6 +1318,7 @@ impl Volume {
         self.unsynced_since.get_or_insert_with(Instant::now);
         // Reported here, not again by `take_entries`.
         self.reported = self.reported.max(seq);
+        self.applied_taking(seq);
         Ok(self.entry_meta(&loc))
     }
 
@@ -1357,6 +1389,10 @@ impl Volume {
     /// caching it: what a copy sends.
     pub fn read_current(&self, b: BlockNo, buf: &mut [u8]) -> Result<(), VolumeError> {
         self.check_block(b)?;
+        if self.locate(b).is_some() {
+            self.read_located(b, buf)?;
+            return Ok(());
+        }
         if let Some(d) = self.newest_image(b) {
             buf.copy_from_slice(&d);
             return Ok(());

@@ -171,6 +171,13 @@ impl LuArea {
         self.entries.front()
     }
 
+    /// The oldest entry with a seq above `seq`: the next to merge into a journal whose
+    /// newest seq is `seq`.
+    pub fn oldest_after(&self, seq: Seq) -> Option<&EntryInfo> {
+        let i = self.entries.partition_point(|e| e.seq <= seq);
+        self.entries.get(i)
+    }
+
     /// The entry `seq` as the journal applies it (every block an image, none fresh).
     pub fn wire_entry(&self, seq: Seq) -> Result<WireEntry, JournalError> {
         let loc = self

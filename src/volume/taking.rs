@@ -1,0 +1,657 @@
+//! A volume that serves the filesystem before it holds the whole chain of seqs: a taker
+//! while the old primary's backlog drains, and while its own writes are merged
+//! (docs/PROTOCOL.md §7.1 and §7.5; JP 2003-402994 ¶0052–0068, ¶0088–0098).
+//!
+//! While taking over, the volume has three places a block's newest version can be, and
+//! the data-location table ([`crate::takeover::locate`]) picks one per read:
+//!
+//! - the local-unreflected area ([`LuArea`]): every transaction committed now goes there,
+//!   as an entry with the next seq after the freeze point, never into the journal or the
+//!   normal area — those receive only the old primary's entries, in order, so that they
+//!   stay exactly its prefix;
+//! - the peer: blocks named by the headers of entries not applied yet are fetched from it
+//!   ([`PeerFetch`]); a block stays there until the entry of its newest version is applied;
+//! - the volume itself (journal images, cache, normal area), for every other block.
+//!
+//! Once the old primary's last entry is applied, [`Volume::merge_step`] applies the LU
+//! entries oldest first as ordinary entries of the journal and releases them from the LU
+//! once durable; when the LU is empty the volume leaves this mode under the same lock, so
+//! the next transaction goes to the journal (the merge's cut-over ends while writes go on).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::{Transaction, TxId, Volume};
+use crate::error::{JournalError, VolumeError};
+use crate::takeover::{BacklogSummary, Location, LuArea, RemoteIndex, locate};
+use crate::types::{BlockNo, Seq, now_ns};
+
+/// Reads blocks from the peer (the old primary) for a volume that is taking over.
+pub trait PeerFetch: Send + Sync {
+    /// Returns the peer's content of each `(block, seq)` (the version `seq` wrote: the
+    /// peer is frozen), in order. Blocks the calling thread; fails after the node's fetch
+    /// timeout with a reason for the log.
+    fn fetch(&self, blocks: &[(BlockNo, Seq)]) -> Result<Vec<Vec<u8>>, String>;
+}
+
+/// The takeover state of a volume.
+pub(super) struct Taking {
+    lu: LuArea,
+    remote: RemoteIndex,
+    fetch: Arc<dyn PeerFetch>,
+    /// The freeze point: the old primary's newest seq.
+    freeze: Seq,
+    counters: TakeoverCounters,
+}
+
+/// Where a takeover stands, for status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakeoverProgress {
+    /// The old primary's newest seq.
+    pub freeze: Seq,
+    /// The old primary's entries not applied yet (empty once the drain is complete).
+    pub backlog: BacklogSummary,
+    /// The headers did not name every block (the backlog was too large for them).
+    pub partial: bool,
+    /// Entries in the local-unreflected area (merged ones until they are durable).
+    pub lu_entries: u64,
+    /// Distinct blocks whose newest version is there.
+    pub lu_blocks: u64,
+    /// Bytes of the LU area in use, and its capacity.
+    pub lu_bytes: (u64, u64),
+    /// Fetches from the peer that succeeded.
+    pub remote_reads: u64,
+    /// Blocks fetched.
+    pub remote_read_blocks: u64,
+    /// Total time of the fetches, in ns.
+    pub remote_read_ns: u64,
+    /// Fetches that failed.
+    pub fetch_errors: u64,
+}
+
+/// What one [`Volume::merge_step`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeStep {
+    /// The old primary's entries are still arriving: nothing to merge yet.
+    Draining,
+    /// This LU entry was applied to the journal.
+    Merged(Seq),
+    /// The LU is empty: the volume left the takeover mode.
+    Done,
+}
+
+impl Volume {
+    /// Starts serving as a taker: `remote` holds the headers of the old primary's entries
+    /// after this volume's newest seq, up to the freeze point; `lu` is empty (a new
+    /// takeover: it is restarted after the freeze point) or holds this node's entries of a
+    /// takeover interrupted by a crash. From now on reads follow the data-location table
+    /// and commits go to `lu`.
+    pub fn begin_takeover(
+        &mut self,
+        freeze: Seq,
+        mut lu: LuArea,
+        remote: RemoteIndex,
+        fetch: Arc<dyn PeerFetch>,
+    ) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        self.seal()?;
+        let last = self.journal.last_seq();
+        if remote.applied_seq() > last || remote.last() > freeze || last > freeze.max(lu.last_seq())
+        {
+            return Err(VolumeError::InvalidParams(format!(
+                "takeover at freeze point {freeze}: headers from {} to {}, but this volume \
+                 holds up to {last} and its LU up to {}",
+                remote.applied_seq(),
+                remote.last(),
+                lu.last_seq()
+            )));
+        }
+        match lu.base() {
+            // A new takeover: the LU's chain starts after the freeze point.
+            None => lu.begin(freeze)?,
+            // Resumed after a crash: nothing merged yet, or merged up to the journal.
+            Some(base) if base == freeze || (freeze <= base && base <= last) => {}
+            Some(base) => {
+                return Err(VolumeError::InvalidParams(format!(
+                    "the local-unreflected area continues from seq {base}, neither the freeze \
+                     point {freeze} nor merged (the journal holds up to {last})"
+                )));
+            }
+        }
+        let mut remote = remote;
+        remote.applied(last);
+        self.taking = Some(Box::new(Taking {
+            lu,
+            remote,
+            fetch,
+            freeze,
+            counters: TakeoverCounters::default(),
+        }));
+        Ok(())
+    }
+
+    /// The volume is taking over (reads follow the data-location table, commits go to the
+    /// local-unreflected area).
+    pub fn is_taking_over(&self) -> bool {
+        self.taking.is_some()
+    }
+
+    /// The headers of the entries still on the peer (for persisting the table).
+    pub fn takeover_remote(&self) -> Option<&RemoteIndex> {
+        self.taking.as_ref().map(|t| &t.remote)
+    }
+
+    /// Where the takeover stands.
+    pub fn takeover_progress(&self) -> Option<TakeoverProgress> {
+        let t = self.taking.as_ref()?;
+        Some(TakeoverProgress {
+            freeze: t.freeze,
+            backlog: t.remote.summary(),
+            partial: t.remote.overflowed(),
+            lu_entries: t.lu.len() as u64,
+            lu_blocks: t.lu.blocks() as u64,
+            lu_bytes: t.lu.usage(),
+            remote_reads: t.counters.reads.load(Relaxed),
+            remote_read_blocks: t.counters.blocks.load(Relaxed),
+            remote_read_ns: t.counters.ns.load(Relaxed),
+            fetch_errors: t.counters.errors.load(Relaxed),
+        })
+    }
+
+    /// Where the newest version of `b` is, if not in the volume itself.
+    pub fn locate(&self, b: BlockNo) -> Option<Location> {
+        let t = self.taking.as_ref()?;
+        locate(&t.remote, t.lu.newest(b), b)
+    }
+
+    /// Reads blocks `start..start + n` into `buf` from the LU area and the peer where the
+    /// table says so; returns the blocks it did not fill (to be read from the volume).
+    pub(super) fn read_located(
+        &self,
+        start: BlockNo,
+        buf: &mut [u8],
+    ) -> Result<Vec<bool>, VolumeError> {
+        let bs = self.bs;
+        let n = buf.len() / bs;
+        let mut filled = vec![false; n];
+        let Some(t) = self.taking.as_ref() else {
+            return Ok(filled);
+        };
+        let mut from_peer: Vec<(usize, BlockNo, Seq)> = Vec::new();
+        for (i, chunk) in buf.chunks_exact_mut(bs).enumerate() {
+            let b = start + i as u64;
+            match locate(&t.remote, t.lu.newest(b), b) {
+                None => {}
+                Some(Location::LocalUnreflected { .. }) => {
+                    filled[i] = t.lu.read(b, chunk)?.is_some();
+                }
+                Some(Location::Peer { seq }) => from_peer.push((i, b, seq)),
+            }
+        }
+        if !from_peer.is_empty() {
+            let asked: Vec<(BlockNo, Seq)> = from_peer.iter().map(|&(_, b, s)| (b, s)).collect();
+            let data = fetch_from_peer(t, &asked, bs)?;
+            for ((i, _, _), d) in from_peer.iter().zip(data) {
+                buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
+                filled[*i] = true;
+            }
+        }
+        Ok(filled)
+    }
+
+    /// A transaction while taking over: one LU entry with the next seq.
+    pub(super) fn commit_taking(&mut self, tx: Transaction<'_>) -> Result<TxId, VolumeError> {
+        let bs = self.bs;
+        let mut blocks: BTreeMap<BlockNo, &[u8]> = BTreeMap::new();
+        for (b, d) in &tx.meta {
+            blocks.insert(*b, d);
+        }
+        for (start, d, _) in &tx.data {
+            for (k, blk) in d.chunks_exact(bs).enumerate() {
+                blocks.insert(start + k as u64, blk);
+            }
+        }
+        let list: Vec<(BlockNo, &[u8])> = blocks.into_iter().collect();
+        let Some(t) = self.taking.as_mut() else {
+            return Err(VolumeError::InvalidParams("not taking over".into()));
+        };
+        if !t.lu.fits(list.len()) {
+            let (used, capacity) = t.lu.usage();
+            return Err(VolumeError::LocalUnreflectedFull { used, capacity });
+        }
+        let seq = t.lu.last_seq().next();
+        match t.lu.append(seq, now_ns(), 1, tx.frees, &list) {
+            Ok(()) => {}
+            Err(JournalError::Full { .. }) => {
+                let (used, capacity) = t.lu.usage();
+                return Err(VolumeError::LocalUnreflectedFull { used, capacity });
+            }
+            Err(e) => return self.poison(e.into()),
+        }
+        for (b, _) in &list {
+            self.cache.remove(*b);
+        }
+        let id = self.next_tx;
+        self.next_tx = TxId(id.0 + 1);
+        self.sealed_tx = id;
+        self.unsynced_since.get_or_insert_with(Instant::now);
+        self.stats.transactions += 1;
+        Ok(id)
+    }
+
+    /// Makes the LU's entries durable (part of [`Volume::sync`] while taking over).
+    pub(super) fn sync_taking(&mut self) -> Result<(), VolumeError> {
+        if let Some(t) = self.taking.as_mut() {
+            if let Err(e) = t.lu.sync() {
+                return self.poison(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// An entry of the old primary was applied: blocks whose newest version it wrote are
+    /// local now.
+    pub(super) fn applied_taking(&mut self, seq: Seq) {
+        if let Some(t) = self.taking.as_mut() {
+            t.remote.applied(seq);
+        }
+    }
+
+    /// One step of the merge: once the old primary's last entry is applied, applies the
+    /// oldest LU entry not yet in the journal as an entry of its own seq; releases from the
+    /// LU what the journal holds durably; leaves the takeover mode when the LU is empty.
+    pub fn merge_step(&mut self) -> Result<MergeStep, VolumeError> {
+        let last = self.journal.last_seq();
+        let Some(t) = self.taking.as_ref() else {
+            return Ok(MergeStep::Done);
+        };
+        if t.remote.last() > last {
+            return Ok(MergeStep::Draining);
+        }
+        let next = t.lu.oldest_after(last).map(|e| (e.seq, e.prev_seq));
+        if let Some((seq, prev)) = next {
+            if prev != last {
+                return Err(VolumeError::InvalidParams(format!(
+                    "LU entry {seq} follows {prev}, but the journal's newest seq is {last}"
+                )));
+            }
+            let w = t.lu.wire_entry(seq)?;
+            self.apply_replicated(&w)?;
+            self.release_merged()?;
+            return Ok(MergeStep::Merged(seq));
+        }
+        // Everything is in the journal: make it durable, release it, and cut over.
+        self.sync()?;
+        self.release_merged()?;
+        if self.taking.as_ref().is_some_and(|t| t.lu.is_empty()) {
+            self.taking = None;
+            tracing::info!(seq = %last, "takeover: merge complete; writes go to the journal");
+            return Ok(MergeStep::Done);
+        }
+        Ok(MergeStep::Merged(last))
+    }
+
+    /// Releases LU entries the journal holds durably.
+    fn release_merged(&mut self) -> Result<(), VolumeError> {
+        let durable = self.journal.durable_seq();
+        if let Some(t) = self.taking.as_mut() {
+            if t.lu.oldest().is_some_and(|e| e.seq <= durable) {
+                if let Err(e) = t.lu.release_through(durable) {
+                    return self.poison(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fetch_from_peer(
+    t: &Taking,
+    asked: &[(BlockNo, Seq)],
+    bs: usize,
+) -> Result<Vec<Vec<u8>>, VolumeError> {
+    let started = Instant::now();
+    let (first, seq) = asked[0];
+    let fail = |reason: String| {
+        t.counters.errors.fetch_add(1, Relaxed);
+        tracing::warn!(block = first, %seq, blocks = asked.len(), %reason, "takeover: a read from the peer failed");
+        VolumeError::PeerFetch {
+            block: first,
+            seq,
+            reason,
+        }
+    };
+    let data = t.fetch.fetch(asked).map_err(fail)?;
+    if data.len() != asked.len() || data.iter().any(|d| d.len() != bs) {
+        return Err(fail(format!(
+            "the peer answered {} blocks for {} asked, or blocks of the wrong size",
+            data.len(),
+            asked.len()
+        )));
+    }
+    t.counters.reads.fetch_add(1, Relaxed);
+    t.counters.blocks.fetch_add(asked.len() as u64, Relaxed);
+    t.counters
+        .ns
+        .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+    Ok(data)
+}
+
+/// Counters of reads served by the peer (updated from `&self` reads).
+#[derive(Debug, Default)]
+struct TakeoverCounters {
+    reads: AtomicU64,
+    blocks: AtomicU64,
+    ns: AtomicU64,
+    errors: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::crash::CrashDevice;
+    use crate::device::MemDevice;
+    use crate::journal::JournalExpect;
+    use crate::takeover::EntryHeader;
+    use crate::types::VolumeId;
+    use crate::volume::VolumeOptions;
+
+    const BS: usize = 4096;
+    const BLOCKS: u64 = 64;
+
+    struct Devs {
+        normal: Arc<CrashDevice>,
+        journal: Arc<CrashDevice>,
+    }
+
+    fn devs() -> Devs {
+        let normal = Arc::new(CrashDevice::new(BLOCKS * BS as u64));
+        let journal = Arc::new(CrashDevice::new(128 * BS as u64));
+        Volume::create(&*normal, &*journal, VolumeId([1; 16]), BS as u32).unwrap();
+        Devs { normal, journal }
+    }
+
+    fn open(d: &Devs) -> Volume {
+        let opts = VolumeOptions {
+            retain: true,
+            ..VolumeOptions::default()
+        };
+        Volume::open(
+            Box::new(d.normal.clone()),
+            Box::new(d.journal.clone()),
+            opts,
+        )
+        .unwrap()
+    }
+
+    fn lu(blocks: u64) -> LuArea {
+        let dev = MemDevice::new(blocks * BS as u64);
+        LuArea::format(&dev, VolumeId([1; 16]), BS as u32, BLOCKS).unwrap();
+        let expect = JournalExpect {
+            block_size: BS as u32,
+            normal_blocks: BLOCKS,
+        };
+        LuArea::open(Box::new(dev), expect, Seq::NONE).unwrap()
+    }
+
+    fn blk(v: u8) -> Arc<[u8]> {
+        Arc::from(vec![v; BS])
+    }
+
+    /// One entry writing `blocks` with `v` (metadata-style images).
+    fn write(v: &mut Volume, blocks: &[u64], fill: u8) {
+        let mut tx = Transaction::new();
+        for &b in blocks {
+            tx.write_meta(b, blk(fill));
+        }
+        v.commit(tx).unwrap();
+        v.sync().unwrap();
+    }
+
+    fn header(v: &Volume, seq: u64) -> EntryHeader {
+        let e = v.read_wire_entry(Seq(seq)).unwrap();
+        EntryHeader {
+            seq: e.seq,
+            prev_seq: e.prev_seq,
+            timestamp_ns: e.timestamp_ns,
+            bytes: e.data_bytes(),
+            blocks: e.blocks.iter().map(|b| b.block).collect(),
+        }
+    }
+
+    /// The old primary, frozen, answering fetches (and counting them).
+    struct Frozen {
+        vol: Mutex<Volume>,
+        fetched: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl PeerFetch for Frozen {
+        fn fetch(&self, blocks: &[(BlockNo, Seq)]) -> Result<Vec<Vec<u8>>, String> {
+            if self.fail.load(Relaxed) {
+                return Err("the peer is unreachable".into());
+            }
+            self.fetched.fetch_add(blocks.len(), Relaxed);
+            let v = self.vol.lock().unwrap();
+            Ok(blocks
+                .iter()
+                .map(|&(b, _)| v.read_block(b).unwrap().to_vec())
+                .collect())
+        }
+    }
+
+    /// A primary with entries 1..=5, a secondary that applied 1..=2, and the secondary
+    /// taking over at freeze point 5 with the headers of 3..=5.
+    fn pair_taking_over(lu_blocks: u64) -> (Arc<Frozen>, Devs, Volume) {
+        let da = devs();
+        let mut a = open(&da);
+        write(&mut a, &[1, 2, 3], 1);
+        write(&mut a, &[3, 4], 2);
+        write(&mut a, &[4, 5, 6], 3);
+        write(&mut a, &[1, 6], 4);
+        write(&mut a, &[7], 5);
+        assert_eq!(a.journal().last_seq(), Seq(5));
+        let db = devs();
+        let mut b = open(&db);
+        for s in 1..=2 {
+            b.apply_replicated(&a.read_wire_entry(Seq(s)).unwrap())
+                .unwrap();
+        }
+        b.sync().unwrap();
+        let mut remote = RemoteIndex::new(Seq(2));
+        for s in 3..=5 {
+            remote.add(header(&a, s), BLOCKS).unwrap();
+        }
+        let frozen = Arc::new(Frozen {
+            vol: Mutex::new(a),
+            fetched: AtomicUsize::new(0),
+            fail: Default::default(),
+        });
+        b.begin_takeover(Seq(5), lu(lu_blocks), remote, frozen.clone())
+            .unwrap();
+        (frozen, db, b)
+    }
+
+    fn drain(frozen: &Frozen, b: &mut Volume, upto: u64) {
+        let a = frozen.vol.lock().unwrap();
+        for s in b.journal().last_seq().0 + 1..=upto {
+            b.apply_replicated(&a.read_wire_entry(Seq(s)).unwrap())
+                .unwrap();
+        }
+    }
+
+    /// The first byte of every block, read as metadata and as file data (both must agree).
+    fn content(v: &Volume) -> Vec<u8> {
+        let meta: Vec<u8> = (0..BLOCKS).map(|b| v.read_block(b).unwrap()[0]).collect();
+        let mut buf = vec![0u8; BLOCKS as usize * BS];
+        v.read_data(0, &mut buf).unwrap();
+        let data: Vec<u8> = buf.chunks_exact(BS).map(|c| c[0]).collect();
+        assert_eq!(meta, data, "read_block and read_data disagree");
+        meta
+    }
+
+    #[test]
+    fn a_taker_serves_the_old_primarys_newest_state_at_once_then_drains_merges_and_cuts_over() {
+        let (frozen, db, mut b) = pair_taking_over(64);
+        let old = content(&frozen.vol.lock().unwrap());
+        assert_eq!(content(&b), old, "every block as the old primary holds it");
+        assert!(
+            frozen.fetched.load(Relaxed) > 0,
+            "the missing blocks came from the peer"
+        );
+        assert_eq!(b.locate(7), Some(Location::Peer { seq: Seq(5) }));
+        assert_eq!(b.locate(2), None, "applied before the takeover");
+        // Writes go to the LU area, on top of blocks still on the peer too.
+        write(&mut b, &[4, 2], 9);
+        assert_eq!(
+            b.locate(4),
+            Some(Location::LocalUnreflected { seq: Seq(6) })
+        );
+        let mut want = old.clone();
+        want[4] = 9;
+        want[2] = 9;
+        assert_eq!(content(&b), want);
+        assert_eq!(b.merge_step().unwrap(), MergeStep::Draining);
+        // The drain: entry 3 holds an older version of block 4 than entry 4's; neither
+        // overwrites the LU's.
+        drain(&frozen, &mut b, 3);
+        assert_eq!(
+            b.locate(3),
+            None,
+            "block 3's newest version (seq 3) applied"
+        );
+        assert_eq!(b.locate(6), Some(Location::Peer { seq: Seq(4) }));
+        assert_eq!(content(&b), want);
+        drain(&frozen, &mut b, 5);
+        let p = b.takeover_progress().unwrap();
+        assert_eq!((p.backlog.entries, p.lu_entries), (0, 1));
+        write(&mut b, &[8], 10);
+        want[8] = 10;
+        let fetched = frozen.fetched.load(Relaxed);
+        assert_eq!(content(&b), want);
+        assert_eq!(
+            frozen.fetched.load(Relaxed),
+            fetched,
+            "nothing left on the peer"
+        );
+        // The merge: LU entries 6 and 7 become entries of the journal with their seqs.
+        assert_eq!(b.merge_step().unwrap(), MergeStep::Merged(Seq(6)));
+        assert_eq!(b.merge_step().unwrap(), MergeStep::Merged(Seq(7)));
+        assert_eq!(content(&b), want);
+        assert_eq!(b.merge_step().unwrap(), MergeStep::Done);
+        assert!(!b.is_taking_over());
+        write(&mut b, &[9], 11);
+        want[9] = 11;
+        assert_eq!(
+            b.journal().last_seq(),
+            Seq(8),
+            "after the merge, writes go to the journal"
+        );
+        assert_eq!(content(&b), want);
+        // The journal holds the old primary's entries and the merged ones, in one chain:
+        // what the second process streams back.
+        assert_eq!(b.read_wire_entry(Seq(6)).unwrap().prev_seq, Seq(5));
+        b.close().unwrap();
+        drop(b);
+        assert_eq!(
+            content(&open(&db)),
+            want,
+            "reopened without any takeover state"
+        );
+    }
+
+    #[test]
+    fn while_taking_over_the_normal_area_and_journal_stay_the_old_primarys_prefix() {
+        let (frozen, db, mut b) = pair_taking_over(64);
+        write(&mut b, &[1, 2, 40], 9);
+        drain(&frozen, &mut b, 3);
+        b.sync().unwrap();
+        // A crash: the volume alone (without the LU area) is the old primary's state
+        // after seq 3, whatever the LU holds.
+        let n = MemDevice::from_bytes(db.normal.crash_point().durable_image());
+        let j = MemDevice::from_bytes(db.journal.crash_point().durable_image());
+        let r = Volume::open(Box::new(n), Box::new(j), VolumeOptions::default()).unwrap();
+        assert_eq!(r.journal().last_seq(), Seq(3));
+        let mut want = vec![0u8; BLOCKS as usize];
+        for (blocks, fill) in [(&[1, 2, 3][..], 1), (&[3, 4], 2), (&[4, 5, 6], 3)] {
+            for &b in blocks {
+                want[b as usize] = fill;
+            }
+        }
+        assert_eq!(content(&r), want);
+    }
+
+    #[test]
+    fn a_read_the_peer_cannot_serve_fails_naming_the_block_and_is_counted() {
+        let (frozen, _db, b) = pair_taking_over(64);
+        frozen.fail.store(true, Relaxed);
+        let e = b.read_block(7).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VolumeError::PeerFetch {
+                    block: 7,
+                    seq: Seq(5),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.takeover_progress().unwrap().fetch_errors, 1);
+        assert_eq!(
+            b.read_block(2).unwrap()[0],
+            1,
+            "local blocks are still served"
+        );
+    }
+
+    #[test]
+    fn a_full_local_unreflected_area_refuses_writes_until_the_merge_frees_room() {
+        let (frozen, _db, mut b) = pair_taking_over(16);
+        let mut n = 0u8;
+        let err = loop {
+            let mut tx = Transaction::new();
+            tx.write_meta(20 + u64::from(n % 8), blk(n));
+            match b.commit(tx) {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+            assert!(n < 100);
+        };
+        assert!(
+            matches!(err, VolumeError::LocalUnreflectedFull { .. }),
+            "{err}"
+        );
+        drain(&frozen, &mut b, 5);
+        while b.merge_step().unwrap() != MergeStep::Done {}
+        write(&mut b, &[30], 1);
+        assert_eq!(b.read_block(20 + u64::from((n - 1) % 8)).unwrap()[0], n - 1);
+    }
+
+    #[test]
+    fn a_takeover_whose_local_unreflected_area_starts_elsewhere_is_refused() {
+        let da = devs();
+        let mut v = open(&da);
+        write(&mut v, &[1], 1);
+        let mut area = lu(64);
+        area.begin(Seq(0)).unwrap();
+        area.append(Seq(1), 1, 1, false, &[(2, &blk(2))]).unwrap();
+        area.begin(Seq(0)).unwrap_err();
+        // This area's entries follow seq 0; the volume already holds seq 1.
+        let fetch = Arc::new(Frozen {
+            vol: Mutex::new(open(&devs())),
+            fetched: AtomicUsize::new(0),
+            fail: Default::default(),
+        });
+        let e = v
+            .begin_takeover(Seq(3), area, RemoteIndex::new(Seq(1)), fetch)
+            .unwrap_err();
+        assert!(e.to_string().contains("local-unreflected"), "{e}");
+    }
+}
