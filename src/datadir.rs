@@ -1,5 +1,6 @@
 //! A node's data directory (FORMAT.md §1): the `volume` file (normal area), the `journal`
-//! file (remote-unreflected area) and a `lock` file that one process at a time holds.
+//! file (remote-unreflected area), the `lu` file (local-unreflected area, FORMAT.md §5.1)
+//! and a `lock` file that one process at a time holds.
 
 use std::fs::File;
 use std::io;
@@ -8,14 +9,17 @@ use std::path::{Path, PathBuf};
 
 use crate::device::{BlockDevice, FileDevice};
 use crate::error::VolumeError;
-use crate::journal::Journal;
-use crate::types::VolumeId;
+use crate::journal::{Journal, JournalExpect};
+use crate::takeover::LuArea;
+use crate::types::{Seq, VolumeId};
 use crate::volume::{Volume, valid_block_size};
 
 /// File name of the normal area.
 pub const VOLUME_FILE: &str = "volume";
 /// File name of the journal.
 pub const JOURNAL_FILE: &str = "journal";
+/// File name of the local-unreflected area.
+pub const LU_FILE: &str = "lu";
 /// File name of the lock.
 pub const LOCK_FILE: &str = "lock";
 
@@ -65,6 +69,8 @@ pub struct CreateParams {
     pub block_size: u32,
     /// Journal size in bytes; `None` picks one from the volume size.
     pub journal_size: Option<u64>,
+    /// Size of the local-unreflected area in bytes; `None`: the journal's.
+    pub lu_size: Option<u64>,
     /// Overwrite an existing node.
     pub force: bool,
 }
@@ -136,28 +142,34 @@ impl DataDir {
                 64 * bs
             )));
         }
-        let jsize = match p.journal_size {
-            Some(j) => {
-                let j = j / bs * bs;
-                if j < Journal::min_capacity(p.block_size) {
-                    return Err(DataDirError::Invalid(format!(
-                        "journal size {j} is too small: at least {} bytes",
-                        Journal::min_capacity(p.block_size)
-                    )));
-                }
-                j
+        let log_size = |what: &str, v: u64| {
+            let v = v / bs * bs;
+            if v < Journal::min_capacity(p.block_size) {
+                return Err(DataDirError::Invalid(format!(
+                    "{what} size {v} is too small: at least {} bytes",
+                    Journal::min_capacity(p.block_size)
+                )));
             }
+            Ok(v)
+        };
+        let jsize = match p.journal_size {
+            Some(j) => log_size("journal", j)?,
             None => default_journal_size(size, p.block_size),
+        };
+        let lsize = match p.lu_size {
+            Some(l) => log_size("local-unreflected area", l)?,
+            None => jsize,
         };
         std::fs::create_dir_all(path).map_err(io_at(path))?;
         let lock = Self::lock(path)?;
         let vp = path.join(VOLUME_FILE);
         let jp = path.join(JOURNAL_FILE);
+        let lp = path.join(LU_FILE);
         if vp.exists() || jp.exists() {
             if !p.force {
                 return Err(DataDirError::Exists(path.to_path_buf()));
             }
-            for f in [&vp, &jp] {
+            for f in [&vp, &jp, &lp] {
                 match std::fs::remove_file(f) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
                         return Err(DataDirError::Io {
@@ -174,6 +186,7 @@ impl DataDir {
         journal.preallocate(jsize).map_err(io_at(&jp))?;
         let id = VolumeId::random().map_err(io_at(path))?;
         Volume::create(&normal, &journal, id, p.block_size)?;
+        create_lu(&lp, lsize, id, p.block_size, size / bs)?;
         normal.sync().map_err(io_at(&vp))?;
         sync_dir(path)?;
         Ok((
@@ -195,6 +208,32 @@ impl DataDir {
             path: path.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// Opens the local-unreflected area (FORMAT.md §5.1) and recovers it; entries at or
+    /// below `merged` are released. A node made before the area existed gets one now, the
+    /// size of its journal.
+    pub fn open_lu(
+        &self,
+        volume_id: VolumeId,
+        expect: JournalExpect,
+        merged: Seq,
+    ) -> Result<LuArea, DataDirError> {
+        let lp = self.path.join(LU_FILE);
+        if !lp.exists() {
+            let jp = self.path.join(JOURNAL_FILE);
+            let jsize = std::fs::metadata(&jp).map_err(io_at(&jp))?.len();
+            create_lu(
+                &lp,
+                jsize,
+                volume_id,
+                expect.block_size,
+                expect.normal_blocks,
+            )?;
+            sync_dir(&self.path)?;
+        }
+        let dev = FileDevice::open(&lp).map_err(io_at(&lp))?;
+        LuArea::open(Box::new(dev), expect, merged).map_err(|e| DataDirError::Volume(e.into()))
     }
 
     /// The directory.
@@ -219,6 +258,21 @@ impl DataDir {
     }
 }
 
+/// Creates and formats a local-unreflected area file of `len` bytes.
+fn create_lu(
+    path: &Path,
+    len: u64,
+    id: VolumeId,
+    block_size: u32,
+    normal_blocks: u64,
+) -> Result<(), DataDirError> {
+    let dev = FileDevice::create(path, len).map_err(io_at(path))?;
+    dev.preallocate(len).map_err(io_at(path))?;
+    LuArea::format(&dev, id, block_size, normal_blocks)
+        .map_err(|e| DataDirError::Volume(e.into()))?;
+    dev.sync().map_err(io_at(path))
+}
+
 /// Makes a directory's entries durable (after creating or renaming files in it).
 pub fn sync_dir(path: &Path) -> Result<(), DataDirError> {
     File::open(path)
@@ -241,6 +295,7 @@ mod tests {
             size,
             block_size: 4096,
             journal_size: None,
+            lu_size: None,
             force: false,
         }
     }
@@ -261,6 +316,16 @@ mod tests {
         let (n, j) = dd.devices(false).unwrap();
         assert_eq!(n.len().unwrap(), 8 << 20);
         assert_eq!(j.len().unwrap(), MIN_DEFAULT_JOURNAL);
+        let expect = JournalExpect {
+            block_size: 4096,
+            normal_blocks: 2048,
+        };
+        let lu = dd.open_lu(VolumeId::default(), expect, Seq::NONE).unwrap();
+        assert_eq!(
+            lu.usage().1,
+            MIN_DEFAULT_JOURNAL - 4096,
+            "the LU area is the journal's size"
+        );
         drop(dd);
         std::fs::remove_dir_all(&p).unwrap();
     }

@@ -53,6 +53,10 @@ enum Cmd {
         /// Journal size (default: 1/8 of the volume, between 16M and 1G).
         #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
+        /// Size of the local-unreflected area, where a node that takes over writes until
+        /// the old primary's backlog has drained and merged (default: the journal's).
+        #[arg(long, value_parser = parse_size)]
+        lu_size: Option<u64>,
         /// Number of inodes (default: one per 16 KiB of volume).
         #[arg(long)]
         inodes: Option<u64>,
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
             size,
             block_size,
             journal_size,
+            lu_size,
             inodes,
             secondary,
             name,
@@ -191,6 +196,7 @@ fn main() -> ExitCode {
                 size,
                 block_size,
                 journal_size,
+                lu_size,
                 force,
             },
             inodes,
