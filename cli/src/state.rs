@@ -225,6 +225,53 @@ impl DiffBitmap {
     }
 }
 
+/// The table a taker persists at ready (FORMAT.md §5.2): the freeze point and the headers
+/// of the old primary's entries it had not applied then.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TakeoverTable {
+    pub(crate) freeze: pairfs::Seq,
+    pub(crate) applied_at_ready: pairfs::Seq,
+    pub(crate) entries: Vec<pairfs::takeover::EntryHeader>,
+    pub(crate) bitmap: Option<Vec<u8>>,
+}
+
+const DLT_MAGIC: &[u8; 8] = b"PFDLT001";
+/// File name of the takeover table.
+pub(crate) const DLT_FILE: &str = "takeover.dlt";
+
+impl TakeoverTable {
+    /// Writes the table durably.
+    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+        let payload = bincode::serialize(self).context("encoding the takeover table")?;
+        write_durably(&dir.join(DLT_FILE), &framed(DLT_MAGIC, &payload))
+    }
+
+    /// Reads the table, if there is one.
+    pub(crate) fn load(dir: &Path) -> Result<Option<TakeoverTable>> {
+        let path = dir.join(DLT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let payload = unframe(DLT_MAGIC, &bytes, &path)?;
+        let t = bincode::deserialize(payload)
+            .with_context(|| format!("{} is not a takeover table", path.display()))?;
+        Ok(Some(t))
+    }
+
+    /// The drain is complete: the table is no longer needed.
+    pub(crate) fn remove(dir: &Path) -> Result<()> {
+        let path = dir.join(DLT_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => pairfs::datadir::sync_dir(dir).map_err(Into::into),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +281,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         p
+    }
+
+    #[test]
+    fn the_takeover_table_round_trips_and_a_corrupt_one_is_an_error() {
+        let d = tmp("dlt");
+        assert!(TakeoverTable::load(&d).unwrap().is_none());
+        let t = TakeoverTable {
+            freeze: pairfs::Seq(9),
+            applied_at_ready: pairfs::Seq(4),
+            entries: vec![pairfs::takeover::EntryHeader {
+                seq: pairfs::Seq(9),
+                prev_seq: pairfs::Seq(4),
+                timestamp_ns: 77,
+                bytes: 8192,
+                blocks: vec![3, 5],
+            }],
+            bitmap: None,
+        };
+        t.save(&d).unwrap();
+        assert_eq!(TakeoverTable::load(&d).unwrap(), Some(t));
+        let p = d.join(DLT_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        assert!(format!("{:#}", TakeoverTable::load(&d).unwrap_err()).contains("corrupt"));
+        TakeoverTable::remove(&d).unwrap();
+        assert!(TakeoverTable::load(&d).unwrap().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! Built so far: these structures, their persistence and recovery. The role sub-machines
 //! that drive them (freeze, drain, merge, stream-back) are being built (issue 10).
 
+mod fetch;
 mod location;
 mod lu;
 
+pub use fetch::{FetchMessage, MAX_FETCH_BLOCKS};
 pub use location::{
     BacklogSummary, EntryHeader, HeaderError, Location, MAX_HEADER_BLOCKS, RemoteIndex, locate,
 };

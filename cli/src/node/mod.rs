@@ -16,6 +16,7 @@
 
 mod control;
 mod driver;
+mod fetch;
 mod hooks;
 mod link;
 mod verify;
