@@ -8,7 +8,9 @@
 //! transport and the daemon drive it; the deterministic simulation in `tests/repl_sim.rs`
 //! drives two of them through drops, duplicates, reordering, partitions and crashes.
 
+mod primary;
 mod replicator;
+mod secondary;
 
 use serde::{Deserialize, Serialize};
 
