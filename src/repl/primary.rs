@@ -6,36 +6,34 @@
 //! entries it lost before it admits writes (reconciliation).
 //!
 //! Its handlers are methods of [`PrimaryState`] that get the state both roles share as a
-//! [`Ctx`]; [`super::Replicator`] calls them for a node that is primary.
+//! [`Ctx`]; [`Replicator`] calls them for a node that is primary. Copies and the
+//! bitmap fallback are in `primary/copy.rs`, the reconciliation in `primary/reconcile.rs`.
+
+mod copy;
+mod reconcile;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use self::copy::{CopyState, copy_kind_for_peer};
+use self::reconcile::Reconcile;
+#[cfg(doc)]
+use super::Replicator;
 use super::replicator::{Ctx, LocalJournal, PeerView, VerifyRequest, lineage_follows};
 use super::{
-    Action, Backlog, Backpressure, CopyKind, Degraded, EntryMeta, Generation, Hello,
-    MAX_ENTRY_WIRE_BYTES, MIN_PEER_ENTRY_BYTES, Message, Mode, PairState, Status, WireEntry,
+    Action, Backlog, Backpressure, CopyKind, Degraded, EntryMeta, Hello, MAX_ENTRY_WIRE_BYTES,
+    Message, Mode, PairState, Status,
 };
 use crate::types::Seq;
 
+/// The smallest entry a peer's journal must take: the filesystem's largest transaction (a
+/// 1 MiB write with its metadata) with room to spare. A peer that takes less is refused at
+/// pairing, naming both sizes, rather than failing writes later. An entry takes at most a
+/// quarter of a journal: a 16 MiB journal takes entries of almost 4 MiB.
+pub const MIN_PEER_ENTRY_BYTES: u64 = 2 << 20;
+
 /// Busy time one sample of the peer's drain rate spans at least.
 const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
-
-/// Where a copy to the peer stands.
-enum CopyState {
-    /// Blocks are being sent; entries after `base` follow.
-    Sending { base: Seq, id: u64 },
-    /// CopyEnd sent; done once the peer has `consistent_at` durably.
-    Finishing { consistent_at: Seq },
-}
-
-/// A primary's reconciliation after an unclean restart in sync mode.
-struct Reconcile {
-    /// Give up (new generation) at this instant.
-    deadline: Instant,
-    /// The peer's newest seq, once its hello said it has more than this node.
-    target: Option<Seq>,
-}
 
 /// What only a primary keeps: its entries and how far the peer has them, the copy, the
 /// reconciliation, the verify requests.
@@ -170,7 +168,7 @@ impl PrimaryState {
         }
     }
 
-    /// The backlog writers are held to (see [`super::Replicator::backpressure`]).
+    /// The backlog writers are held to (see [`Replicator::backpressure`]).
     pub(super) fn backpressure(&self, ctx: &Ctx) -> Option<Backpressure> {
         let max_lag = ctx.cfg.max_lag?;
         if ctx.cfg.mode != Mode::Async || !ctx.connected || ctx.state != PairState::Pair {
@@ -406,193 +404,6 @@ impl PrimaryState {
         }
     }
 
-    fn reconcile_from(&mut self, ctx: &mut Ctx, h: Hello, now: Instant) {
-        let target = h.last_seq;
-        tracing::warn!(
-            ours = %self.last_seq,
-            peer = %target,
-            "the peer holds entries this node lost in its crash: taking them back"
-        );
-        if let Some(r) = &mut self.reconcile {
-            r.target = Some(target);
-            r.deadline = now + ctx.cfg.sync_timeout;
-        }
-        let (received, durable) = (h.last_seq, h.durable);
-        ctx.peer = Some(PeerView {
-            hello: h,
-            received,
-            durable,
-        });
-        let epoch = ctx.persisted.epoch;
-        let after = self.last_seq;
-        self.last_progress = Some(now);
-        ctx.send(Message::Pull { epoch, after });
-    }
-
-    fn on_reconcile_entry(&mut self, ctx: &mut Ctx, e: WireEntry) {
-        let Some(target) = self.reconcile.as_ref().and_then(|r| r.target) else {
-            ctx.refuse("protocol violation: an entry for a primary that did not pull".into());
-            return;
-        };
-        if e.seq <= self.last_seq || ctx.applying.is_some() {
-            return; // a duplicate
-        }
-        if e.seq > target {
-            ctx.refuse(format!(
-                "protocol violation: entry {} beyond the {} the peer said it holds",
-                e.seq, target
-            ));
-            return;
-        }
-        if e.prev_seq != self.last_seq {
-            return; // one was lost on the way: pulled again on the timeout
-        }
-        ctx.applying = Some(e.seq);
-        ctx.out.push_back(Action::Apply(e));
-    }
-
-    /// Reconciling: an entry taken back from the peer is applied (it is one of this node's
-    /// entries again, to be released as usual once the peer has it durably).
-    pub(super) fn reconciled_entry(&mut self, ctx: &mut Ctx, e: EntryMeta, now: Instant) {
-        self.last_seq = e.seq;
-        self.last_progress = Some(now);
-        self.retained.push_back(e);
-        self.retained_bytes += e.journal_bytes;
-        let timeout = ctx.cfg.sync_timeout;
-        let Some(r) = self.reconcile.as_mut() else {
-            return;
-        };
-        // Progress: the take-back gives up only after `sync_timeout` without any (a long
-        // backlog on a slow link must not end in a new generation halfway).
-        r.deadline = now + timeout;
-        let Some(target) = r.target else {
-            return;
-        };
-        if self.last_seq < target {
-            return;
-        }
-        // Durable here before any write: the filesystem may reuse blocks those entries
-        // freed only once their frees are durable (FORMAT.md §3.5).
-        ctx.out.push_back(Action::SyncLocal);
-    }
-
-    /// Reconciling: everything taken back is durable here.
-    fn reconciled(&mut self, ctx: &mut Ctx, now: Instant) {
-        self.finish_reconciling(ctx);
-        tracing::info!(seq = %self.last_seq, "reconciled with the peer: writes resume");
-        // The peer is connected: stream from here (it has everything up to the target).
-        if let Some(p) = ctx.peer.take() {
-            self.start_streaming(ctx, p.hello, false, now);
-        }
-    }
-
-    fn finish_reconciling(&mut self, ctx: &mut Ctx) {
-        self.reconcile = None;
-        ctx.state = PairState::Suspended;
-        let sync = ctx.cfg.mode == Mode::Sync;
-        if ctx.persisted.sync_mode != sync {
-            ctx.persisted.sync_mode = sync;
-            ctx.persist();
-        }
-    }
-
-    /// Reconciling without the peer (unreachable for `sync_timeout`, or unable to send
-    /// its entries back): continue in a new generation, so that whatever the peer holds
-    /// beyond this node's newest seq shows as a divergence when it returns.
-    fn give_up_reconciling(&mut self, ctx: &mut Ctx, why: &str) {
-        if self.reconcile.is_none() {
-            return;
-        }
-        let base = self.last_seq;
-        ctx.persisted.generations.push(Generation {
-            id: ctx.cfg.next_generation_id,
-            base,
-        });
-        ctx.persist();
-        self.finish_reconciling(ctx);
-        tracing::warn!(
-            base = %base,
-            %why,
-            "could not reconcile with the peer: writes resume in a new generation; entries \
-             the peer may hold beyond this seq will show as a divergence, never overwritten"
-        );
-    }
-
-    fn start_copy(&mut self, ctx: &mut Ctx, kind: CopyKind) {
-        if kind == CopyKind::Bitmap && !self.retained.is_empty() {
-            // The copy stands for everything up to now: entries still retained must be in
-            // the bitmap too, or their blocks would be skipped.
-            let upto = self.last_seq;
-            ctx.out.push_back(Action::MarkBitmap(upto));
-            self.retained.clear();
-            self.retained_bytes = 0;
-            self.in_flight = 0;
-        }
-        ctx.state = PairState::Copying;
-        let full = kind == CopyKind::Full;
-        if !ctx.persisted.paired || (full && !ctx.persisted.full_copy) {
-            // A full copy interrupted leaves any block of the peer in any state (copied
-            // blocks are not journaled there): until one completes, every copy is full.
-            ctx.persisted.paired = true;
-            ctx.persisted.full_copy |= full;
-            ctx.persist();
-        }
-        self.copy_ids += 1;
-        let id = self.copy_ids;
-        self.copy = Some(CopyState::Sending {
-            base: self.last_seq,
-            id,
-        });
-        self.copy_progress = Some((0, 0));
-        ctx.out.push_back(Action::StartCopy { kind, id });
-    }
-
-    /// The driver reports copy progress (blocks sent, blocks to send).
-    pub(super) fn on_copy_progress(&mut self, sent: u64, total: u64) {
-        if self.copy.is_some() {
-            self.copy_progress = Some((sent, total));
-        }
-    }
-
-    /// All blocks of copy `id` are sent (see [`super::Replicator::handle_copy_sent`]).
-    pub(super) fn on_copy_sent(&mut self, ctx: &mut Ctx, id: u64, newest: Seq) {
-        let Some(CopyState::Sending {
-            base, id: current, ..
-        }) = self.copy
-        else {
-            return;
-        };
-        if id != current {
-            return; // a superseded copy
-        }
-        if std::mem::take(&mut self.copy_again) {
-            // What changed while it was sent overflowed into the bitmap: send that too.
-            self.start_copy(ctx, CopyKind::Bitmap);
-            return;
-        }
-        let epoch = ctx.persisted.epoch;
-        let consistent_at = newest.max(base);
-        ctx.send(Message::CopyEnd {
-            epoch,
-            base,
-            consistent_at,
-        });
-        // The copy carries everything up to `base`, but until the peer has applied it the
-        // entries must stay accounted for: mark their blocks in the bitmap (cleared when
-        // the copy completes), so an interrupted copy can still be resumed by bitmap.
-        if self.retained.front().is_some_and(|e| e.seq <= base) {
-            ctx.out.push_back(Action::MarkBitmap(base));
-            while self.retained.front().is_some_and(|e| e.seq <= base) {
-                if let Some(e) = self.retained.pop_front() {
-                    self.retained_bytes -= e.journal_bytes;
-                }
-            }
-        }
-        self.sent_upto = base;
-        self.copy = Some(CopyState::Finishing { consistent_at });
-        self.pump(ctx);
-    }
-
     /// A local journal entry can be sent (durable, or in sync mode sealed).
     pub(super) fn on_local_entry(&mut self, ctx: &mut Ctx, e: EntryMeta) {
         if e.seq <= self.last_seq {
@@ -645,7 +456,7 @@ impl PrimaryState {
     }
 
     /// Sync mode: writes from `seq` on are acknowledged without the peer (see
-    /// [`super::Replicator::handle_degraded`]).
+    /// [`Replicator::handle_degraded`]).
     pub(super) fn on_degraded(&self, ctx: &mut Ctx, seq: Seq, now_ns: u64) {
         if ctx.persisted.degraded.is_some() {
             return;
@@ -676,55 +487,6 @@ impl PrimaryState {
         ctx.persist();
     }
 
-    /// Entry `seq` cannot be sent as it was: what the peer lacks goes through the
-    /// difference bitmap instead.
-    pub(super) fn on_entry_unavailable(&mut self, ctx: &mut Ctx, seq: Seq) {
-        tracing::warn!(%seq, "entry can no longer be sent as written: resync by bitmap");
-        self.enter_bitmap(ctx);
-    }
-
-    /// The backlog outgrew the journal limit: keep it as a bitmap instead.
-    fn enter_bitmap(&mut self, ctx: &mut Ctx) {
-        let base = match ctx.persisted.backlog {
-            Backlog::Bitmap { base } => base,
-            Backlog::Journal => self.peer_durable_or_released(ctx),
-        };
-        ctx.persisted.backlog = Backlog::Bitmap { base };
-        ctx.persist();
-        let upto = self.last_seq;
-        ctx.out.push_back(Action::MarkBitmap(upto));
-        self.retained.clear();
-        self.retained_bytes = 0;
-        self.in_flight = 0;
-        tracing::warn!(
-            base = %base,
-            upto = %upto,
-            "replication backlog exceeds the journal limit: falling back to the difference bitmap"
-        );
-        if ctx.connected && ctx.peer.is_some() {
-            // What the peer still needs is only in the bitmap now. A copy being sent goes
-            // on (restarting it would never end while writes outrun the link): once its
-            // blocks are sent, a bitmap copy of what changed meanwhile follows, the peer
-            // staying mid-copy. A copy whose blocks are all sent is followed by one now; a
-            // stream becomes a copy.
-            match self.copy {
-                Some(CopyState::Sending { .. }) => self.copy_again = true,
-                Some(CopyState::Finishing { .. }) => self.start_copy(ctx, CopyKind::Bitmap),
-                None => {
-                    let kind = copy_kind_for_peer(ctx);
-                    self.start_copy(ctx, kind);
-                }
-            }
-        }
-    }
-
-    /// The newest seq the peer is known to have durably: entries are released exactly when
-    /// the peer acknowledges them durable, so everything before the oldest retained entry.
-    fn peer_durable_or_released(&self, ctx: &Ctx) -> Seq {
-        let released = self.retained.front().map_or(self.last_seq, |e| e.prev_seq);
-        released.max(ctx.peer.as_ref().map_or(Seq::NONE, |p| p.durable))
-    }
-
     /// Entries up to `seq` are no longer needed: drop them and release their journal space.
     fn release_through(&mut self, ctx: &mut Ctx, seq: Seq) {
         while self.retained.front().is_some_and(|e| e.seq <= seq) {
@@ -735,6 +497,8 @@ impl PrimaryState {
         ctx.out.push_back(Action::Release(seq));
     }
 
+    /// The peer's progress: release what it has durably, measure its speed, complete a
+    /// copy it has applied, send more.
     fn on_ack(&mut self, ctx: &mut Ctx, received: Seq, durable: Seq, now: Instant) {
         if let Some(r) = &mut self.reconcile {
             // The peer applied one more entry it had been sent before this node crashed:
@@ -790,21 +554,6 @@ impl PrimaryState {
         }
         self.note_caught_up(ctx);
         self.pump(ctx);
-    }
-
-    /// The peer has the copy's last seq durably: the pair is in sync.
-    fn copy_complete(&mut self, ctx: &mut Ctx, durable: Seq) {
-        self.copy = None;
-        self.copy_progress = None;
-        ctx.state = PairState::Pair;
-        // The peer holds everything the bitmap marks, durably.
-        ctx.out.push_back(Action::ClearBitmap);
-        if matches!(ctx.persisted.backlog, Backlog::Bitmap { .. }) || ctx.persisted.full_copy {
-            ctx.persisted.backlog = Backlog::Journal;
-            ctx.persisted.full_copy = false;
-            ctx.persist();
-        }
-        tracing::info!(seq = %durable, "copy complete: the pair is in sync");
     }
 
     /// Sends retained entries in order while the window allows.
@@ -866,7 +615,7 @@ impl PrimaryState {
         }
     }
 
-    /// Online verify (see [`super::Replicator::handle_verify_request`]).
+    /// Online verify (see [`Replicator::handle_verify_request`]).
     pub(super) fn on_verify_request(
         &mut self,
         ctx: &mut Ctx,
@@ -922,20 +671,5 @@ impl PrimaryState {
             self.pump(ctx);
         }
         false
-    }
-}
-
-/// Which copy brings the connected peer back: the bitmap if it covers everything the
-/// peer lacks (the peer holds data and applied at least the bitmap's base), else all.
-fn copy_kind_for_peer(ctx: &Ctx) -> CopyKind {
-    let Some(p) = &ctx.peer else {
-        return CopyKind::Full;
-    };
-    if ctx.persisted.full_copy {
-        return CopyKind::Full;
-    }
-    match ctx.persisted.backlog {
-        Backlog::Bitmap { base } if !p.hello.empty && p.durable >= base => CopyKind::Bitmap,
-        _ => CopyKind::Full,
     }
 }

@@ -6,10 +6,12 @@
 //! the blocks of an online verify in the state the primary computed them in.
 //!
 //! Its handlers are methods of [`SecondaryState`] that get the state both roles share as a
-//! [`Ctx`]; [`super::Replicator`] calls them for a node that is secondary.
+//! [`Ctx`]; [`Replicator`] calls them for a node that is secondary.
 
 use std::collections::{BTreeMap, VecDeque};
 
+#[cfg(doc)]
+use super::Replicator;
 use super::replicator::{Ctx, PeerView, VerifyRequest, lineage_follows};
 use super::{Action, Hello, Message, PairState, Status, WireBlock, WireEntry};
 use crate::types::Seq;
@@ -80,6 +82,7 @@ impl SecondaryState {
         self.clear_ooo();
     }
 
+    /// Drops the entries held ahead of a gap.
     fn clear_ooo(&mut self) {
         self.ooo.clear();
         self.ooo_bytes = 0;
@@ -159,6 +162,7 @@ impl SecondaryState {
         };
     }
 
+    /// Acknowledges what is received and durable here.
     fn ack(&self, ctx: &mut Ctx) {
         if !ctx.connected || ctx.peer.is_none() {
             return;
@@ -172,6 +176,8 @@ impl SecondaryState {
         });
     }
 
+    /// An entry of the stream: applied if it is the next, held if it is ahead of a gap
+    /// (room permitting), acknowledged again if it is a duplicate.
     fn on_entry(&mut self, ctx: &mut Ctx, e: WireEntry) {
         if ctx.persisted.inconsistent_until == Some(Seq::NONE) {
             // Entries come only after the copy ended; these belong to an older stream.
@@ -198,6 +204,7 @@ impl SecondaryState {
         }
     }
 
+    /// Copy data: written into the volume, which is mid-copy from now on.
     fn on_copy_blocks(&mut self, ctx: &mut Ctx, blocks: Vec<WireBlock>) {
         if ctx.persisted.inconsistent_until != Some(Seq::NONE) {
             // The first copy data: from now on the volume is not a consistent image, and
@@ -210,6 +217,7 @@ impl SecondaryState {
         ctx.out.push_back(Action::ApplyCopy(blocks));
     }
 
+    /// The copy is complete: consistent once everything up to `consistent_at` is durable.
     fn on_copy_end(&mut self, ctx: &mut Ctx, base: Seq, consistent_at: Seq) {
         ctx.persisted.inconsistent_until = Some(consistent_at.max(base));
         ctx.persisted.empty = false;
@@ -243,6 +251,7 @@ impl SecondaryState {
         }
     }
 
+    /// The primary wants everything up to `upto` durable (an fsync there).
     fn on_flush(&mut self, ctx: &mut Ctx, upto: Seq) {
         self.flush_wanted = self.flush_wanted.max(upto);
         self.maybe_sync(ctx);
@@ -256,6 +265,7 @@ impl SecondaryState {
         }
     }
 
+    /// A reconciling primary wants back the entries this node holds after `after`.
     fn on_pull(&mut self, ctx: &mut Ctx, after: Seq) {
         if ctx.applying.is_some() {
             // An entry sent before the primary crashed is being applied: once it is, send
@@ -272,6 +282,8 @@ impl SecondaryState {
         });
     }
 
+    /// An online verify request for the state after `at`: compared once this node is
+    /// there; answered "not compared" if it is past it, not consistent, or holds too many.
     fn on_verify(&mut self, ctx: &mut Ctx, id: u64, at: Seq, blocks: Vec<(u64, u32)>) {
         let consistent = ctx.persisted.inconsistent_until.is_none() && !ctx.persisted.empty;
         if !consistent || at < self.received || self.verify_wait.len() >= MAX_VERIFY_WAIT {
@@ -331,6 +343,8 @@ impl SecondaryState {
         self.after_apply(ctx);
     }
 
+    /// An entry or a copy's end is applied: acknowledge, sync if asked, answer the verify
+    /// requests for this state, and apply what was held for it.
     fn after_apply(&mut self, ctx: &mut Ctx) {
         self.ack(ctx);
         self.maybe_sync(ctx);
