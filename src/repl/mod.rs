@@ -8,14 +8,19 @@
 //! transport and the daemon drive it; the deterministic simulation in `tests/repl_sim.rs`
 //! drives two of them through drops, duplicates, reordering, partitions and crashes.
 
+mod api;
+mod primary;
 mod replicator;
+mod secondary;
 
 use serde::{Deserialize, Serialize};
 
-pub use replicator::{
-    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta,
-    MIN_PEER_ENTRY_BYTES, ReplConfig, Replicator, Status,
+pub use api::{
+    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta, ReplConfig,
+    Status,
 };
+pub use primary::MIN_PEER_ENTRY_BYTES;
+pub use replicator::Replicator;
 
 use crate::types::{Seq, VolumeId};
 

@@ -1,0 +1,411 @@
+//! The secondary's sub-machine (docs/PROTOCOL.md §5): it applies the primary's entries
+//! strictly in order and acknowledges each twice — *received* (in its journal and visible,
+//! the moment it is applied) and *durable* (after its own group commit, or a flush the
+//! primary asked for) — writes copy blocks, becomes consistent again once a copy's last
+//! seq is durable, sends back to a reconciling primary the entries it lost, and compares
+//! the blocks of an online verify in the state the primary computed them in.
+//!
+//! Its handlers are methods of [`SecondaryState`] that get the state both roles share as a
+//! [`Ctx`]; [`Replicator`] calls them for a node that is secondary.
+
+use std::collections::{BTreeMap, VecDeque};
+
+#[cfg(doc)]
+use super::Replicator;
+use super::replicator::{Ctx, PeerView, VerifyRequest, lineage_follows};
+use super::{Action, Hello, Message, PairState, Status, WireBlock, WireEntry};
+use crate::types::Seq;
+
+/// Entries a secondary buffers ahead of a gap, whatever their size (entries without blocks
+/// would otherwise escape the byte bound); beyond, they are dropped and come again.
+const MAX_OUT_OF_ORDER_ENTRIES: usize = 4096;
+/// Verify requests a secondary holds for a state it has not reached (a primary keeps a
+/// few in flight; more is not a primary speaking the protocol).
+const MAX_VERIFY_WAIT: usize = 64;
+
+/// What only a secondary keeps: how far it has the primary's entries, what arrived ahead
+/// of a gap, and what the primary asked of it.
+#[derive(Default)]
+pub(super) struct SecondaryState {
+    /// Newest seq applied (received).
+    received: Seq,
+    /// Newest seq durable.
+    durable: Seq,
+    /// Entries received ahead of a gap, by their prev_seq.
+    ooo: BTreeMap<Seq, WireEntry>,
+    /// Bytes of block data in `ooo`.
+    ooo_bytes: u64,
+    /// The primary asked for everything up to this seq to be made durable.
+    flush_wanted: Seq,
+    /// A [`Action::SyncLocal`] is out.
+    syncing: bool,
+    /// A copy ended at this seq while an apply was outstanding.
+    copy_end: Option<Seq>,
+    /// A reconciling primary pulled entries after this seq while an apply was outstanding.
+    pull: Option<Seq>,
+    /// Verify requests for a state this node has not reached yet.
+    verify_wait: VecDeque<VerifyRequest>,
+}
+
+impl SecondaryState {
+    /// A node becomes secondary with its journal durable up to `durable` (all it has).
+    pub(super) fn start(ctx: &mut Ctx, durable: Seq) -> Self {
+        ctx.state = PairState::Suspended;
+        SecondaryState {
+            received: durable,
+            durable,
+            ..SecondaryState::default()
+        }
+    }
+
+    /// The newest seq received and the newest durable (for its hello), counting the apply
+    /// under way (`applying`).
+    pub(super) fn progress(&self, applying: Option<Seq>) -> (Seq, Seq) {
+        // An apply under way completes (atomically) before any message of this connection
+        // is handled: the peer must count on it.
+        let received = applying.unwrap_or(self.received).max(self.received);
+        (received, self.durable)
+    }
+
+    /// The secondary's part of a snapshot for `pairfs status`.
+    pub(super) fn status(&self, s: &mut Status) {
+        s.last_seq = self.received;
+        s.received = self.received;
+        s.durable = self.durable;
+    }
+
+    /// What a connection brought and the next one will not: requests of the primary, and
+    /// entries ahead of a gap.
+    pub(super) fn clear_buffers(&mut self) {
+        self.pull = None;
+        self.verify_wait.clear();
+        self.clear_ooo();
+    }
+
+    /// Drops the entries held ahead of a gap.
+    fn clear_ooo(&mut self) {
+        self.ooo.clear();
+        self.ooo_bytes = 0;
+    }
+
+    /// A message from the primary, after its hello; one a secondary does not take is
+    /// handed back.
+    pub(super) fn on_message(&mut self, ctx: &mut Ctx, m: Message) -> Result<(), Message> {
+        match m {
+            Message::Entry { entry, .. } => self.on_entry(ctx, entry),
+            Message::CopyBlocks { blocks, .. } => self.on_copy_blocks(ctx, blocks),
+            Message::CopyEnd {
+                base,
+                consistent_at,
+                ..
+            } => self.on_copy_end(ctx, base, consistent_at),
+            Message::Flush { upto, .. } => self.on_flush(ctx, upto),
+            Message::Durable { seq, .. } => ctx.out.push_back(Action::Release(seq)),
+            Message::Pull { after, .. } => self.on_pull(ctx, after),
+            Message::Verify { id, at, blocks, .. } => self.on_verify(ctx, id, at, blocks),
+            m => return Err(m),
+        }
+        Ok(())
+    }
+
+    /// The primary's hello (its role, protocol and geometry already checked).
+    pub(super) fn on_hello(&mut self, ctx: &mut Ctx, h: Hello) {
+        if h.epoch < ctx.persisted.epoch {
+            ctx.refuse(format!(
+                "the primary is at epoch {}, this node at {}: stale primary",
+                h.epoch.0, ctx.persisted.epoch.0
+            ));
+            return;
+        }
+        if !ctx.persisted.empty && ctx.persisted.inconsistent_until.is_none() {
+            if h.volume != ctx.cfg.volume {
+                ctx.refuse(format!(
+                    "the primary holds another volume ({}, this node {})",
+                    h.volume, ctx.cfg.volume
+                ));
+                return;
+            }
+            let ours = &ctx.persisted.generations;
+            if let Err(why) = lineage_follows(ours, self.received, &h.generations) {
+                ctx.refuse(format!(
+                    "the nodes' data diverged: {why}; nothing is overwritten automatically"
+                ));
+                return;
+            }
+        }
+        if h.max_entry_bytes == 0 {
+            ctx.refuse("protocol violation: the primary takes no entries".into());
+            return;
+        }
+        if h.epoch > ctx.persisted.epoch || h.generations != ctx.persisted.generations {
+            // Adopted only up to where this node's data follows: a primary that is behind
+            // (reconciling) keeps the lineage this node already has.
+            ctx.persisted.epoch = h.epoch;
+            ctx.persisted.generations = h.generations.clone();
+            ctx.persist();
+        }
+        if ctx.persisted.empty && h.volume != ctx.cfg.volume {
+            ctx.cfg.volume = h.volume;
+            ctx.out.push_back(Action::AdoptVolume(h.volume));
+        }
+        let (received, durable) = (self.received, self.durable);
+        ctx.peer = Some(PeerView {
+            hello: h,
+            received,
+            durable,
+        });
+        ctx.refused = None;
+        ctx.state = if ctx.persisted.inconsistent_until.is_some() || ctx.persisted.empty {
+            PairState::Copying
+        } else {
+            PairState::Pair
+        };
+    }
+
+    /// Acknowledges what is received and durable here.
+    fn ack(&self, ctx: &mut Ctx) {
+        if !ctx.connected || ctx.peer.is_none() {
+            return;
+        }
+        let epoch = ctx.persisted.epoch;
+        let (received, durable) = (self.received, self.durable);
+        ctx.send(Message::Ack {
+            epoch,
+            received,
+            durable,
+        });
+    }
+
+    /// An entry of the stream: applied if it is the next, held if it is ahead of a gap
+    /// (room permitting), acknowledged again if it is a duplicate.
+    fn on_entry(&mut self, ctx: &mut Ctx, e: WireEntry) {
+        if ctx.persisted.inconsistent_until == Some(Seq::NONE) {
+            // Entries come only after the copy ended; these belong to an older stream.
+            return;
+        }
+        if e.seq <= self.received || ctx.applying.is_some_and(|s| e.seq <= s) {
+            if ctx.applying.is_none() {
+                self.ack(ctx); // a duplicate: the primary may have missed our ack
+            }
+            return;
+        }
+        if e.prev_seq == self.received && ctx.applying.is_none() {
+            ctx.applying = Some(e.seq);
+            ctx.out.push_back(Action::Apply(e));
+            return;
+        }
+        let bytes = e.data_bytes();
+        let room = self.ooo.len() < MAX_OUT_OF_ORDER_ENTRIES || self.ooo.contains_key(&e.prev_seq);
+        if room && self.ooo_bytes + bytes <= ctx.cfg.max_out_of_order_bytes {
+            self.ooo_bytes += bytes;
+            if let Some(old) = self.ooo.insert(e.prev_seq, e) {
+                self.ooo_bytes -= old.data_bytes();
+            }
+        }
+    }
+
+    /// Copy data: written into the volume, which is mid-copy from now on.
+    fn on_copy_blocks(&mut self, ctx: &mut Ctx, blocks: Vec<WireBlock>) {
+        if ctx.persisted.inconsistent_until != Some(Seq::NONE) {
+            // The first copy data: from now on the volume is not a consistent image, and
+            // entries of the stream before the copy must not land after copy blocks.
+            ctx.persisted.inconsistent_until = Some(Seq::NONE);
+            ctx.persist();
+            ctx.state = PairState::Copying;
+            self.clear_ooo();
+        }
+        ctx.out.push_back(Action::ApplyCopy(blocks));
+    }
+
+    /// The copy is complete: consistent once everything up to `consistent_at` is durable.
+    fn on_copy_end(&mut self, ctx: &mut Ctx, base: Seq, consistent_at: Seq) {
+        ctx.persisted.inconsistent_until = Some(consistent_at.max(base));
+        ctx.persisted.empty = false;
+        ctx.persist();
+        self.clear_ooo();
+        // Consistent once durable: ask for the sync now rather than a commit interval later.
+        self.flush_wanted = self.flush_wanted.max(consistent_at.max(base));
+        self.copy_end = Some(base);
+        if ctx.applying.is_none() {
+            self.record_copy_end(ctx);
+        }
+    }
+
+    /// The copy ended at `base` (and no apply is outstanding): record that the volume now
+    /// holds everything up to it.
+    fn record_copy_end(&mut self, ctx: &mut Ctx) {
+        let Some(base) = self.copy_end.take() else {
+            return;
+        };
+        if base > self.received {
+            ctx.applying = Some(base);
+            ctx.out.push_back(Action::Apply(WireEntry {
+                seq: base,
+                prev_seq: self.received,
+                timestamp_ns: 0,
+                blocks: Vec::new(),
+                frees: false,
+            }));
+        } else {
+            self.after_apply(ctx);
+        }
+    }
+
+    /// The primary wants everything up to `upto` durable (an fsync there).
+    fn on_flush(&mut self, ctx: &mut Ctx, upto: Seq) {
+        self.flush_wanted = self.flush_wanted.max(upto);
+        self.maybe_sync(ctx);
+    }
+
+    /// Asks for a local sync when the primary wants entries durable that are applied here.
+    fn maybe_sync(&mut self, ctx: &mut Ctx) {
+        if !self.syncing && self.durable < self.flush_wanted.min(self.received) {
+            self.syncing = true;
+            ctx.out.push_back(Action::SyncLocal);
+        }
+    }
+
+    /// A reconciling primary wants back the entries this node holds after `after`.
+    fn on_pull(&mut self, ctx: &mut Ctx, after: Seq) {
+        if ctx.applying.is_some() {
+            // An entry sent before the primary crashed is being applied: once it is, send
+            // it back too.
+            self.pull = Some(after);
+            return;
+        }
+        if after >= self.received {
+            return;
+        }
+        ctx.out.push_back(Action::SendOwnEntries {
+            after,
+            upto: self.received,
+        });
+    }
+
+    /// An online verify request for the state after `at`: compared once this node is
+    /// there; answered "not compared" if it is past it, not consistent, or holds too many.
+    fn on_verify(&mut self, ctx: &mut Ctx, id: u64, at: Seq, blocks: Vec<(u64, u32)>) {
+        let consistent = ctx.persisted.inconsistent_until.is_none() && !ctx.persisted.empty;
+        if !consistent || at < self.received || self.verify_wait.len() >= MAX_VERIFY_WAIT {
+            ctx.send(Message::Verified {
+                epoch: ctx.persisted.epoch,
+                id,
+                differ: None,
+            });
+            return;
+        }
+        self.verify_wait.push_back((id, at, blocks));
+        self.verify_waiting(ctx);
+    }
+
+    /// Compares the verify requests for the state this node is in; refuses those it has
+    /// passed.
+    fn verify_waiting(&mut self, ctx: &mut Ctx) {
+        if ctx.applying.is_some() {
+            return;
+        }
+        // (A copy since the request: the state is not a prefix's.)
+        let consistent = ctx.persisted.inconsistent_until.is_none() && !ctx.persisted.empty;
+        while let Some((id, at, _)) = self.verify_wait.front() {
+            let (id, at) = (*id, *at);
+            if at > self.received && consistent {
+                return;
+            }
+            let Some((_, _, blocks)) = self.verify_wait.pop_front() else {
+                return;
+            };
+            if at == self.received && consistent {
+                ctx.out.push_back(Action::VerifyBlocks { id, blocks });
+            } else {
+                let epoch = ctx.persisted.epoch;
+                ctx.send(Message::Verified {
+                    epoch,
+                    id,
+                    differ: None,
+                });
+            }
+        }
+    }
+
+    /// The driver applied entry `seq` (visible, in the journal, not yet durable).
+    pub(super) fn on_applied(&mut self, ctx: &mut Ctx, seq: Seq) {
+        self.received = seq;
+        if let Some(after) = self.pull.take() {
+            self.ack(ctx);
+            self.on_pull(ctx, after);
+            return;
+        }
+        if self.copy_end.is_some() {
+            // An apply handed out before the copy ended: now record its end.
+            self.record_copy_end(ctx);
+            return;
+        }
+        self.after_apply(ctx);
+    }
+
+    /// An entry or a copy's end is applied: acknowledge, sync if asked, answer the verify
+    /// requests for this state, and apply what was held for it.
+    fn after_apply(&mut self, ctx: &mut Ctx) {
+        self.ack(ctx);
+        self.maybe_sync(ctx);
+        self.verify_waiting(ctx);
+        if ctx.persisted.inconsistent_until == Some(Seq::NONE) {
+            return; // copy data is arriving: entries resume after the copy's end
+        }
+        // Anything buffered that now follows?
+        while let Some(e) = self.ooo.remove(&self.received) {
+            self.ooo_bytes -= e.data_bytes();
+            if e.seq > self.received {
+                ctx.applying = Some(e.seq);
+                ctx.out.push_back(Action::Apply(e));
+                break;
+            }
+        }
+        let received = self.received;
+        let mut dropped = 0;
+        self.ooo.retain(|_, e| {
+            let keep = e.seq > received;
+            if !keep {
+                dropped += e.data_bytes();
+            }
+            keep
+        });
+        self.ooo_bytes -= dropped;
+    }
+
+    /// The local journal is durable up to `seq` (a group commit, or the sync
+    /// [`Action::SyncLocal`] asked for).
+    pub(super) fn on_local_durable(&mut self, ctx: &mut Ctx, seq: Seq) {
+        self.syncing = false;
+        let before = self.durable;
+        self.durable = self.durable.max(seq.min(self.received));
+        if let Some(until) = ctx.persisted.inconsistent_until {
+            // `until` is a seq the primary wrote after the copy's blocks (PROTOCOL.md §5.2):
+            // durable here, it proves they are too.
+            if until != Seq::NONE && self.copy_end.is_none() && self.durable >= until {
+                ctx.persisted.inconsistent_until = None;
+                ctx.persist();
+                ctx.state = PairState::Pair;
+                tracing::info!(seq = %self.durable, "replica consistent again");
+            }
+        }
+        if self.durable > before {
+            self.ack(ctx);
+        }
+        self.maybe_sync(ctx);
+    }
+
+    /// The driver could not make what it applied durable: no sync is out any more.
+    pub(super) fn on_sync_failed(&mut self) {
+        self.syncing = false;
+    }
+
+    /// The driver reopened the volume: recovery left it at `durable`, and the stream
+    /// starts again from there.
+    pub(super) fn on_volume_reopened(&mut self, durable: Seq) {
+        self.syncing = false;
+        self.clear_ooo();
+        self.received = durable;
+        self.durable = durable;
+    }
+}
