@@ -38,6 +38,20 @@ fn two_nodes_replicate_a_real_tree() {
     let out = run(Command::new("touch").arg(format!("{mb}/x")));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only"));
+    // The kernel mount is read-write (to turn writable without a remount) and answers
+    // access(2) alone: the mount's read-only flag makes it say EROFS for writing.
+    let access = |path: &str, mode: u32| {
+        sh(&format!(
+            "python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+             r = l.access(b\"{path}\", {mode}); print(r, ctypes.get_errno() if r else 0)'"
+        ))
+    };
+    assert_eq!(
+        access(&format!("{mb}/d/f"), 2).trim(),
+        format!("-1 {}", libc::EROFS)
+    );
+    assert_eq!(access(&mb, 2).trim(), format!("-1 {}", libc::EROFS));
+    assert_eq!(access(&format!("{mb}/d/f"), 4).trim(), "0 0");
     // Changes after the first copy stream as journal entries and appear on the replica.
     sh(&format!(
         "rm -rf {ma}/inc/linux && mv {ma}/d {ma}/e && echo more >> {ma}/e/f"

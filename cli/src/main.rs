@@ -21,8 +21,8 @@ use pairfs::datadir::{CreateParams, DataDir};
 use pairfs::repl::Role;
 use pairfs::{Volume, VolumeOptions};
 use pairfs_fs::fsck::fsck;
-use pairfs_fs::fuse::{FuseOptions, PairFuse};
-use pairfs_fs::{FormatOptions, Fs, FsOptions};
+use pairfs_fs::fuse::{FuseOptions, PairFuse, ReadOnlyFlag, session_config};
+use pairfs_fs::{FormatOptions, Fs, FsMode, FsOptions};
 use pairfs_transport::Identity;
 
 use crate::config::NodeConfig;
@@ -154,7 +154,9 @@ struct MountOpts {
     /// Do not update access times.
     #[arg(long)]
     noatime: bool,
-    /// Let the kernel cache writes and send them in bulk (FUSE writeback cache).
+    /// Let the kernel cache writes and send them in bulk (FUSE writeback cache). Only for a
+    /// volume of its own (`--data`): a node of a pair can turn read-only online, and what
+    /// the kernel cached before would then be lost.
     #[arg(long)]
     writeback_cache: bool,
     /// A write of at least this many blocks goes straight to the volume (written once);
@@ -372,56 +374,42 @@ fn mount_standalone(data: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()>
             FsOptions {
                 track_lookups: true,
                 atime: !o.noatime,
-                read_only: false,
+                mode: FsMode::Writable,
                 reap_at_open: true,
             },
         )
         .context("opening the filesystem")?,
     );
-    serve_fuse(&fs, mountpoint, o, data, sigset, |_| {})?;
+    serve_fuse(&fs, mountpoint, o, data, sigset, true, |_| {})?;
     drop(dd);
     Ok(())
 }
 
 /// Mounts `fs` and serves it until unmounted or signalled; flushes on the way out.
+/// `standalone`: the filesystem never switches to replica mode (a volume of its own), the
+/// only case in which the kernel may cache writes.
+///
+/// The kernel mount is read-write in either mode, so that it can become writable without a
+/// remount: the filesystem refuses changes in replica mode, and the mount's read-only flag
+/// follows the mode for what the kernel answers alone (`access(W_OK)`; see
+/// [`ReadOnlyFlag`]).
 fn serve_fuse(
     fs: &Arc<Fs>,
     mountpoint: &Path,
     o: &MountOpts,
     data: &Path,
     sigset: libc::sigset_t,
+    standalone: bool,
     on_session: impl FnOnce(&fuser::Session<PairFuse>),
 ) -> Result<()> {
-    let read_only = fs.is_read_only();
     let adapter = PairFuse::new(
         fs.clone(),
         FuseOptions {
-            writeback_cache: o.writeback_cache && !read_only,
-            ttl: if read_only {
-                // A replica changes underneath: entries are also invalidated explicitly,
-                // a short TTL bounds what a missed invalidation can show.
-                Duration::from_secs(1)
-            } else {
-                FuseOptions::default().ttl
-            },
+            writeback_cache: o.writeback_cache && standalone,
+            ..FuseOptions::default()
         },
     );
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName(format!("pairfs:{}", data.display())),
-        fuser::MountOption::Subtype("pairfs".into()),
-        fuser::MountOption::DefaultPermissions,
-        if read_only {
-            fuser::MountOption::RO
-        } else {
-            fuser::MountOption::RW
-        },
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
-    ];
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(o.threads);
-    config.clone_fd = true;
+    let config = session_config(format!("pairfs:{}", data.display()), o.threads);
     let mut session = fuser::Session::new(adapter, mountpoint, &config).with_context(|| {
         format!(
             "cannot mount at {} (is /dev/fuse available and the mountpoint not in use?)",
@@ -451,10 +439,19 @@ fn serve_fuse(
     let maint = {
         let fs = fs.clone();
         let stop = stop.clone();
+        let mp = mountpoint.to_path_buf();
         std::thread::Builder::new()
             .name("maintenance".into())
             .spawn(move || {
+                let mut flag = ReadOnlyFlag::new(&mp)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "the mount's read-only flag cannot follow the mode: access(W_OK) says yes in replica mode");
+                    })
+                    .ok();
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(f) = flag.as_mut() {
+                        f.follow(fs.mode());
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                     if let Err(e) = fs.maintain() {
                         tracing::error!(error = %e, "background commit failed");
@@ -469,7 +466,7 @@ fn serve_fuse(
         mountpoint = %mountpoint.display(),
         uuid = %sb.uuid,
         size = %size::human(sb.total_blocks * u64::from(sb.block_size)),
-        read_only,
+        mode = ?fs.mode(),
         "mounted"
     );
     let run = session.run();
@@ -523,16 +520,20 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
         Box::new(move || open_volume(&dd, vopts.clone()))
     };
     tracing::info!(node = %cfg.name, role = ?role, peer = ?cfg.peer.as_ref().map(|p| &p.name), "node starting");
-    let fs_opts = |read_only| FsOptions {
+    let fs_opts = |mode| FsOptions {
         track_lookups: true,
         atime: !mount.is_some_and(|(_, o)| o.noatime),
-        read_only,
+        mode,
         // The node frees them once it may write (after a reconciliation, if any).
         reap_at_open: false,
     };
     let host = if mount.is_some() && (role == Role::Primary || node::mountable(&st)) {
-        let fs =
-            Fs::open(vol, fs_opts(role == Role::Secondary)).context("opening the filesystem")?;
+        let mode = if role == Role::Secondary {
+            FsMode::Replica
+        } else {
+            FsMode::Writable
+        };
+        let fs = Fs::open(vol, fs_opts(mode)).context("opening the filesystem")?;
         node::Host::with_fs(Arc::new(fs), reopen)
     } else {
         node::Host::bare(vol, reopen)
@@ -582,15 +583,21 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
                         }
                     }
                 }
-                host.promote(|v| Fs::open(v, fs_opts(true)))
+                host.promote(|v| Fs::open(v, fs_opts(FsMode::Replica)))
                     .context("opening the replicated filesystem")?;
                 if let Some(fs) = host_fs(&host) {
                     fs.set_hooks(handle.shared.clone());
                 }
             }
             let fs = host_fs(&host).context("no filesystem")?;
+            if o.writeback_cache {
+                tracing::warn!(
+                    "--writeback-cache is ignored on a node of a pair: its mount can turn \
+                     read-only online, and writes the kernel had cached would then be lost"
+                );
+            }
             let h2 = host.clone();
-            serve_fuse(&fs, mp, o, &cfg.data, sigset, move |s| {
+            serve_fuse(&fs, mp, o, &cfg.data, sigset, false, move |s| {
                 h2.set_notifier(s.notifier());
             })?;
             drop(handle);

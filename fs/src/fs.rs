@@ -11,6 +11,7 @@
 //! next mount after a crash.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -43,12 +44,23 @@ pub struct FsOptions {
     pub track_lookups: bool,
     /// Update access times (relatime rules); off is `noatime`.
     pub atime: bool,
-    /// Refuse every change (EROFS): the mount of a secondary, whose volume changes only by
-    /// replication underneath.
-    pub read_only: bool,
+    /// The mode the filesystem opens in ([`Fs::set_mode`] changes it later).
+    pub mode: FsMode,
     /// Free the inodes a crash left unlinked-but-open at open (a replicated primary does it
-    /// later, with [`Fs::reap_orphans`], once it may write).
+    /// later, with [`Fs::reap_orphans`], once it may write). Only in writable mode.
     pub reap_at_open: bool,
+}
+
+/// What the filesystem admits. It changes online ([`Fs::set_mode`]): a node's role changes
+/// while its filesystem stays mounted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsMode {
+    /// Changes go through the filesystem: a primary, or a volume of its own.
+    #[default]
+    Writable,
+    /// Every change is refused (EROFS); the volume changes only by replication underneath
+    /// ([`Fs::apply_replicated`]): a secondary.
+    Replica,
 }
 
 /// Callbacks into the node that runs the filesystem (replication). All are called outside
@@ -78,7 +90,7 @@ impl Default for FsOptions {
         FsOptions {
             track_lookups: false,
             atime: true,
-            read_only: false,
+            mode: FsMode::Writable,
             reap_at_open: true,
         }
     }
@@ -223,11 +235,16 @@ pub struct Fs {
     core: RwLock<Core>,
     lookups: Mutex<HashMap<u64, u64>>,
     opts: FsOptions,
+    /// True in [`FsMode::Replica`]. Changed only with the core write lock held, so a
+    /// transaction that checks it under that lock runs wholly in one mode.
+    replica: AtomicBool,
     hooks: std::sync::OnceLock<std::sync::Arc<dyn FsHooks>>,
-    /// Held (shared) by every read from its start until its reply is sent: a replica's
-    /// node takes it exclusively after an apply ([`Fs::wait_for_reads`]) so that no reply
-    /// computed from the state before can reach the kernel's cache after the
-    /// invalidation of what changed.
+    /// Held (shared) by every read from its start until its reply is sent, and by the FUSE
+    /// adapter around its replies ([`Fs::reply_guard`]): a replica's node takes it
+    /// exclusively after an apply ([`Fs::wait_for_reads`]) so that no reply computed from
+    /// the state before can reach the kernel's cache after the invalidation of what
+    /// changed; a switch to replica mode takes it too, so that no reply cached for as long
+    /// as a writable mount allows arrives after the switch returns.
     replies: RwLock<()>,
 }
 
@@ -235,6 +252,7 @@ impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
             .field("opts", &self.opts)
+            .field("mode", &self.mode())
             .finish_non_exhaustive()
     }
 }
@@ -785,10 +803,11 @@ impl Fs {
                 return Err(FsError::corrupt(format!("inode {ino} is not a directory")));
             }
         }
-        let reap = !opts.read_only && opts.reap_at_open;
+        let reap = opts.mode == FsMode::Writable && opts.reap_at_open;
         let fs = Fs {
             core: RwLock::new(Core { vol, sb, alloc }),
             lookups: Mutex::new(HashMap::new()),
+            replica: AtomicBool::new(opts.mode == FsMode::Replica),
             opts,
             hooks: std::sync::OnceLock::new(),
             replies: RwLock::new(()),
@@ -830,7 +849,7 @@ impl Fs {
         f: impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
         after: impl FnOnce(&T),
     ) -> FsResult<T> {
-        if self.opts.read_only {
+        if self.is_read_only() {
             return Err(FsError::ReadOnly);
         }
         if let Some(h) = self.hooks.get() {
@@ -838,6 +857,11 @@ impl Fs {
         }
         let (out, became_durable) = {
             let mut guard = self.write_core();
+            // Again under the lock: a switch to replica mode while this writer waited
+            // refuses it (the switch happens between two transactions, never inside one).
+            if self.is_read_only() {
+                return Err(FsError::ReadOnly);
+            }
             let core = &mut *guard;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
@@ -865,9 +889,61 @@ impl Fs {
         Ok(out)
     }
 
-    /// True for a replica's mount (changes refused).
+    /// The current mode.
+    pub fn mode(&self) -> FsMode {
+        if self.replica.load(Ordering::Acquire) {
+            FsMode::Replica
+        } else {
+            FsMode::Writable
+        }
+    }
+
+    /// True in replica mode (changes refused).
     pub fn is_read_only(&self) -> bool {
-        self.opts.read_only
+        self.mode() == FsMode::Replica
+    }
+
+    /// Switches the mode online, between two transactions: the one under way (if any)
+    /// completes first, every later one follows the new mode.
+    ///
+    /// Both ways reload what the filesystem derives from its volume (superblock,
+    /// allocator): a replica's allocator only mirrored the bitmaps entry by entry, a
+    /// primary's held blocks whose frees were not durable yet. To writable, everything
+    /// applied is made durable first: a block freed by an applied entry that is not yet
+    /// durable is still referenced by the durable state, and an in-place write into it
+    /// could reach the disk before the entry that freed it (the free-pending rule of
+    /// `alloc.rs`). To replica, the switch returns once every reply computed before it has
+    /// been sent ([`Fs::reply_guard`]), so that none can reach the kernel after what the
+    /// node applies next. Fails (and stays in the old mode) if the volume cannot be read or
+    /// synced.
+    pub fn set_mode(&self, mode: FsMode) -> FsResult<()> {
+        {
+            let mut core = self.write_core();
+            if self.mode() == mode {
+                return Ok(());
+            }
+            if mode == FsMode::Writable {
+                core.vol.sync()?;
+            }
+            (core.sb, core.alloc) = Self::derived(&core.vol)?;
+            self.replica
+                .store(mode == FsMode::Replica, Ordering::Release);
+        }
+        tracing::info!(?mode, "filesystem mode switched");
+        match mode {
+            // The sync may have made entries durable: the node may send or acknowledge them.
+            FsMode::Writable => self.notify_entries(),
+            FsMode::Replica => self.wait_for_reads(),
+        }
+        Ok(())
+    }
+
+    /// Held by the FUSE adapter from the moment it reads what a reply carries (or, after a
+    /// change, the mode that decides how long the kernel may cache it) until the reply is
+    /// sent: see `replies`. Never held across a change (its waits would hold up the
+    /// node's invalidations) nor around [`Fs::read_with`], which holds it itself.
+    pub fn reply_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.replies.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Installs the node's callbacks (once).
@@ -950,7 +1026,9 @@ impl Fs {
     }
 
     /// Frees the inodes a crash left unlinked-but-open (their last reference went with the
-    /// crash).
+    /// crash), or that a former primary left there. Those this node's kernel still holds
+    /// (a replica's reader had one open when the primary unlinked it) stay until their last
+    /// `forget`.
     pub fn reap_orphans(&self) -> FsResult<()> {
         let orphans: Vec<u64> = {
             let core = self.read_core();
@@ -958,7 +1036,9 @@ impl Fs {
             let tree = dir_tree(ORPHAN_INO, &o)?;
             let mut v = Vec::new();
             tree.range(&core.vol, 0, &mut |k, _| {
-                v.push(k);
+                if !self.referenced(k) {
+                    v.push(k);
+                }
                 Ok(true)
             })?;
             v
@@ -1450,7 +1530,7 @@ impl Fs {
             // relatime: update atime when it is older than mtime/ctime or a day old.
             let t = now();
             let touch = self.opts.atime
-                && !self.opts.read_only
+                && !self.is_read_only()
                 && !core.vol.is_poisoned()
                 && self.hooks.get().is_none_or(|h| h.admits())
                 && (i.atime <= i.mtime || i.atime <= i.ctime || t.sec - i.atime.sec >= 86_400);
@@ -1647,11 +1727,9 @@ impl Fs {
         }
     }
 
-    /// Makes everything written so far durable (fsync, fsyncdir, syncfs).
+    /// Makes everything written so far durable (fsync, fsyncdir, syncfs). In replica mode
+    /// too: what was written before a switch to replica mode, and what was applied.
     pub fn sync(&self) -> FsResult<()> {
-        if self.opts.read_only {
-            return Ok(()); // nothing to make durable: changes come by replication
-        }
         let target = self.seal()?;
         if let Some(h) = self.hooks.get() {
             h.syncing(target);
@@ -1723,7 +1801,7 @@ impl Fs {
                 None => false,
             }
         };
-        if !gone || core.vol.is_poisoned() || self.opts.read_only {
+        if !gone || core.vol.is_poisoned() || self.is_read_only() {
             return;
         }
         let orphan =

@@ -26,6 +26,6 @@ mod xattr;
 
 pub use error::{FsError, FsResult};
 pub use fs::{
-    Attr, Ctx, DirItem, FormatOptions, Fs, FsHooks, FsOptions, RenameFlags, SetAttr, StatFs,
-    TimeSet,
+    Attr, Ctx, DirItem, FormatOptions, Fs, FsHooks, FsMode, FsOptions, RenameFlags, SetAttr,
+    StatFs, TimeSet,
 };

@@ -268,42 +268,67 @@ fn enospc_is_clean_and_loses_nothing() {
     assert_clean(&fs);
 }
 
-#[test]
-fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
-    // A primary with a retaining volume; the replica starts as a byte copy of it and then
-    // applies the primary's entries. Its in-memory allocator, patched block by block,
-    // must equal one loaded from scratch.
+/// A primary on a retaining volume, formatted, with nothing left to send, and its replica:
+/// a byte copy of it in replica mode, on devices of its own (which can crash).
+struct Pair {
+    primary: Fs,
+    replica: Fs,
+    replica_normal: Arc<CrashDevice>,
+    replica_journal: Arc<CrashDevice>,
+}
+
+fn pair() -> Pair {
     let n = Arc::new(CrashDevice::new(8192 * 4096));
-    let j = Arc::new(CrashDevice::new(256 * 4096));
+    let j = Arc::new(CrashDevice::new(512 * 4096));
     Volume::create(&*n, &*j, VolumeId([3; 16]), 4096).unwrap();
-    let opts = VolumeOptions {
+    let retain = VolumeOptions {
         retain: true,
         ..VolumeOptions::default()
     };
-    let mut v = Volume::open(Box::new(n.clone()), Box::new(j.clone()), opts).unwrap();
+    let mut v = Volume::open(Box::new(n.clone()), Box::new(j.clone()), retain.clone()).unwrap();
     Fs::format(&mut v, &FormatOptions { inodes: None }).unwrap();
     let primary = Fs::open(v, FsOptions::default()).unwrap();
     primary.sync().unwrap();
     primary.with_volume_mut(|v| v.checkpoint()).unwrap();
     let _ = primary.with_volume_mut(|v| v.take_entries(false));
-    let rv = Volume::open(
-        Box::new(pairfs::MemDevice::from_bytes(
-            n.crash_point().durable_image(),
-        )),
-        Box::new(pairfs::MemDevice::from_bytes(
-            j.crash_point().durable_image(),
-        )),
-        VolumeOptions::default(),
-    )
-    .unwrap();
+    let rn = Arc::new(CrashDevice::from_bytes(n.crash_point().durable_image()));
+    let rj = Arc::new(CrashDevice::from_bytes(j.crash_point().durable_image()));
+    let rv = Volume::open(Box::new(rn.clone()), Box::new(rj.clone()), retain).unwrap();
     let replica = Fs::open(
         rv,
         FsOptions {
-            read_only: true,
+            mode: FsMode::Replica,
             ..FsOptions::default()
         },
     )
     .unwrap();
+    Pair {
+        primary,
+        replica,
+        replica_normal: rn,
+        replica_journal: rj,
+    }
+}
+
+/// Applies to `to` the entries `from` sealed, durable or not (as sync mode sends them).
+fn ship(from: &Fs, to: &Fs) {
+    from.seal().unwrap();
+    let metas = from.with_volume_mut(|v| v.take_entries(true));
+    assert!(!metas.is_empty());
+    for m in metas {
+        let e = from.with_volume(|v| v.read_wire_entry(m.seq)).unwrap();
+        to.apply_replicated(&e).unwrap();
+    }
+}
+
+#[test]
+fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
+    // The replica starts as a byte copy of the primary and then applies the primary's
+    // entries. Its in-memory allocator, patched block by block, must equal one loaded
+    // from scratch.
+    let Pair {
+        primary, replica, ..
+    } = pair();
     let before = replica.statfs();
     let d = primary.mkdir(C, ROOT_INO, b"d", 0o755).unwrap();
     for i in 0..60u32 {
@@ -347,4 +372,250 @@ fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
         (after.bfree, after.ffree),
         (primary.statfs().bfree, primary.statfs().ffree)
     );
+}
+
+#[test]
+fn replica_mode_refuses_every_change_and_writable_mode_admits_them_again() {
+    let fs = new_fs(4096);
+    let f = fs
+        .mknod(C, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    fs.write(C, f.ino, 0, b"one").unwrap();
+    let d = fs.mkdir(C, ROOT_INO, b"d", 0o755).unwrap();
+    fs.setxattr(f.ino, b"user.k", b"v", 0).unwrap();
+    assert_eq!(fs.mode(), FsMode::Writable);
+    fs.set_mode(FsMode::Replica).unwrap();
+    assert_eq!(fs.mode(), FsMode::Replica);
+    assert!(fs.is_read_only());
+    let ro = |r: FsResult<()>, what: &str| {
+        assert!(matches!(r, Err(FsError::ReadOnly)), "{what}: {r:?}");
+    };
+    let truncate = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    ro(fs.write(C, f.ino, 0, b"two").map(drop), "write");
+    ro(fs.setattr(C, f.ino, &truncate).map(drop), "truncate");
+    ro(fs.setattr(C, f.ino, &chmod).map(drop), "chmod");
+    ro(fs.fallocate(f.ino, 0, 8192, 0), "fallocate");
+    ro(
+        fs.mknod(C, ROOT_INO, b"g", libc::S_IFREG | 0o644, 0)
+            .map(drop),
+        "mknod",
+    );
+    ro(fs.mkdir(C, ROOT_INO, b"e", 0o755).map(drop), "mkdir");
+    ro(fs.symlink(C, ROOT_INO, b"s", b"f").map(drop), "symlink");
+    ro(fs.link(f.ino, ROOT_INO, b"h").map(drop), "link");
+    ro(fs.unlink(ROOT_INO, b"f"), "unlink");
+    ro(fs.rmdir(ROOT_INO, b"d"), "rmdir");
+    ro(
+        fs.rename(ROOT_INO, b"f", d.ino, b"f", RenameFlags::default()),
+        "rename",
+    );
+    ro(fs.setxattr(f.ino, b"user.k", b"w", 0), "setxattr");
+    ro(fs.removexattr(f.ino, b"user.k"), "removexattr");
+    // Reads go on; the atime update a read would make is not attempted; fsync succeeds.
+    let atime = fs.getattr(f.ino).unwrap().atime;
+    assert_eq!(fs.read(f.ino, 0, 10).unwrap(), b"one");
+    assert_eq!(fs.getattr(f.ino).unwrap().atime, atime);
+    assert_eq!(fs.lookup(ROOT_INO, b"d").unwrap().ino, d.ino);
+    assert_eq!(fs.getxattr(f.ino, b"user.k").unwrap(), b"v");
+    fs.sync().unwrap();
+    // Switching again to the same mode changes nothing.
+    fs.set_mode(FsMode::Replica).unwrap();
+    fs.set_mode(FsMode::Writable).unwrap();
+    assert!(!fs.is_read_only());
+    fs.write(C, f.ino, 0, b"two").unwrap();
+    fs.rename(ROOT_INO, b"f", d.ino, b"f", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.read(f.ino, 0, 10).unwrap(), b"two");
+    assert_clean(&fs);
+}
+
+/// Hooks whose `admit` waits until the test lets it go on, to hold a writer between its
+/// first look at the mode and the transaction.
+struct HeldAdmit {
+    entered: std::sync::mpsc::SyncSender<()>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl FsHooks for HeldAdmit {
+    fn entries(&self) {}
+    fn admit(&self) -> FsResult<()> {
+        let _ = self.entered.send(());
+        let _ = self.go.lock().unwrap().recv();
+        Ok(())
+    }
+    fn admits(&self) -> bool {
+        true
+    }
+    fn committed(&self, _fs: &Fs) -> FsResult<()> {
+        Ok(())
+    }
+    fn syncing(&self, _seq: pairfs::Seq) {}
+    fn synced(&self, _seq: pairfs::Seq) -> FsResult<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_writer_admitted_before_a_switch_to_replica_mode_is_refused_after_it() {
+    let fs = Arc::new(new_fs(4096));
+    let f = fs
+        .mknod(C, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (go, go_rx) = std::sync::mpsc::channel();
+    fs.set_hooks(Arc::new(HeldAdmit {
+        entered: entered_tx,
+        go: Mutex::new(go_rx),
+    }));
+    let writer = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.write(C, f.ino, 0, b"late"))
+    };
+    // The writer saw writable mode and waits in `admit`; the switch comes now.
+    entered.recv().unwrap();
+    fs.set_mode(FsMode::Replica).unwrap();
+    go.send(()).unwrap();
+    let r = writer.join().unwrap();
+    assert!(matches!(r, Err(FsError::ReadOnly)), "{r:?}");
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 0);
+}
+
+/// A replica that applied entries and then turns writable: it allocates from the applied
+/// state, and a crash right after its first writes loses nothing the primary had freed
+/// and reused: the switch made the applied entries durable before anything was allocated.
+#[test]
+fn a_replica_turned_writable_allocates_from_the_applied_state_durably() {
+    let Pair {
+        primary,
+        replica,
+        replica_normal: rn,
+        replica_journal: rj,
+    } = pair();
+    let old_data = vec![0x0a; 64 * 4096];
+    let old = primary
+        .mknod(C, ROOT_INO, b"old", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    primary.write(C, old.ino, 0, &old_data).unwrap();
+    let keep = primary
+        .mknod(C, ROOT_INO, b"keep", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    primary.write(C, keep.ino, 0, &[0x0c; 20_000]).unwrap();
+    primary.sync().unwrap();
+    ship(&primary, &replica);
+    // Applied, durable and checkpointed on the replica (its node syncs what it applies).
+    replica.with_volume_mut(|v| v.checkpoint()).unwrap();
+    // The primary frees the blocks of `old`; the replica applies that, not durably yet.
+    primary.unlink(ROOT_INO, b"old").unwrap();
+    primary.sync().unwrap();
+    ship(&primary, &replica);
+    assert!(matches!(
+        replica.lookup(ROOT_INO, b"old"),
+        Err(FsError::NotFound)
+    ));
+    // Takeover: the replica turns writable and writes a file as large as `old`, in place.
+    replica.set_mode(FsMode::Writable).unwrap();
+    let new = replica
+        .mknod(C, ROOT_INO, b"new", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    replica
+        .write(C, new.ino, 0, &vec![0x0b; 64 * 4096])
+        .unwrap();
+    assert_eq!(
+        replica.read(keep.ino, 0, 20_000).unwrap(),
+        vec![0x0c; 20_000]
+    );
+    assert_clean(&replica);
+    // Its allocator is the one its volume holds (nothing stale from the replica's time).
+    let patched = replica.statfs();
+    replica.reload().unwrap();
+    let loaded = replica.statfs();
+    assert_eq!((patched.bfree, patched.ffree), (loaded.bfree, loaded.ffree));
+    // A crash now: the in-place data reached the disk, the journal kept only what was
+    // durable. `old` must be gone, or else intact.
+    let crashed = Volume::open(
+        Box::new(pairfs::MemDevice::from_bytes(
+            rn.crash_point().image_with(|_| true),
+        )),
+        Box::new(pairfs::MemDevice::from_bytes(
+            rj.crash_point().durable_image(),
+        )),
+        VolumeOptions::default(),
+    )
+    .unwrap();
+    let after = Fs::open(crashed, FsOptions::default()).unwrap();
+    assert_clean(&after);
+    if let Ok(a) = after.lookup(ROOT_INO, b"old") {
+        let back = after.read(a.ino, 0, old_data.len() as u32).unwrap();
+        assert!(
+            back == old_data,
+            "`old` survived the crash with the new file's bytes in it"
+        );
+    }
+    assert_eq!(after.read(keep.ino, 0, 20_000).unwrap(), vec![0x0c; 20_000]);
+}
+
+/// Takeover and back on one pair of filesystems: the primary turns replica while blocks it
+/// freed wait for their entry to be durable (free-pending), the replica turns writable and
+/// reuses those blocks, and the former primary applies that. Its allocator must follow
+/// the volume, not release its old free-pending blocks over the new primary's data.
+#[test]
+fn a_demoted_primary_follows_the_new_primary_block_for_block() {
+    let Pair {
+        primary: a,
+        replica: b,
+        ..
+    } = pair();
+    let x = a
+        .mknod(C, ROOT_INO, b"x", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    a.write(C, x.ino, 0, &[1; 64 * 4096]).unwrap();
+    a.sync().unwrap();
+    ship(&a, &b);
+    // `a` frees x's blocks; the entry is sent before it is durable on `a`.
+    a.unlink(ROOT_INO, b"x").unwrap();
+    ship(&a, &b);
+    assert!(a.read_core().alloc.pending_blocks() > 0);
+    // Takeover: `a` turns replica, `b` writable; `b` writes where x was.
+    a.set_mode(FsMode::Replica).unwrap();
+    b.set_mode(FsMode::Writable).unwrap();
+    let y = b
+        .mknod(C, ROOT_INO, b"y", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    b.write(C, y.ino, 0, &[2; 64 * 4096]).unwrap();
+    b.sync().unwrap();
+    ship(&b, &a);
+    // `a` makes it durable (and would release what was free-pending) and goes on.
+    a.sync().unwrap();
+    a.maintain().unwrap();
+    assert_eq!(a.read(y.ino, 0, 64 * 4096).unwrap(), vec![2; 64 * 4096]);
+    let followed = a.statfs();
+    assert_eq!(
+        (followed.bfree, followed.ffree),
+        (b.statfs().bfree, b.statfs().ffree)
+    );
+    a.reload().unwrap();
+    let loaded = a.statfs();
+    assert_eq!(
+        (followed.bfree, followed.ffree),
+        (loaded.bfree, loaded.ffree)
+    );
+    // Failback: `a` writable again, allocating from what it applied.
+    b.set_mode(FsMode::Replica).unwrap();
+    a.set_mode(FsMode::Writable).unwrap();
+    let z = a
+        .mknod(C, ROOT_INO, b"z", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    a.write(C, z.ino, 0, &[3; 64 * 4096]).unwrap();
+    assert_eq!(a.read(y.ino, 0, 64 * 4096).unwrap(), vec![2; 64 * 4096]);
+    assert_clean(&a);
+    ship(&a, &b);
+    assert_eq!(b.read(z.ino, 0, 64 * 4096).unwrap(), vec![3; 64 * 4096]);
+    assert_clean(&b);
 }
