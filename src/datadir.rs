@@ -219,21 +219,7 @@ impl DataDir {
         expect: JournalExpect,
         merged: Seq,
     ) -> Result<LuArea, DataDirError> {
-        let lp = self.path.join(LU_FILE);
-        if !lp.exists() {
-            let jp = self.path.join(JOURNAL_FILE);
-            let jsize = std::fs::metadata(&jp).map_err(io_at(&jp))?.len();
-            create_lu(
-                &lp,
-                jsize,
-                volume_id,
-                expect.block_size,
-                expect.normal_blocks,
-            )?;
-            sync_dir(&self.path)?;
-        }
-        let dev = FileDevice::open(&lp).map_err(io_at(&lp))?;
-        LuArea::open(Box::new(dev), expect, merged).map_err(|e| DataDirError::Volume(e.into()))
+        open_lu(&self.path, volume_id, expect, merged)
     }
 
     /// The directory.
@@ -256,6 +242,31 @@ impl DataDir {
         let j = open(&jp).map_err(io_at(&jp))?;
         Ok((Box::new(n), Box::new(j)))
     }
+}
+
+/// [`DataDir::open_lu`] for the node whose data directory is `path` (its daemon holds
+/// the lock).
+pub fn open_lu(
+    path: &Path,
+    volume_id: VolumeId,
+    expect: JournalExpect,
+    merged: Seq,
+) -> Result<LuArea, DataDirError> {
+    let lp = path.join(LU_FILE);
+    if !lp.exists() {
+        let jp = path.join(JOURNAL_FILE);
+        let jsize = std::fs::metadata(&jp).map_err(io_at(&jp))?.len();
+        create_lu(
+            &lp,
+            jsize,
+            volume_id,
+            expect.block_size,
+            expect.normal_blocks,
+        )?;
+        sync_dir(path)?;
+    }
+    let dev = FileDevice::open(&lp).map_err(io_at(&lp))?;
+    LuArea::open(Box::new(dev), expect, merged).map_err(|e| DataDirError::Volume(e.into()))
 }
 
 /// Creates and formats a local-unreflected area file of `len` bytes.

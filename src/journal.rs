@@ -1039,6 +1039,34 @@ impl Journal {
         Ok((info, images))
     }
 
+    /// The block numbers a retained entry writes, reading only its header and descriptors
+    /// (checked against their checksums), not its images.
+    pub fn read_blocks(&self, loc: &EntryLoc) -> Result<Vec<BlockNo>, JournalError> {
+        let bs = self.hdr.bs();
+        let bad = |reason: String| JournalError::BadEntry {
+            seq: loc.seq,
+            offset: loc.offset,
+            reason,
+        };
+        let n = loc.n_blocks as usize;
+        let len = EntryInfo::images_start(n, bs).min(loc.total_len);
+        let mut buf = vec![0u8; len as usize];
+        self.dev
+            .read_at(&mut buf, loc.offset)
+            .map_err(JournalError::io("reading an entry's descriptors"))?;
+        let raw = self.parse_header(&buf[..ENTRY_HEADER_LEN]).map_err(bad)?;
+        if raw.seq != loc.seq || raw.n_blocks as usize != n {
+            return Err(bad("the entry is not the one indexed".into()));
+        }
+        let dend = ENTRY_HEADER_LEN + DESCRIPTOR_LEN * n;
+        if buf.len() < dend || crc32c(&buf[ENTRY_HEADER_LEN..dend]) != raw.descr_crc {
+            return Err(bad("descriptor checksum mismatch".into()));
+        }
+        Ok((0..n)
+            .map(|i| get_u64(&buf[ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN..], 0))
+            .collect())
+    }
+
     /// The retained entry with this seq.
     pub fn find(&self, seq: Seq) -> Option<EntryLoc> {
         let i = self.retained.partition_point(|e| e.seq < seq);

@@ -1172,10 +1172,26 @@ impl Volume {
     pub fn retained_blocks(&self, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
         let mut out = Vec::new();
         for loc in self.journal.retained().iter().take_while(|e| e.seq <= seq) {
-            let info = self.journal.read_entry(loc)?;
-            out.extend(info.descriptors.iter().map(|d| d.block));
+            out.extend(self.journal.read_blocks(loc)?);
         }
         Ok(out)
+    }
+
+    /// The header of retained entry `seq` (what it writes, not the data): what a primary
+    /// sends ahead of the entry (docs/PROTOCOL.md §7.2).
+    pub fn entry_header(&self, seq: Seq) -> Result<crate::takeover::EntryHeader, VolumeError> {
+        let loc = self
+            .journal
+            .find(seq)
+            .ok_or(VolumeError::EntryGone { seq })?;
+        let blocks = self.journal.read_blocks(&loc)?;
+        Ok(crate::takeover::EntryHeader {
+            seq: loc.seq,
+            prev_seq: loc.prev_seq,
+            timestamp_ns: loc.timestamp_ns,
+            bytes: blocks.len() as u64 * self.bs as u64,
+            blocks,
+        })
     }
 
     /// Reads a retained entry for sending: images from the journal, in-place blocks from

@@ -428,6 +428,15 @@ impl Sim {
         self.log(|| format!("P action {}", short(&a)));
         match a {
             Action::Send(m) => self.enqueue(0, m),
+            Action::SendHeaders(metas) => {
+                // Released entries (the peer has them durably) are not announced.
+                let entries = metas
+                    .iter()
+                    .filter_map(|m| self.p.store.header(m.seq))
+                    .collect();
+                let epoch = self.p.persisted.epoch;
+                self.enqueue(0, Message::Headers { epoch, entries });
+            }
             Action::SendEntry(meta) if self.faults && self.rng.chance(1) => {
                 // The entry's in-place data was overwritten before it could be sent.
                 self.log(|| format!("entry {} unavailable", meta.seq));
@@ -520,6 +529,12 @@ impl Sim {
             },
             Action::Disconnect(reason) => {
                 panic!("primary disconnected unexpectedly: {reason}");
+            }
+            a @ (Action::Freeze { .. }
+            | Action::BeginTakeover { .. }
+            | Action::Merge
+            | Action::RoleChanged(_)) => {
+                panic!("no takeover was asked in this simulation: {a:?}");
             }
             Action::SyncLocal => {
                 // Reconciled: durable before it writes.

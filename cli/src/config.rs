@@ -39,7 +39,13 @@ pub(crate) struct NodeConfig {
     pub(crate) keepalive: Duration,
     /// A silent peer is declared gone after this long.
     pub(crate) idle_timeout: Duration,
+    /// Taking over: how long a read of a block still on the old primary waits for it
+    /// before it fails with EIO (docs/PROTOCOL.md §7.4).
+    pub(crate) fetch_timeout: Duration,
 }
+
+/// Default `takeover.fetch_timeout`.
+pub(crate) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The peer of a node.
 #[derive(Clone, Debug)]
@@ -65,6 +71,14 @@ struct RawConfig {
     replication: RawReplication,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    takeover: RawTakeover,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTakeover {
+    fetch_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +219,10 @@ impl NodeConfig {
             None => DEFAULT_IDLE_TIMEOUT,
             Some(s) => field("timeouts.idle", parse_duration(&s))?,
         };
+        let fetch_timeout = match raw.takeover.fetch_timeout {
+            None => DEFAULT_FETCH_TIMEOUT,
+            Some(s) => field("takeover.fetch_timeout", parse_duration(&s))?,
+        };
         if keepalive >= idle_timeout {
             bail!(
                 "field `timeouts.keepalive`: must be shorter than `timeouts.idle` ({keepalive:?} ≥ {idle_timeout:?})"
@@ -222,6 +240,7 @@ impl NodeConfig {
             sync_timeout,
             keepalive,
             idle_timeout,
+            fetch_timeout,
         })
     }
 

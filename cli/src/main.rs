@@ -125,6 +125,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make this node (the secondary) the primary at once, while the old primary is
+    /// reachable (docs/PROTOCOL.md §7.3): the old primary freezes and turns read-only, this
+    /// node accepts writes when the command returns; the blocks it still lacks are read
+    /// from the old primary while its backlog drains.
+    Takeover {
+        /// This node's configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure this build's raw loopback QUIC throughput (benchmark baseline).
     #[command(hide = true)]
     BenchQuic {
@@ -235,6 +247,7 @@ fn main() -> ExitCode {
             repair,
             json,
         } => verify(&config, repair, json),
+        Cmd::Takeover { config, json } => takeover(&config, json),
         Cmd::BenchQuic { seconds, blocks } => {
             bench::bench_quic(seconds, blocks).map(|_| ExitCode::SUCCESS)
         }
@@ -380,7 +393,7 @@ fn mount_standalone(data: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()>
         )
         .context("opening the filesystem")?,
     );
-    serve_fuse(&fs, mountpoint, o, data, sigset, true, |_| {})?;
+    serve_fuse(&fs, mountpoint, o, data, sigset, true, |_, _| {})?;
     drop(dd);
     Ok(())
 }
@@ -400,7 +413,7 @@ fn serve_fuse(
     data: &Path,
     sigset: libc::sigset_t,
     standalone: bool,
-    on_session: impl FnOnce(&fuser::Session<PairFuse>),
+    on_session: impl FnOnce(&fuser::Session<PairFuse>, node::MountFlag),
 ) -> Result<()> {
     let adapter = PairFuse::new(
         fs.clone(),
@@ -416,7 +429,14 @@ fn serve_fuse(
             mountpoint.display()
         )
     })?;
-    on_session(&session);
+    let mount_flag: node::MountFlag = Arc::new(std::sync::Mutex::new(
+        ReadOnlyFlag::new(mountpoint)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "the mount's read-only flag cannot follow the mode: access(W_OK) says yes in replica mode");
+            })
+            .ok(),
+    ));
+    on_session(&session, mount_flag.clone());
     let mut unmounter = session.unmount_callable();
     let stop = Arc::new(AtomicBool::new(false));
     let mp = mountpoint.to_path_buf();
@@ -439,17 +459,16 @@ fn serve_fuse(
     let maint = {
         let fs = fs.clone();
         let stop = stop.clone();
-        let mp = mountpoint.to_path_buf();
+        let mount_flag = mount_flag.clone();
         std::thread::Builder::new()
             .name("maintenance".into())
             .spawn(move || {
-                let mut flag = ReadOnlyFlag::new(&mp)
-                    .inspect_err(|e| {
-                        tracing::warn!(error = %e, "the mount's read-only flag cannot follow the mode: access(W_OK) says yes in replica mode");
-                    })
-                    .ok();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(f) = flag.as_mut() {
+                    if let Some(f) = mount_flag
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                    {
                         f.follow(fs.mode());
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -528,7 +547,9 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
         reap_at_open: false,
     };
     let host = if mount.is_some() && (role == Role::Primary || node::mountable(&st)) {
-        let mode = if role == Role::Secondary {
+        // A secondary follows the stream; so does a frozen old primary, and a node taking
+        // over turns writable only once its takeover has resumed (`node::start`).
+        let mode = if role == Role::Secondary || st.takeover.is_some() {
             FsMode::Replica
         } else {
             FsMode::Writable
@@ -597,7 +618,8 @@ fn run_node(config: &Path, mount: Option<(&Path, &MountOpts)>) -> Result<()> {
                 );
             }
             let h2 = host.clone();
-            serve_fuse(&fs, mp, o, &cfg.data, sigset, false, move |s| {
+            serve_fuse(&fs, mp, o, &cfg.data, sigset, false, move |s, flag| {
+                h2.set_mount_flag(flag);
                 h2.set_notifier(s.notifier());
             })?;
             drop(handle);
@@ -736,6 +758,34 @@ fn progress_bar(label: &str, done: u64, total: u64, rate: f64, unit: f64, extra:
     )
 }
 
+fn takeover(config: &Path, json: bool) -> Result<ExitCode> {
+    let dir = NodeConfig::load(config)?.data;
+    let r = node::run_takeover(&dir)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else if r.ok {
+        println!(
+            "takeover: this node accepts writes ({:.1} ms); the old primary froze at seq {}, \
+             its backlog still draining here: {} entries, {} blocks, {} bytes",
+            r.seconds * 1e3,
+            r.freeze_seq,
+            r.backlog_entries,
+            r.backlog_blocks,
+            r.backlog_bytes
+        );
+    } else {
+        eprintln!(
+            "pairfs: takeover failed: {}",
+            r.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn status(config: Option<&Path>, data: Option<&Path>, json: bool, watch: bool) -> Result<()> {
     let dir = match (config, data) {
         (Some(c), _) => NodeConfig::load(c)?.data,
@@ -793,6 +843,29 @@ fn status_text(s: &node::StatusReport) -> String {
             ""
         }
     );
+    if let Some(t) = &s.takeover {
+        let _ = writeln!(
+            o,
+            "takeover  {} (old primary froze at seq {}): backlog {} entries · {} blocks · {} · \
+             local-unreflected {} entries · {} blocks ({} of {}) · remote reads {} ({} blocks{}) · \
+             fetch errors {}",
+            t.phase,
+            t.freeze_seq,
+            t.backlog_entries,
+            t.backlog_blocks,
+            size::human(t.backlog_bytes),
+            t.lu_entries,
+            t.lu_blocks,
+            size::human(t.lu_used),
+            size::human(t.lu_capacity),
+            t.remote_reads,
+            t.remote_read_blocks,
+            t.remote_read_mean_ms
+                .map(|m| format!(", mean {m:.2} ms"))
+                .unwrap_or_default(),
+            t.fetch_errors
+        );
+    }
     if let (Some(seq), Some(ns)) = (s.degraded_since_seq, s.degraded_since_ns) {
         let ago = pairfs::types::now_ns().saturating_sub(ns) as f64 / 1e9;
         let _ = writeln!(

@@ -17,7 +17,8 @@ use pairfs::types::crc32c;
 
 /// Version 2 (issue 9): generations record where they branched (`base`), and the state
 /// records sync mode and a degraded pair. Version 1 files are read and upgraded.
-const STATE_MAGIC: &[u8; 8] = b"PFSTATE2";
+const STATE_MAGIC: &[u8; 8] = b"PFSTATE3";
+const STATE_MAGIC_V2: &[u8; 8] = b"PFSTATE2";
 const STATE_MAGIC_V1: &[u8; 8] = b"PFSTATE1";
 const BITMAP_MAGIC: &[u8; 8] = b"PFDBMAP1";
 
@@ -84,6 +85,14 @@ pub(crate) fn load_state(dir: &Path) -> Result<Option<PersistedState>> {
             .with_context(|| format!("{} does not decode", path.display()))?;
         return Ok(Some(v1.upgrade()));
     }
+    if bytes.starts_with(STATE_MAGIC_V2) {
+        // Version 3 only appends `takeover` (an Option): version 2 is version 3 with None.
+        let mut payload = unframe(STATE_MAGIC_V2, &bytes, &path)?.to_vec();
+        payload.push(0);
+        let st = bincode::deserialize(&payload)
+            .with_context(|| format!("{} does not decode", path.display()))?;
+        return Ok(Some(st));
+    }
     let payload = unframe(STATE_MAGIC, &bytes, &path)?;
     let st = bincode::deserialize(payload)
         .with_context(|| format!("{} does not decode", path.display()))?;
@@ -140,6 +149,7 @@ mod v1 {
                 sync_mode: false,
                 degraded: None,
                 full_copy: false,
+                takeover: None,
             }
         }
     }
@@ -324,6 +334,18 @@ mod tests {
         b[n - 1] ^= 1;
         std::fs::write(&p, b).unwrap();
         assert!(format!("{:#}", load_state(&d).unwrap_err()).contains("corrupt"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_version_2_state_reads_as_version_3_without_a_takeover() {
+        let d = tmp("v2");
+        let mut st = PersistedState::new_primary(7);
+        st.paired = true;
+        let mut payload = bincode::serialize(&st).unwrap();
+        assert_eq!(payload.pop(), Some(0), "takeover is the last field");
+        std::fs::write(d.join(STATE_FILE), framed(STATE_MAGIC_V2, &payload)).unwrap();
+        assert_eq!(load_state(&d).unwrap(), Some(st));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -263,6 +263,37 @@ pub enum Action {
     },
     /// Close the connection with a reason (refused peer, protocol violation).
     Disconnect(String),
+    /// Primary: send [`super::Message::Headers`] for these entries (the driver reads their
+    /// block numbers from the journal; docs/PROTOCOL.md §7.2).
+    SendHeaders(Vec<EntryMeta>),
+    /// Primary, asked to hand over (docs/PROTOCOL.md §7.3): refuse writes from the next
+    /// transaction on, seal and make everything durable, hand in the last entries, then
+    /// call [`super::Replicator::handle_frozen`] with `id`.
+    Freeze {
+        /// The request.
+        id: u64,
+    },
+    /// Secondary: the old primary froze at `freeze` and this node takes over. In this
+    /// order: write the takeover table (`headers`: the entries not applied here) durably,
+    /// then `state`, then start the volume's takeover and make the filesystem writable;
+    /// then call [`super::Replicator::handle_taken_over`] (or report the failure with
+    /// [`super::Replicator::handle_takeover_failed`]).
+    BeginTakeover {
+        /// The request.
+        id: u64,
+        /// The freeze point.
+        freeze: Seq,
+        /// Headers of the old primary's entries after this node's newest seq.
+        headers: Vec<crate::takeover::EntryHeader>,
+        /// The pair state to persist (role change under way).
+        state: PersistedState,
+    },
+    /// Taker: the old primary's entries are all applied: merge the local-unreflected area
+    /// into the journal (writes go on), then call [`super::Replicator::handle_merged`].
+    Merge,
+    /// The role changed here (a taker became primary, a source secondary): the driver
+    /// adapts the filesystem (a primary writes, a secondary follows the stream).
+    RoleChanged(Role),
 }
 
 /// A snapshot for `pairfs status`.
@@ -304,6 +335,8 @@ pub struct Status {
     pub apply_error: Option<String>,
     /// The last refusal, if any.
     pub refused: Option<String>,
+    /// A role change under way here (docs/PROTOCOL.md §7).
+    pub takeover: Option<super::Takeover>,
 }
 
 #[cfg(test)]

@@ -25,8 +25,9 @@ pub use replicator::Replicator;
 use crate::types::{Seq, VolumeId};
 
 /// Protocol version spoken by this build (docs/PROTOCOL.md title). Version 2: two
-/// acknowledgements (received, durable), flush and reconciliation (issue 9).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// acknowledgements (received, durable), flush and reconciliation (issue 9). Version 3:
+/// headers ahead of data, planned takeover (issue 10, docs/PROTOCOL.md §7).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest journal entry a primary sends, in bytes of block data (docs/PROTOCOL.md §4):
 /// with a peer, the open entry is sealed before its blocks would exceed it, so one entry
@@ -153,6 +154,26 @@ pub struct PersistedState {
     /// Primary: a full copy started and has not completed: the next copy sends every block
     /// too, however often it is interrupted (the peer's blocks may be in any state).
     pub full_copy: bool,
+    /// A role change under way (docs/PROTOCOL.md §7); the last field, so that a version 2
+    /// file reads as this one with `None` (FORMAT.md §5.3).
+    pub takeover: Option<Takeover>,
+}
+
+/// A role change under way (docs/PROTOCOL.md §7.3–7.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Takeover {
+    /// An old primary frozen at `freeze`: it refuses writes, drains its entries up to it
+    /// to the taker and serves its fetches, then becomes secondary.
+    Source {
+        /// Its newest seq when it froze.
+        freeze: Seq,
+    },
+    /// A new primary while the old one's entries up to `freeze` drain and its own writes
+    /// (in the local-unreflected area) wait to be merged.
+    Taker {
+        /// The old primary's newest seq.
+        freeze: Seq,
+    },
 }
 
 impl PersistedState {
@@ -172,6 +193,7 @@ impl PersistedState {
             sync_mode: false,
             degraded: None,
             full_copy: false,
+            takeover: None,
         }
     }
 
@@ -188,6 +210,7 @@ impl PersistedState {
             sync_mode: false,
             degraded: None,
             full_copy: false,
+            takeover: None,
         }
     }
 }
@@ -222,6 +245,9 @@ pub struct Hello {
     /// Largest entry (bytes of block data) the sender's journal takes: a primary seals its
     /// entries at the smaller of this and its own limit.
     pub max_entry_bytes: u64,
+    /// The sender's role change under way, if any (a frozen old primary says so: a new
+    /// primary then waits for it to step down instead of refusing two primaries).
+    pub takeover: Option<Takeover>,
 }
 
 /// One journal entry on the wire, with the content of every block.
@@ -338,6 +364,31 @@ pub enum Message {
         /// at that state, or is not consistent), ask again.
         differ: Option<Vec<u64>>,
     },
+    /// Headers of entries, ahead of their data (primary → secondary, control stream,
+    /// docs/PROTOCOL.md §7.2).
+    Headers {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// In seq order.
+        entries: Vec<crate::takeover::EntryHeader>,
+    },
+    /// Secondary → primary: freeze and hand over the primary role (§7.3).
+    Takeover {
+        /// Sender's epoch.
+        epoch: Epoch,
+        /// Identifies the request.
+        id: u64,
+    },
+    /// Primary → secondary: frozen at `seq`, the epoch moved (every header up to `seq` was
+    /// sent before this on the same stream).
+    Frozen {
+        /// The new epoch.
+        epoch: Epoch,
+        /// The request answered.
+        id: u64,
+        /// The freeze point: the newest seq of the old primary.
+        seq: Seq,
+    },
     /// The connection will not be used, and why.
     Refuse {
         /// Sender's epoch.
@@ -361,6 +412,9 @@ impl Message {
             | Message::Pull { epoch, .. }
             | Message::Verify { epoch, .. }
             | Message::Verified { epoch, .. }
+            | Message::Headers { epoch, .. }
+            | Message::Takeover { epoch, .. }
+            | Message::Frozen { epoch, .. }
             | Message::Refuse { epoch, .. } => *epoch,
         }
     }

@@ -22,7 +22,7 @@ use super::Replicator;
 use super::replicator::{Ctx, LocalJournal, PeerView, VerifyRequest, lineage_follows};
 use super::{
     Action, Backlog, Backpressure, CopyKind, Degraded, EntryMeta, Hello, MAX_ENTRY_WIRE_BYTES,
-    Message, Mode, PairState, Status,
+    Message, Mode, PairState, Status, Takeover,
 };
 use crate::types::Seq;
 
@@ -80,6 +80,11 @@ pub(super) struct PrimaryState {
     /// interrupted may have sent the peer data this node then lost (copies read what is
     /// committed, not only what is durable), so a peer left mid-copy gets a full copy.
     crashed: bool,
+    /// Frozen for a takeover at this seq (docs/PROTOCOL.md §7.3): no writes, the entries up
+    /// to it drain to the taker, then this node becomes secondary.
+    frozen: Option<Seq>,
+    /// Newest seq whose header was sent on this connection.
+    headers_sent: Seq,
 }
 
 impl PrimaryState {
@@ -123,6 +128,11 @@ impl PrimaryState {
             verifies: VecDeque::new(),
             verifies_out: BTreeSet::new(),
             crashed: unclean,
+            frozen: match ctx.persisted.takeover {
+                Some(Takeover::Source { freeze }) => Some(freeze),
+                _ => None,
+            },
+            headers_sent: Seq::NONE,
         };
         if !ctx.persisted.paired && !p.retained.is_empty() {
             // Never paired: nobody needs the backlog (a first pairing copies everything).
@@ -149,9 +159,73 @@ impl PrimaryState {
         (self.last_seq, self.local_durable)
     }
 
-    /// Whether the filesystem may write (not while reconciling).
+    /// Whether the filesystem may write (not while reconciling, not frozen).
     pub(super) fn admits_writes(&self) -> bool {
-        self.reconcile.is_none()
+        self.reconcile.is_none() && self.frozen.is_none()
+    }
+
+    /// Frozen for a takeover at this seq.
+    pub(super) fn frozen(&self) -> Option<Seq> {
+        self.frozen
+    }
+
+    /// Hands out the headers of retained entries not yet announced on this connection.
+    fn send_headers(&mut self, ctx: &mut Ctx) {
+        let after = self.headers_sent.max(ctx.peer_received());
+        let new: Vec<EntryMeta> = self
+            .retained
+            .iter()
+            .filter(|e| e.seq > after)
+            .copied()
+            .collect();
+        if let Some(last) = new.last() {
+            self.headers_sent = last.seq;
+            ctx.out.push_back(Action::SendHeaders(new));
+        }
+    }
+
+    /// Asked by the secondary to hand over: freeze (or, already frozen, answer again).
+    fn on_takeover(&mut self, ctx: &mut Ctx, id: u64) {
+        if let Some(freeze) = self.frozen {
+            let epoch = ctx.persisted.epoch;
+            self.send_headers(ctx);
+            ctx.send(Message::Frozen {
+                epoch,
+                id,
+                seq: freeze,
+            });
+            return;
+        }
+        if ctx.state != PairState::Pair || self.reconcile.is_some() {
+            ctx.refuse(format!(
+                "cannot hand over while the pair is {}: the peer is not a consistent replica",
+                ctx.state
+            ));
+            return;
+        }
+        tracing::info!(request = id, "the peer takes over: freezing");
+        ctx.out.push_back(Action::Freeze { id });
+    }
+
+    /// The driver froze the filesystem: every entry up to `newest` is handed in and
+    /// durable. The epoch moves, the role change is persisted, and the taker gets the last
+    /// headers and the freeze point.
+    pub(super) fn on_frozen(&mut self, ctx: &mut Ctx, id: u64, newest: Seq) {
+        let freeze = newest.max(self.last_seq);
+        self.frozen = Some(freeze);
+        ctx.persisted.epoch = super::Epoch(ctx.persisted.epoch.0 + 1);
+        ctx.persisted.takeover = Some(Takeover::Source { freeze });
+        ctx.persist();
+        tracing::info!(seq = %freeze, epoch = ctx.persisted.epoch.0, "frozen for a takeover: the peer drains the backlog");
+        if ctx.peer.is_some() {
+            self.send_headers(ctx);
+            let epoch = ctx.persisted.epoch;
+            ctx.send(Message::Frozen {
+                epoch,
+                id,
+                seq: freeze,
+            });
+        }
     }
 
     /// When [`PrimaryState::on_timeout`] has something to do next.
@@ -233,6 +307,7 @@ impl PrimaryState {
     /// A new connection: it starts from nothing sent.
     pub(super) fn on_connected(&mut self, now: Instant) {
         self.sent_upto = Seq::NONE;
+        self.headers_sent = Seq::NONE;
         self.in_flight = 0;
         self.last_progress = Some(now);
     }
@@ -282,6 +357,8 @@ impl PrimaryState {
 
     /// A message from the peer, after its hello; one a primary does not take is handed
     /// back.
+    // The message a role does not take is handed back as it came (moved, not copied).
+    #[allow(clippy::result_large_err)]
     pub(super) fn on_message(
         &mut self,
         ctx: &mut Ctx,
@@ -297,6 +374,7 @@ impl PrimaryState {
             }
             // The answer to a pull sent again just before the reconciliation ended.
             Message::Entry { entry, .. } if entry.seq <= self.last_seq => {}
+            Message::Takeover { id, .. } => self.on_takeover(ctx, id),
             Message::Verified { id, differ, .. } => {
                 if self.verifies_out.remove(&id) {
                     ctx.out.push_back(Action::VerifyAnswer { id, differ });
@@ -397,6 +475,7 @@ impl PrimaryState {
                 let local = self.local_durable;
                 let epoch = ctx.persisted.epoch;
                 ctx.send(Message::Durable { epoch, seq: local });
+                self.send_headers(ctx);
                 self.note_caught_up(ctx);
                 self.pump(ctx);
             }
@@ -420,6 +499,9 @@ impl PrimaryState {
         if self.retained_bytes > ctx.cfg.journal_limit {
             self.enter_bitmap(ctx);
             return;
+        }
+        if ctx.state == PairState::Pair && ctx.peer.is_some() {
+            self.send_headers(ctx);
         }
         self.pump(ctx);
     }

@@ -30,7 +30,7 @@ use super::primary::PrimaryState;
 use super::secondary::SecondaryState;
 use super::{
     Action, Backpressure, EntryMeta, Generation, Hello, MAX_ENTRY_WIRE_BYTES, Message, Mode,
-    PROTOCOL_VERSION, PairState, PersistedState, ReplConfig, Role, Status,
+    PROTOCOL_VERSION, PairState, PersistedState, ReplConfig, Role, Status, Takeover,
 };
 use crate::types::Seq;
 
@@ -215,9 +215,75 @@ impl Replicator {
         }
     }
 
-    /// Primary: whether the filesystem may write (not while reconciling after a crash).
+    /// Whether the filesystem may write: a primary (not while reconciling after a crash,
+    /// not frozen for a takeover), or a node taking over.
     pub fn admits_writes(&self) -> bool {
-        matches!(&self.role, RoleState::Primary(p) if p.admits_writes())
+        match &self.role {
+            RoleState::Primary(p) => p.admits_writes(),
+            RoleState::Secondary(s) => s.taking_over().is_some(),
+        }
+    }
+
+    /// The role change under way here, if any (docs/PROTOCOL.md §7).
+    pub fn takeover(&self) -> Option<Takeover> {
+        self.ctx.persisted.takeover
+    }
+
+    /// Secondary: asks the primary to freeze and hand over (docs/PROTOCOL.md §7.3). The
+    /// answer comes as [`Action::BeginTakeover`]; an error says why it cannot be asked now.
+    pub fn handle_takeover_request(&mut self, id: u64) -> Result<(), String> {
+        match &mut self.role {
+            RoleState::Secondary(s) => s.request_takeover(&mut self.ctx, id),
+            RoleState::Primary(p) if p.frozen().is_some() => {
+                Err("this node is frozen: its peer is taking over (run the takeover there)".into())
+            }
+            RoleState::Primary(_) => Err("this node is already the primary".into()),
+        }
+    }
+
+    /// Primary: the driver froze the filesystem for request `id` (after
+    /// [`Action::Freeze`]); `newest` is the newest seq, durable and handed in.
+    pub fn handle_frozen(&mut self, id: u64, newest: Seq) {
+        if let RoleState::Primary(p) = &mut self.role {
+            p.on_frozen(&mut self.ctx, id, newest);
+        }
+    }
+
+    /// Taker: the merge is complete ([`Action::Merge`]); `journal` is what the local journal
+    /// holds now. The node becomes primary — persisted, then the connection restarts so
+    /// that the old primary, seeing a primary of the new epoch, steps down.
+    pub fn handle_merged(&mut self, retained: Vec<EntryMeta>, durable: Seq, now: Instant) {
+        if !matches!(&self.role, RoleState::Secondary(s) if s.taking_over().is_some()) {
+            return;
+        }
+        self.ctx.persisted.takeover = None;
+        self.ctx.persisted.paired = true;
+        let journal = LocalJournal {
+            retained,
+            durable,
+            unclean: false,
+        };
+        self.set_role(Role::Primary, journal, now);
+        self.ctx.persist();
+        self.ctx.out.push_back(Action::RoleChanged(Role::Primary));
+        tracing::info!(seq = %durable, "takeover complete: this node is the primary");
+        self.drop_connection("role change: this node is now the primary".into());
+    }
+
+    /// A frozen old primary meets the new primary: it steps down (persisted) and
+    /// reconnects as secondary.
+    fn step_down(&mut self, durable: Seq, now: Instant) {
+        self.ctx.persisted.takeover = None;
+        let journal = LocalJournal {
+            retained: Vec::new(),
+            durable,
+            unclean: false,
+        };
+        self.set_role(Role::Secondary, journal, now);
+        self.ctx.persist();
+        self.ctx.out.push_back(Action::RoleChanged(Role::Secondary));
+        tracing::info!(seq = %durable, "the new primary is up: this node is now its secondary");
+        self.drop_connection("role change: this node is now the secondary".into());
     }
 
     /// True when a sync-mode writer must wait for the peer to have its entry (received),
@@ -278,6 +344,7 @@ impl Replicator {
             inconsistent: ctx.persisted.inconsistent_until.is_some(),
             empty: ctx.persisted.empty,
             max_entry_bytes: ctx.cfg.max_entry_bytes,
+            takeover: ctx.persisted.takeover,
         }
     }
 
@@ -298,7 +365,7 @@ impl Replicator {
     fn clear_buffers(&mut self) {
         match &mut self.role {
             RoleState::Primary(p) => p.clear_verifies(&mut self.ctx),
-            RoleState::Secondary(s) => s.clear_buffers(),
+            RoleState::Secondary(s) => s.clear_buffers(self.ctx.applying),
         }
         self.early.clear();
         self.early_bytes = 0;
@@ -342,7 +409,20 @@ impl Replicator {
             }
             return;
         }
-        if m.epoch() < epoch && !matches!(m, Message::Hello(_)) {
+        // A takeover moved the epoch while messages of the one before were on their way
+        // (the two streams are not ordered): the taker's, sent before it heard of the new
+        // epoch, reach the frozen old primary; the old primary's last entries, sent before
+        // it froze, reach the taker.
+        let moving = match &self.role {
+            RoleState::Primary(p) => p.frozen().is_some(),
+            RoleState::Secondary(s) => s.taking_over().is_some(),
+        };
+        let floor = if moving {
+            super::Epoch(epoch.0.saturating_sub(1))
+        } else {
+            epoch
+        };
+        if m.epoch() < floor && !matches!(m, Message::Hello(_)) {
             self.ctx
                 .refuse(format!("stale epoch {} (ours is {})", m.epoch().0, epoch.0));
             return;
@@ -399,6 +479,28 @@ impl Replicator {
                 h.blocks, h.block_size, ctx.cfg.blocks, ctx.cfg.block_size
             ));
             return;
+        }
+        if h.role == Role::Primary && ctx.persisted.role == Role::Primary {
+            // After a takeover: the frozen old primary and the new one meet.
+            let frozen = match &self.role {
+                RoleState::Primary(p) => p.frozen(),
+                RoleState::Secondary(_) => None,
+            };
+            let (_, durable) = match &self.role {
+                RoleState::Primary(p) => p.progress(),
+                RoleState::Secondary(s) => s.progress(ctx.applying),
+            };
+            if let Some(freeze) = frozen {
+                if h.epoch >= ctx.persisted.epoch && h.takeover.is_none() && h.last_seq >= freeze {
+                    self.step_down(durable, now);
+                    return;
+                }
+            } else if matches!(h.takeover, Some(Takeover::Source { .. }))
+                && h.epoch == ctx.persisted.epoch
+            {
+                tracing::info!("the old primary is still frozen: waiting for it to step down");
+                return;
+            }
         }
         if h.role == ctx.persisted.role {
             ctx.refuse(format!(
@@ -577,6 +679,7 @@ impl Replicator {
             degraded: ctx.persisted.degraded,
             apply_error: self.apply_error.clone(),
             refused: ctx.refused.clone(),
+            takeover: ctx.persisted.takeover,
         };
         match &self.role {
             RoleState::Primary(p) => p.status(ctx, &mut s),
@@ -626,6 +729,9 @@ fn message_name(m: &Message) -> &'static str {
         Message::Pull { .. } => "Pull",
         Message::Verify { .. } => "Verify",
         Message::Verified { .. } => "Verified",
+        Message::Headers { .. } => "Headers",
+        Message::Takeover { .. } => "Takeover",
+        Message::Frozen { .. } => "Frozen",
         Message::Refuse { .. } => "Refuse",
     }
 }

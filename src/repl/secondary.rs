@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, VecDeque};
 #[cfg(doc)]
 use super::Replicator;
 use super::replicator::{Ctx, PeerView, VerifyRequest, lineage_follows};
-use super::{Action, Hello, Message, PairState, Status, WireBlock, WireEntry};
+use super::{Action, Hello, Message, PairState, Status, Takeover, WireBlock, WireEntry};
+use crate::takeover::{EntryHeader, RemoteIndex};
 use crate::types::Seq;
 
 /// Entries a secondary buffers ahead of a gap, whatever their size (entries without blocks
@@ -45,16 +46,119 @@ pub(super) struct SecondaryState {
     pull: Option<Seq>,
     /// Verify requests for a state this node has not reached yet.
     verify_wait: VecDeque<VerifyRequest>,
+    /// Headers of the primary's entries not applied yet (docs/PROTOCOL.md §7.2).
+    remote: RemoteIndex,
+    /// A takeover this node asked for, not answered yet.
+    asked: Option<u64>,
+    /// Taking over: the old primary's freeze point, until the drain and merge are done.
+    taking: Option<Seq>,
+    /// Taking over: the merge was handed out.
+    merging: bool,
+    /// On this connection, the newest seq the primary showed it holds (its `Durable`, the
+    /// predecessor of an entry it sent): a pull for entries before it is stale.
+    primary_has: Seq,
 }
 
 impl SecondaryState {
     /// A node becomes secondary with its journal durable up to `durable` (all it has).
     pub(super) fn start(ctx: &mut Ctx, durable: Seq) -> Self {
         ctx.state = PairState::Suspended;
-        SecondaryState {
+        let taking = match ctx.persisted.takeover {
+            Some(Takeover::Taker { freeze }) => Some(freeze),
+            _ => None,
+        };
+        let mut s = SecondaryState {
             received: durable,
             durable,
+            remote: RemoteIndex::new(durable),
+            taking,
             ..SecondaryState::default()
+        };
+        // Restarted with the drain complete: the merge goes on.
+        s.maybe_merge(ctx);
+        s
+    }
+
+    /// Taking over (the filesystem writes to the local-unreflected area).
+    pub(super) fn taking_over(&self) -> Option<Seq> {
+        self.taking
+    }
+
+    /// Asks the primary to freeze and hand over (docs/PROTOCOL.md §7.3).
+    pub(super) fn request_takeover(&mut self, ctx: &mut Ctx, id: u64) -> Result<(), String> {
+        if self.taking.is_some() {
+            return Err("this node is already taking over".into());
+        }
+        if ctx.peer.is_none() || ctx.state != PairState::Pair {
+            return Err(format!(
+                "the pair is {} and the primary {}: a planned takeover needs the primary \
+                 reachable and the replica consistent (`--force` when the primary is gone)",
+                ctx.state,
+                if ctx.peer.is_some() {
+                    "connected"
+                } else {
+                    "unreachable"
+                }
+            ));
+        }
+        if self.remote.overflowed() {
+            return Err(
+                "the primary's backlog is larger than the headers this node keeps: wait until \
+                 it has drained further"
+                    .into(),
+            );
+        }
+        self.asked = Some(id);
+        let epoch = ctx.persisted.epoch;
+        ctx.send(Message::Takeover { epoch, id });
+        Ok(())
+    }
+
+    /// The primary froze at `freeze` and moved the epoch: this node takes over.
+    fn on_frozen(&mut self, ctx: &mut Ctx, id: u64, freeze: Seq, epoch: super::Epoch) {
+        if self.asked != Some(id) || self.taking.is_some() {
+            tracing::info!(
+                request = id,
+                "a freeze answering no request of this node: ignored"
+            );
+            return;
+        }
+        self.asked = None;
+        if self.remote.last().max(self.received) != freeze {
+            ctx.refuse(format!(
+                "protocol violation: frozen at seq {freeze}, but the headers received end at {}",
+                self.remote.last()
+            ));
+            return;
+        }
+        let headers: Vec<EntryHeader> = self.remote.entries().cloned().collect();
+        ctx.persisted.epoch = epoch;
+        ctx.persisted.takeover = Some(Takeover::Taker { freeze });
+        self.taking = Some(freeze);
+        ctx.out.push_back(Action::BeginTakeover {
+            id,
+            freeze,
+            headers,
+            state: ctx.persisted.clone(),
+        });
+        self.maybe_merge(ctx);
+    }
+
+    /// Taking over: once the old primary's last entry is applied, the merge begins.
+    fn maybe_merge(&mut self, ctx: &mut Ctx) {
+        if self.taking.is_some_and(|f| self.received >= f) && !self.merging {
+            self.merging = true;
+            ctx.out.push_back(Action::Merge);
+        }
+    }
+
+    /// Headers of the primary's entries, ahead of their data.
+    fn on_headers(&mut self, ctx: &mut Ctx, entries: Vec<EntryHeader>) {
+        for h in entries {
+            if let Err(e) = self.remote.add(h, ctx.cfg.blocks) {
+                ctx.refuse(format!("protocol violation: {e}"));
+                return;
+            }
         }
     }
 
@@ -76,10 +180,15 @@ impl SecondaryState {
 
     /// What a connection brought and the next one will not: requests of the primary, and
     /// entries ahead of a gap.
-    pub(super) fn clear_buffers(&mut self) {
+    pub(super) fn clear_buffers(&mut self, applying: Option<Seq>) {
         self.pull = None;
         self.verify_wait.clear();
         self.clear_ooo();
+        // The primary sends the headers of what this node lacks on every connection: after
+        // the seq of its hello, which counts the apply under way.
+        self.remote = RemoteIndex::new(self.progress(applying).0);
+        self.primary_has = Seq::NONE;
+        self.asked = None;
     }
 
     /// Drops the entries held ahead of a gap.
@@ -90,6 +199,8 @@ impl SecondaryState {
 
     /// A message from the primary, after its hello; one a secondary does not take is
     /// handed back.
+    // The message a role does not take is handed back as it came (moved, not copied).
+    #[allow(clippy::result_large_err)]
     pub(super) fn on_message(&mut self, ctx: &mut Ctx, m: Message) -> Result<(), Message> {
         match m {
             Message::Entry { entry, .. } => self.on_entry(ctx, entry),
@@ -100,9 +211,14 @@ impl SecondaryState {
                 ..
             } => self.on_copy_end(ctx, base, consistent_at),
             Message::Flush { upto, .. } => self.on_flush(ctx, upto),
-            Message::Durable { seq, .. } => ctx.out.push_back(Action::Release(seq)),
+            Message::Durable { seq, .. } => {
+                self.primary_has = self.primary_has.max(seq);
+                ctx.out.push_back(Action::Release(seq));
+            }
             Message::Pull { after, .. } => self.on_pull(ctx, after),
             Message::Verify { id, at, blocks, .. } => self.on_verify(ctx, id, at, blocks),
+            Message::Headers { entries, .. } => self.on_headers(ctx, entries),
+            Message::Frozen { id, seq, epoch } => self.on_frozen(ctx, id, seq, epoch),
             m => return Err(m),
         }
         Ok(())
@@ -179,6 +295,7 @@ impl SecondaryState {
     /// An entry of the stream: applied if it is the next, held if it is ahead of a gap
     /// (room permitting), acknowledged again if it is a duplicate.
     fn on_entry(&mut self, ctx: &mut Ctx, e: WireEntry) {
+        self.primary_has = self.primary_has.max(e.prev_seq);
         if ctx.persisted.inconsistent_until == Some(Seq::NONE) {
             // Entries come only after the copy ended; these belong to an older stream.
             return;
@@ -273,7 +390,9 @@ impl SecondaryState {
             self.pull = Some(after);
             return;
         }
-        if after >= self.received {
+        if after >= self.received || after < self.primary_has {
+            // Nothing newer here, or a pull sent again before the primary took its entries
+            // back and went on (it has shown it holds more since).
             return;
         }
         ctx.out.push_back(Action::SendOwnEntries {
@@ -330,6 +449,8 @@ impl SecondaryState {
     /// The driver applied entry `seq` (visible, in the journal, not yet durable).
     pub(super) fn on_applied(&mut self, ctx: &mut Ctx, seq: Seq) {
         self.received = seq;
+        self.remote.applied(seq);
+        self.maybe_merge(ctx);
         if let Some(after) = self.pull.take() {
             self.ack(ctx);
             self.on_pull(ctx, after);
@@ -407,5 +528,6 @@ impl SecondaryState {
         self.clear_ooo();
         self.received = durable;
         self.durable = durable;
+        self.remote = RemoteIndex::new(durable);
     }
 }

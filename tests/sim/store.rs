@@ -48,6 +48,8 @@ pub(crate) trait Store {
     fn take_entries(&mut self, unsynced: bool) -> Vec<EntryMeta>;
     /// A retained entry as it goes on the wire (`None`: released).
     fn read_entry(&self, seq: Seq) -> Option<WireEntry>;
+    /// A retained entry's header: what it writes, without the data (`None`: released).
+    fn header(&self, seq: Seq) -> Option<pairfs::takeover::EntryHeader>;
     /// Retained entries (metadata), oldest first.
     fn retained(&self) -> Vec<EntryMeta>;
     /// Entries up to `seq` may leave the journal.
@@ -209,6 +211,17 @@ impl Store for ModelStore {
             .range(from.next()..=upto)
             .map(|(_, e)| Self::meta(e))
             .collect()
+    }
+
+    fn header(&self, seq: Seq) -> Option<pairfs::takeover::EntryHeader> {
+        let e = self.journal.get(&seq)?;
+        Some(pairfs::takeover::EntryHeader {
+            seq: e.seq,
+            prev_seq: e.prev,
+            timestamp_ns: 0,
+            bytes: 8 * e.blocks.len() as u64,
+            blocks: e.blocks.keys().copied().collect(),
+        })
     }
 
     fn read_entry(&self, seq: Seq) -> Option<WireEntry> {
@@ -490,6 +503,14 @@ impl Store for VolumeStore {
 
     fn take_entries(&mut self, unsynced: bool) -> Vec<EntryMeta> {
         self.v.take_entries(unsynced)
+    }
+
+    fn header(&self, seq: Seq) -> Option<pairfs::takeover::EntryHeader> {
+        match self.v.entry_header(seq) {
+            Ok(h) => Some(h),
+            Err(pairfs::VolumeError::EntryGone { .. }) => None,
+            Err(e) => panic!("reading the header of entry {seq}: {e}"),
+        }
     }
 
     fn read_entry(&self, seq: Seq) -> Option<WireEntry> {

@@ -45,6 +45,9 @@ use crate::{Fingerprint, Identity, Result, TransportError};
 pub const CLOSE_NORMAL: u32 = 0;
 /// Application close code after a bad frame (the reason names the check that failed).
 pub const CLOSE_FRAME_ERROR: u32 = 1;
+/// Application close code of a node whose role just changed: the peer reconnects at once
+/// (its backoff would otherwise delay the next hello).
+pub const CLOSE_ROLE_CHANGE: u32 = 3;
 
 /// Default keep-alive interval: four per idle timeout, so that losing up to three
 /// consecutive keep-alives (or their acks) on a lossy link does not end the connection.
@@ -388,6 +391,18 @@ impl Connection {
         let reason = self.inner.closed().await;
         tracing::info!(parent: &self.span, %reason, "connection closed");
         TransportError::Connection(reason)
+    }
+
+    /// The application close code, if the connection was closed by the application on
+    /// either side (`None` while open, or after a timeout or a transport error).
+    pub fn close_code(&self) -> Option<u32> {
+        match self.inner.close_reason()? {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                u32::try_from(a.error_code.into_inner()).ok()
+            }
+            quinn::ConnectionError::LocallyClosed => None,
+            _ => None,
+        }
     }
 
     /// Why the connection is closed, or `None` while it is open.

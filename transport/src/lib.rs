@@ -6,7 +6,7 @@
 //! - [`identity`]: a node's key and self-signed certificate (`DIR/identity.key`,
 //!   `DIR/identity.crt`) and its [`Fingerprint`] (`sha256:` + hex of the certificate DER).
 //! - [`tls`]: rustls configurations for QUIC whose only trust is one pinned peer
-//!   fingerprint, in both directions (mutual authentication), ALPN `pairfs/2`, TLS 1.3 only.
+//!   fingerprint, in both directions (mutual authentication), ALPN `pairfs/3`, TLS 1.3 only.
 //! - [`frame`]: the byte format of one message on a stream (magic, version, kind, length,
 //!   CRC-32C, bincode payload). Pure functions, no I/O, fuzzed (`fuzz/`).
 //! - [`conn`]: an [`Endpoint`] that is both server and client for exactly one peer, the
@@ -49,8 +49,8 @@ pub mod tls;
 
 pub use backoff::Backoff;
 pub use conn::{
-    CLOSE_FRAME_ERROR, CLOSE_NORMAL, ConnStats, Connection, Endpoint, FrameReceiver, FrameSender,
-    TransportConfig,
+    CLOSE_FRAME_ERROR, CLOSE_NORMAL, CLOSE_ROLE_CHANGE, ConnStats, Connection, Endpoint,
+    FrameReceiver, FrameSender, TransportConfig,
 };
 pub use error::TransportError;
 pub use frame::{DEFAULT_MAX_FRAME, FrameError, Header};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-use super::{Event, Shared, StatusReport, VerifyUpdate};
+use super::{Event, Shared, StatusReport, TakeoverReport, VerifyUpdate};
 
 /// Control socket name in the data directory.
 pub(crate) const CONTROL_SOCKET: &str = "control.sock";
@@ -76,6 +76,16 @@ pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
                         Err(_) => return,
                     }
                 }
+                "takeover" => {
+                    let (tx, rx) = oneshot::channel();
+                    if shared.events.send(Event::Takeover(tx)).is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(r) => serde_json::to_string(&r).unwrap_or_default(),
+                        Err(_) => return,
+                    }
+                }
                 other => format!("{{\"error\":\"unknown request {other:?}\"}}"),
             };
             let _ = w.write_all(reply.as_bytes()).await;
@@ -117,6 +127,18 @@ pub(crate) fn run_verify(
         progress(&u);
     }
     anyhow::bail!("the daemon stopped before the verify finished")
+}
+
+/// Asks a running node to take over (docs/PROTOCOL.md §7.3); returns once it accepts
+/// writes, or with the reason it cannot.
+pub(crate) fn run_takeover(dir: &Path) -> Result<TakeoverReport> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = connect(dir)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(b"takeover\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).context("decoding the daemon's takeover report")
 }
 
 /// Asks a running node for its status through its control socket.

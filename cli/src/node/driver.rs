@@ -15,8 +15,10 @@ use pairfs::{Seq, VolumeError};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::block_in_place;
 
+use super::fetch::FetchClient;
 use super::hooks::{Gate, PeerProgress};
 use super::link::ConnHandle;
+use super::takeover::PendingTakeover;
 use super::verify::{Step, VerifyJob, VerifyReport, VerifyUpdate};
 use super::{Event, Host, Shared, StatusReport};
 use crate::config::NodeConfig;
@@ -42,10 +44,10 @@ enum After {
 }
 
 pub(crate) struct Driver {
-    cfg: NodeConfig,
-    host: Arc<Host>,
-    shared: Arc<Shared>,
-    repl: Replicator,
+    pub(super) cfg: NodeConfig,
+    pub(super) host: Arc<Host>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) repl: Replicator,
     bitmap: DiffBitmap,
     conn: Option<ConnHandle>,
     copy_cancel: Option<Arc<AtomicBool>>,
@@ -64,6 +66,13 @@ pub(crate) struct Driver {
     /// content without any inode having changed: when an entry (the repair) writes one,
     /// everything the kernel caches is dropped.
     suspect: std::collections::HashSet<u64>,
+    /// Reads of blocks whose newest version is on the peer (while taking over).
+    pub(super) fetch: Arc<FetchClient>,
+    /// A `pairfs takeover` waiting for the primary to freeze.
+    pub(super) takeover_req: Option<PendingTakeover>,
+    pub(super) takeover_ids: u64,
+    /// Taking over: the merge of the local-unreflected area is running.
+    pub(super) merging: bool,
 }
 
 impl Driver {
@@ -73,6 +82,7 @@ impl Driver {
         shared: Arc<Shared>,
         repl: Replicator,
         bitmap: DiffBitmap,
+        fetch: Arc<FetchClient>,
     ) -> Driver {
         Driver {
             host,
@@ -93,6 +103,10 @@ impl Driver {
             verify: None,
             verify_ids: 0,
             suspect: Default::default(),
+            fetch,
+            takeover_req: None,
+            takeover_ids: 0,
+            merging: false,
         }
     }
 
@@ -107,7 +121,9 @@ impl Driver {
                 .into_iter()
                 .flatten()
                 .min();
-            let idle = if self.verify.is_some() {
+            let idle = if self.merging {
+                Duration::ZERO
+            } else if self.verify.is_some() || self.takeover_req.is_some() {
                 Duration::from_millis(20)
             } else {
                 Duration::from_millis(250)
@@ -129,6 +145,11 @@ impl Driver {
             };
             self.actions().await;
             self.drive_verify().await;
+            if self.merging {
+                self.merge_some();
+                self.actions().await;
+            }
+            self.drive_takeover_request();
             self.publish();
             match after {
                 After::Nothing => {}
@@ -142,7 +163,7 @@ impl Driver {
 
     /// Primary: hands the replicator the entries it may now send; both roles: how far the
     /// local journal is durable.
-    fn take_entries(&mut self) {
+    pub(super) fn take_entries(&mut self) {
         let primary = self.repl.role() == Role::Primary;
         let unsynced = self.repl.sends_unsynced();
         let (metas, durable) = self.host.vol_mut(|v| {
@@ -172,12 +193,14 @@ impl Driver {
                     h.conn.close(1, "the volume is being reopened");
                     return After::Nothing;
                 }
+                self.fetch.set_connection(Some(h.conn.clone()));
                 self.conn = Some(h);
                 self.repl.handle_connected(now);
             }
             Event::Disconnected(id) => {
                 if self.conn.as_ref().is_some_and(|c| c.id == id) {
                     self.conn = None;
+                    self.fetch.set_connection(None);
                     self.repl.handle_disconnected();
                 }
             }
@@ -212,6 +235,7 @@ impl Driver {
                 let _ = reply.send(self.status());
             }
             Event::Verify { repair, updates } => self.start_verify(repair, updates),
+            Event::Takeover(reply) => self.request_takeover(reply),
         }
         After::Nothing
     }
@@ -331,7 +355,7 @@ impl Driver {
         }
     }
 
-    async fn send(&mut self, m: Message) {
+    pub(super) async fn send(&mut self, m: Message) {
         let Some(c) = self.conn.as_ref() else { return };
         match m.stream() {
             Stream::Control => {
@@ -428,10 +452,26 @@ impl Driver {
             }
             Action::Disconnect(reason) => {
                 if let Some(c) = self.conn.take() {
-                    c.conn.close(2, &reason);
+                    let code = if reason.starts_with("role change") {
+                        pairfs_transport::CLOSE_ROLE_CHANGE
+                    } else {
+                        2
+                    };
+                    c.conn.close(code, &reason);
                 }
+                self.fetch.set_connection(None);
                 self.repl.handle_disconnected();
             }
+            Action::SendHeaders(metas) => self.send_headers(metas).await,
+            Action::Freeze { id } => self.freeze(id)?,
+            Action::BeginTakeover {
+                id,
+                freeze,
+                headers,
+                state,
+            } => self.begin_takeover(id, freeze, headers, &state),
+            Action::Merge => self.merging = true,
+            Action::RoleChanged(role) => self.role_changed(role),
             Action::VerifyAnswer { id, differ } => {
                 if let Some(job) = self.verify.as_mut().filter(|j| j.owns(id)) {
                     job.answer(id, differ);
@@ -476,7 +516,7 @@ impl Driver {
     fn apply_inner(&mut self, e: &WireEntry) -> Result<pairfs::repl::EntryMeta> {
         let repairs =
             !self.suspect.is_empty() && e.blocks.iter().any(|b| self.suspect.remove(&b.block));
-        if let Some(fs) = self.host.fs() {
+        if let Some(fs) = self.host.fs().filter(|fs| fs.is_read_only()) {
             let (meta, mut inv) = fs.apply_replicated(e).context("applying an entry")?;
             if e.blocks.is_empty() || repairs {
                 // The end of a copy, or a repair: anything may have changed underneath.
@@ -696,6 +736,7 @@ impl Driver {
             writable: self.admitted,
             last_verify: self.last_verify.clone(),
             verify_running: self.verify.is_some(),
+            takeover: self.takeover_status(),
         }
     }
 }

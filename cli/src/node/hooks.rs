@@ -51,6 +51,12 @@ pub(crate) struct Shared {
     /// A writer gave up waiting for the backlog to shrink (logged once per episode).
     lag_warned: AtomicBool,
     sync_timeout: Duration,
+    /// Frozen for a takeover: the peer's fetches are answered (docs/PROTOCOL.md §7.4).
+    pub(crate) serving: AtomicBool,
+    /// This node's role just changed: the dialler reconnects without its backoff.
+    pub(crate) role_changed: AtomicBool,
+    /// What fetches are answered from (set once the node's volume is known).
+    pub(crate) fetch_source: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchSource>>,
 }
 
 impl Shared {
@@ -69,6 +75,9 @@ impl Shared {
             wire_received: AtomicU64::new(0),
             lag_warned: AtomicBool::new(false),
             sync_timeout,
+            serving: AtomicBool::new(false),
+            role_changed: AtomicBool::new(false),
+            fetch_source: std::sync::OnceLock::new(),
         }
     }
 

@@ -90,12 +90,19 @@ pub(crate) async fn connection_manager(
         let id = ids.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::info!(conn = id, "connected to the peer");
         let since = std::time::Instant::now();
-        let closed = run_connection(id, conn, true, shared.clone()).await;
+        let closed = run_connection(id, conn.clone(), true, shared.clone()).await;
         // Wait for this connection to end before dialling again.
         closed.notified().await;
         tracing::info!(conn = id, "connection to the peer lost");
-        if since.elapsed() >= STABLE_CONNECTION {
+        let role_change = conn.close_code() == Some(pairfs_transport::CLOSE_ROLE_CHANGE)
+            || shared.role_changed.swap(false, Ordering::AcqRel);
+        if since.elapsed() >= STABLE_CONNECTION || role_change {
             backoff.reset();
+        }
+        if role_change {
+            // One side changed its role: the hello of the new roles is due at once.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
         }
         tokio::time::sleep(backoff.next()).await;
     }
@@ -139,6 +146,9 @@ async fn run_connection(
             return closed;
         }
     };
+    if let Some(source) = shared.fetch_source.get() {
+        tokio::spawn(super::fetch::serve(conn.clone(), source.clone()));
+    }
     let _ = shared.events.send(Event::Connected(ConnHandle {
         id,
         conn: conn.clone(),

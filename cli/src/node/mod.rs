@@ -19,6 +19,7 @@ mod driver;
 mod fetch;
 mod hooks;
 mod link;
+mod takeover;
 mod verify;
 
 use std::ffi::OsStr;
@@ -35,12 +36,16 @@ use pairfs_transport::{Endpoint, Identity, TransportConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) use control::{query_status, run_verify};
+pub(crate) use control::{query_status, run_takeover, run_verify};
 pub(crate) use hooks::Shared;
 pub(crate) use verify::{VerifyReport, VerifyUpdate};
 
 use crate::config::NodeConfig;
 use crate::state::{DiffBitmap, load_state, save_state};
+
+/// The mount's read-only flag, shared by the maintenance loop (which makes it follow the
+/// filesystem's mode) and a role change (which must not wait for that loop).
+pub(crate) type MountFlag = Arc<Mutex<Option<pairfs_fs::fuse::ReadOnlyFlag>>>;
 
 /// Opens the node's volume again (after an I/O error poisoned it).
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Volume> + Send + Sync>;
@@ -53,6 +58,7 @@ pub(crate) struct Host {
     notifier: Mutex<Option<fuser::Notifier>>,
     shared: OnceLock<Arc<Shared>>,
     reopen: Reopen,
+    mount_flag: OnceLock<MountFlag>,
 }
 
 impl Host {
@@ -63,6 +69,7 @@ impl Host {
             notifier: Mutex::new(None),
             shared: OnceLock::new(),
             reopen,
+            mount_flag: OnceLock::new(),
         })
     }
 
@@ -73,9 +80,30 @@ impl Host {
             notifier: Mutex::new(None),
             shared: OnceLock::new(),
             reopen,
+            mount_flag: OnceLock::new(),
         };
         let _ = h.fs.set(fs);
         Arc::new(h)
+    }
+
+    pub(crate) fn set_mount_flag(&self, f: MountFlag) {
+        let _ = self.mount_flag.set(f);
+    }
+
+    /// Makes the mount's read-only flag match the filesystem's mode now (turning writable
+    /// always succeeds; turning read-only is refused while files are open for writing, and
+    /// the maintenance loop retries it).
+    pub(crate) fn follow_mode_now(&self) {
+        let (Some(fs), Some(flag)) = (self.fs.get(), self.mount_flag.get()) else {
+            return;
+        };
+        let mut g = flag.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = g.as_mut() {
+            let want = fs.mode() == pairfs_fs::FsMode::Replica;
+            if let Err(e) = f.set(want) {
+                tracing::debug!(error = %e, read_only = want, "the mount's flag follows later");
+            }
+        }
     }
 
     pub(crate) fn set_notifier(&self, n: fuser::Notifier) {
@@ -257,6 +285,47 @@ pub(crate) struct StatusReport {
     /// The last `pairfs verify` (persisted), and whether one is running.
     pub(crate) last_verify: Option<VerifyReport>,
     pub(crate) verify_running: bool,
+    /// A takeover under way here (docs/PROTOCOL.md §7), with its progress.
+    pub(crate) takeover: Option<TakeoverStatus>,
+}
+
+/// A takeover in `pairfs status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct TakeoverStatus {
+    /// `draining out` (the old primary), `draining` (the new one, old primary's entries
+    /// still arriving), `merging`.
+    pub(crate) phase: String,
+    /// The old primary's newest seq when it froze.
+    pub(crate) freeze_seq: u64,
+    /// The old primary's entries not applied here yet, their distinct blocks and bytes.
+    pub(crate) backlog_entries: u64,
+    pub(crate) backlog_blocks: u64,
+    pub(crate) backlog_bytes: u64,
+    /// Entries and blocks in the local-unreflected area, and its bytes in use / capacity.
+    pub(crate) lu_entries: u64,
+    pub(crate) lu_blocks: u64,
+    pub(crate) lu_used: u64,
+    pub(crate) lu_capacity: u64,
+    /// Reads served by the old primary: requests, blocks, mean latency, failures.
+    pub(crate) remote_reads: u64,
+    pub(crate) remote_read_blocks: u64,
+    pub(crate) remote_read_mean_ms: Option<f64>,
+    pub(crate) fetch_errors: u64,
+}
+
+/// The answer to `pairfs takeover`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct TakeoverReport {
+    pub(crate) ok: bool,
+    pub(crate) error: Option<String>,
+    /// From the request to the node accepting writes.
+    pub(crate) seconds: f64,
+    /// The old primary's newest seq.
+    pub(crate) freeze_seq: u64,
+    /// What the old primary still holds that this node has not applied.
+    pub(crate) backlog_entries: u64,
+    pub(crate) backlog_blocks: u64,
+    pub(crate) backlog_bytes: u64,
 }
 
 /// What the driver hears about.
@@ -286,6 +355,8 @@ pub(crate) enum Event {
         error: String,
     },
     Status(oneshot::Sender<StatusReport>),
+    /// `pairfs takeover`: answered once the node accepts writes, or with why not.
+    Takeover(oneshot::Sender<TakeoverReport>),
     /// `pairfs verify`: start one; its updates go to `updates`.
     Verify {
         repair: bool,
@@ -388,6 +459,28 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
     );
     let bitmap = DiffBitmap::load(&cfg.data, blocks)?;
     let _ = host.shared.set(shared.clone());
+    {
+        let (host, shared2) = (host.clone(), shared.clone());
+        let source: Arc<fetch::FetchSource> = Arc::new(move |blocks: &[u64]| {
+            if !shared2.serving.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("this node is not a frozen old primary: it serves no fetches".into());
+            }
+            host.vol(|v| {
+                let mut out = Vec::with_capacity(blocks.len());
+                for &b in blocks {
+                    let mut buf = vec![0u8; v.block_size()];
+                    v.read_current(b, &mut buf).map_err(|e| e.to_string())?;
+                    out.push(buf);
+                }
+                Ok(out)
+            })
+        });
+        let _ = shared.fetch_source.set(source);
+    }
+    shared.serving.store(
+        matches!(repl.takeover(), Some(pairfs::repl::Takeover::Source { .. })),
+        std::sync::atomic::Ordering::Release,
+    );
     let _guard = rt.enter();
     let endpoint = match &cfg.peer {
         Some(p) => Some(
@@ -405,7 +498,22 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         ),
         None => None,
     };
-    let driver = driver::Driver::new(cfg.clone(), host.clone(), shared.clone(), repl, bitmap);
+    let fetch = Arc::new(fetch::FetchClient::new(
+        rt.handle().clone(),
+        cfg.fetch_timeout,
+        repl.persisted().epoch,
+    ));
+    if matches!(repl.takeover(), Some(pairfs::repl::Takeover::Taker { .. })) {
+        takeover::resume(&cfg.data, &host, fetch.clone())?;
+    }
+    let driver = driver::Driver::new(
+        cfg.clone(),
+        host.clone(),
+        shared.clone(),
+        repl,
+        bitmap,
+        fetch,
+    );
     rt.spawn(driver.run(rx));
     if let (Some(ep), Some(p)) = (endpoint, cfg.peer.clone()) {
         let dial = cfg.name < p.name;

@@ -1,0 +1,335 @@
+//! The driver's part of a takeover (docs/PROTOCOL.md §7): freezing the old primary,
+//! starting the new one's takeover (table, pair state, volume, filesystem, in that order),
+//! merging its local-unreflected area, the status and the `pairfs takeover` request.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pairfs::journal::JournalExpect;
+use pairfs::repl::{Message, Role, Takeover};
+use pairfs::takeover::{EntryHeader, RemoteIndex};
+use pairfs::volume::MergeStep;
+use pairfs::{Seq, VolumeError};
+use pairfs_fs::FsMode;
+use pairfs_fs::replica::Invalidations;
+use tokio::sync::oneshot;
+use tokio::task::block_in_place;
+
+use super::driver::Driver;
+use super::{TakeoverReport, TakeoverStatus};
+use crate::state::{TakeoverTable, save_state};
+
+/// How long `pairfs takeover` waits for the primary to freeze.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A merge runs in slices of this long, so the driver keeps serving the network.
+const MERGE_SLICE: Duration = Duration::from_millis(20);
+
+/// A `pairfs takeover` waiting for its answer.
+pub(crate) struct PendingTakeover {
+    id: u64,
+    started: Instant,
+    reply: oneshot::Sender<TakeoverReport>,
+    /// Sent to the primary; until then, why it could not be yet (a node that is still
+    /// stepping down from an earlier takeover, or not yet streaming, asks once it is).
+    waiting: Option<String>,
+}
+
+fn failed(error: String) -> TakeoverReport {
+    TakeoverReport {
+        ok: false,
+        error: Some(error),
+        ..TakeoverReport::default()
+    }
+}
+
+impl Driver {
+    /// `pairfs takeover` on this node.
+    pub(super) fn request_takeover(&mut self, reply: oneshot::Sender<TakeoverReport>) {
+        if self.takeover_req.is_some() {
+            let _ = reply.send(failed("a takeover is already being asked for".into()));
+            return;
+        }
+        if self.repl.role() == Role::Primary && self.repl.takeover().is_none() {
+            let _ = reply.send(failed("this node is already the primary".into()));
+            return;
+        }
+        self.takeover_ids += 1;
+        self.takeover_req = Some(PendingTakeover {
+            id: self.takeover_ids,
+            started: Instant::now(),
+            reply,
+            waiting: Some("not asked yet".into()),
+        });
+        self.drive_takeover_request();
+    }
+
+    /// Asks the primary once this node can; fails a request not answered in time.
+    pub(super) fn drive_takeover_request(&mut self) {
+        let Some(p) = self.takeover_req.as_mut() else {
+            return;
+        };
+        if p.waiting.is_some() {
+            match self.repl.handle_takeover_request(p.id) {
+                Ok(()) => {
+                    tracing::info!(request = p.id, "takeover asked of the primary");
+                    p.waiting = None;
+                }
+                Err(e) => p.waiting = Some(e),
+            }
+        }
+        if p.started.elapsed() > FREEZE_TIMEOUT {
+            if let Some(p) = self.takeover_req.take() {
+                let why = match p.waiting {
+                    Some(e) => e,
+                    None => format!("the primary did not freeze within {FREEZE_TIMEOUT:?}"),
+                };
+                let _ = p.reply.send(failed(format!("{why}; nothing changed here")));
+            }
+        }
+    }
+
+    /// The headers of these entries, for the peer.
+    pub(super) async fn send_headers(&mut self, metas: Vec<pairfs::repl::EntryMeta>) {
+        let r = block_in_place(|| {
+            self.host.vol(|v| {
+                let mut out = Vec::with_capacity(metas.len());
+                for m in &metas {
+                    match v.entry_header(m.seq) {
+                        Ok(h) => out.push(h),
+                        // Released meanwhile (the peer has it durably): not announced.
+                        Err(VolumeError::EntryGone { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok::<Vec<EntryHeader>, VolumeError>(out)
+            })
+        });
+        match r {
+            Ok(entries) if entries.is_empty() => {}
+            Ok(entries) => {
+                let epoch = self.repl.persisted().epoch;
+                self.send(Message::Headers { epoch, entries }).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading entry headers to send"),
+        }
+    }
+
+    /// The old primary freezes: writes refused from the next transaction on, everything
+    /// durable and handed in, then the replicator moves the epoch and answers.
+    pub(super) fn freeze(&mut self, id: u64) -> Result<()> {
+        block_in_place(|| -> Result<()> {
+            if let Some(fs) = self.host.fs() {
+                fs.set_mode(FsMode::Replica)
+                    .context("turning the filesystem read-only")?;
+                self.host.follow_mode_now();
+            }
+            self.host.sync().context("making everything durable")?;
+            Ok(())
+        })?;
+        self.shared
+            .serving
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.take_entries();
+        let newest = self.host.vol(|v| v.journal().last_seq());
+        self.repl.handle_frozen(id, newest);
+        Ok(())
+    }
+
+    /// The new primary starts its takeover; answers `pairfs takeover` with the outcome.
+    pub(super) fn begin_takeover(
+        &mut self,
+        id: u64,
+        freeze: Seq,
+        headers: Vec<EntryHeader>,
+        state: &pairfs::repl::PersistedState,
+    ) {
+        let r = block_in_place(|| self.start_taking_over(freeze, headers, state));
+        let report = match r {
+            Ok(()) => {
+                let p = self.host.vol(|v| v.takeover_progress());
+                let b = p.map(|p| p.backlog).unwrap_or_default();
+                tracing::info!(
+                    seq = %freeze,
+                    backlog_entries = b.entries,
+                    backlog_blocks = b.blocks,
+                    backlog_bytes = b.bytes,
+                    "takeover: this node accepts writes; the old primary's backlog drains"
+                );
+                TakeoverReport {
+                    ok: true,
+                    error: None,
+                    seconds: 0.0,
+                    freeze_seq: freeze.0,
+                    backlog_entries: b.entries,
+                    backlog_blocks: b.blocks,
+                    backlog_bytes: b.bytes,
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::error!(error = %msg, "takeover failed to start");
+                failed(msg)
+            }
+        };
+        if let Some(p) = self.takeover_req.take().filter(|p| p.id == id) {
+            let _ = p.reply.send(TakeoverReport {
+                seconds: p.started.elapsed().as_secs_f64(),
+                ..report
+            });
+        }
+    }
+
+    /// Table, then pair state (both durable), then the volume's takeover and the
+    /// filesystem writable (FORMAT.md §5.2: after a crash the table says what is on the
+    /// peer before anything is served).
+    fn start_taking_over(
+        &mut self,
+        freeze: Seq,
+        headers: Vec<EntryHeader>,
+        state: &pairfs::repl::PersistedState,
+    ) -> Result<()> {
+        let applied = self.host.vol(|v| v.journal().last_seq());
+        let table = TakeoverTable {
+            freeze,
+            applied_at_ready: applied,
+            entries: headers,
+            bitmap: None,
+        };
+        table.save(&self.cfg.data)?;
+        save_state(&self.cfg.data, state)?;
+        start_volume_takeover(&self.cfg.data, &self.host, self.fetch.clone(), table)
+    }
+
+    /// A slice of the merge; at its end the node becomes primary.
+    pub(super) fn merge_some(&mut self) {
+        let until = Instant::now() + MERGE_SLICE;
+        loop {
+            match block_in_place(|| self.host.vol_mut(|v| v.merge_step())) {
+                Ok(MergeStep::Merged(_)) if Instant::now() < until => {}
+                Ok(MergeStep::Merged(_) | MergeStep::Draining) => return,
+                Ok(MergeStep::Done) => {
+                    self.merging = false;
+                    let (retained, durable) = self
+                        .host
+                        .vol(|v| (v.retained_entries(), v.journal().durable_seq()));
+                    self.repl.handle_merged(retained, durable, Instant::now());
+                    if let Err(e) = TakeoverTable::remove(&self.cfg.data) {
+                        tracing::warn!(error = %format!("{e:#}"), "removing the takeover table");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "takeover: merging failed; retrying");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The role changed here.
+    pub(super) fn role_changed(&mut self, role: Role) {
+        self.shared
+            .role_changed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if role == Role::Secondary {
+            self.shared
+                .serving
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The takeover part of `pairfs status`.
+    pub(super) fn takeover_status(&self) -> Option<TakeoverStatus> {
+        let t = self.repl.takeover()?;
+        let p = self.host.vol(|v| v.takeover_progress());
+        let mut s = TakeoverStatus::default();
+        match t {
+            Takeover::Source { freeze } => {
+                s.phase = "draining out".into();
+                s.freeze_seq = freeze.0;
+            }
+            Takeover::Taker { freeze } => {
+                s.freeze_seq = freeze.0;
+                s.phase = if self.merging { "merging" } else { "draining" }.into();
+            }
+        }
+        if let Some(p) = p {
+            s.backlog_entries = p.backlog.entries;
+            s.backlog_blocks = p.backlog.blocks;
+            s.backlog_bytes = p.backlog.bytes;
+            s.lu_entries = p.lu_entries;
+            s.lu_blocks = p.lu_blocks;
+            (s.lu_used, s.lu_capacity) = p.lu_bytes;
+            s.remote_reads = p.remote_reads;
+            s.remote_read_blocks = p.remote_read_blocks;
+            s.remote_read_mean_ms =
+                (p.remote_reads > 0).then(|| p.remote_read_ns as f64 / p.remote_reads as f64 / 1e6);
+            s.fetch_errors = p.fetch_errors;
+        }
+        Some(s)
+    }
+}
+
+/// Starts (or, after a restart, resumes) the volume's takeover from `table`, then turns
+/// the filesystem writable and drops what the kernel cached.
+pub(super) fn start_volume_takeover(
+    data: &std::path::Path,
+    host: &super::Host,
+    fetch: std::sync::Arc<super::fetch::FetchClient>,
+    table: TakeoverTable,
+) -> Result<()> {
+    let (applied, blocks, bs, id) = host.vol(|v| {
+        (
+            v.journal().last_seq(),
+            v.block_count(),
+            v.block_size() as u32,
+            v.id(),
+        )
+    });
+    let mut remote = RemoteIndex::new(table.applied_at_ready.min(applied));
+    for h in table.entries {
+        remote
+            .add(h, blocks)
+            .context("the takeover table does not chain")?;
+    }
+    remote.applied(applied);
+    let expect = JournalExpect {
+        block_size: bs,
+        normal_blocks: blocks,
+    };
+    let lu = pairfs::datadir::open_lu(data, id, expect, Seq::NONE)
+        .context("opening the local-unreflected area")?;
+    host.vol_mut(|v| v.begin_takeover(table.freeze, lu, remote, fetch))
+        .context("starting the takeover")?;
+    if let Some(fs) = host.fs() {
+        fs.set_mode(FsMode::Writable)
+            .context("turning the filesystem writable")?;
+        host.follow_mode_now();
+        // Everything the kernel cached may be older than what the old primary holds.
+        let mut inodes = fs.referenced_inode_list();
+        inodes.push(1);
+        host.invalidate(&Invalidations {
+            inodes,
+            entries: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+/// At startup: a node that was taking over resumes from its table (before anything is
+/// served), or refuses to start without one.
+pub(super) fn resume(
+    data: &std::path::Path,
+    host: &super::Host,
+    fetch: std::sync::Arc<super::fetch::FetchClient>,
+) -> Result<()> {
+    let table = TakeoverTable::load(data)?.with_context(|| {
+        format!(
+            "{} says this node is taking over, but its takeover table ({}) is missing",
+            data.join(crate::state::STATE_FILE).display(),
+            crate::state::DLT_FILE
+        )
+    })?;
+    tracing::info!(freeze = %table.freeze, "resuming the takeover");
+    start_volume_takeover(data, host, fetch, table)
+}
