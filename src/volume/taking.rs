@@ -18,10 +18,10 @@
 //! once durable; when the LU is empty the volume leaves this mode under the same lock, so
 //! the next transaction goes to the journal (the merge's cut-over ends while writes go on).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Transaction, TxId, Volume};
@@ -37,6 +37,41 @@ pub trait PeerFetch: Send + Sync {
     fn fetch(&self, blocks: &[(BlockNo, Seq)]) -> Result<Vec<Vec<u8>>, String>;
 }
 
+/// Blocks one fetch asks for at most: what the read needs, then the following blocks that
+/// are on the peer too (readahead: reading a file that is all on the peer costs one round
+/// trip per 256 blocks, not per read request).
+const FETCH_BLOCKS: usize = crate::takeover::MAX_FETCH_BLOCKS;
+/// Blocks read ahead kept in memory, at most (64 MiB at 4 KiB).
+const PREFETCHED_MAX: usize = 16_384;
+
+/// Blocks fetched ahead of the reads that will want them. Each is used only while the
+/// block is still `Peer` with the seq it was fetched for (docs/PROTOCOL.md §7.4).
+#[derive(Default)]
+struct Prefetched {
+    blocks: HashMap<BlockNo, (Seq, Arc<[u8]>)>,
+    order: VecDeque<BlockNo>,
+}
+
+impl Prefetched {
+    fn take(&mut self, b: BlockNo, seq: Seq) -> Option<Arc<[u8]>> {
+        match self.blocks.remove(&b) {
+            Some((s, d)) if s == seq => Some(d),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, b: BlockNo, seq: Seq, d: Arc<[u8]>) {
+        if self.blocks.insert(b, (seq, d)).is_none() {
+            self.order.push_back(b);
+        }
+        while self.order.len() > PREFETCHED_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.blocks.remove(&old);
+            }
+        }
+    }
+}
+
 /// The takeover state of a volume.
 pub(super) struct Taking {
     lu: LuArea,
@@ -45,6 +80,7 @@ pub(super) struct Taking {
     /// The freeze point: the old primary's newest seq.
     freeze: Seq,
     counters: TakeoverCounters,
+    prefetched: Mutex<Prefetched>,
 }
 
 /// Where a takeover stands, for status.
@@ -129,6 +165,7 @@ impl Volume {
             fetch,
             freeze,
             counters: TakeoverCounters::default(),
+            prefetched: Mutex::default(),
         }));
         Ok(())
     }
@@ -191,13 +228,43 @@ impl Volume {
                 Some(Location::Peer { seq }) => from_peer.push((i, b, seq)),
             }
         }
-        if !from_peer.is_empty() {
-            let asked: Vec<(BlockNo, Seq)> = from_peer.iter().map(|&(_, b, s)| (b, s)).collect();
-            let data = fetch_from_peer(t, &asked, bs)?;
-            for ((i, _, _), d) in from_peer.iter().zip(data) {
+        if from_peer.is_empty() {
+            return Ok(filled);
+        }
+        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        from_peer.retain(|&(i, b, seq)| match pre.take(b, seq) {
+            Some(d) => {
                 buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
-                filled[*i] = true;
+                filled[i] = true;
+                false
             }
+            None => true,
+        });
+        if from_peer.is_empty() {
+            return Ok(filled);
+        }
+        let mut asked: Vec<(BlockNo, Seq)> = from_peer.iter().map(|&(_, b, s)| (b, s)).collect();
+        // Read ahead: the blocks after the read that are on the peer too.
+        let end = start + n as u64;
+        let mut b = end;
+        while asked.len() < FETCH_BLOCKS && b < self.blocks && b < end + FETCH_BLOCKS as u64 {
+            if let Some(Location::Peer { seq }) = locate(&t.remote, t.lu.newest(b), b) {
+                if !pre.blocks.contains_key(&b) {
+                    asked.push((b, seq));
+                }
+            }
+            b += 1;
+        }
+        drop(pre);
+        let data = fetch_from_peer(t, &asked, bs)?;
+        let mut data = data.into_iter();
+        for ((i, _, _), d) in from_peer.iter().zip(data.by_ref()) {
+            buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
+            filled[*i] = true;
+        }
+        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        for (&(b, seq), d) in asked[from_peer.len()..].iter().zip(data) {
+            pre.put(b, seq, Arc::from(d));
         }
         Ok(filled)
     }
@@ -429,6 +496,7 @@ mod tests {
     struct Frozen {
         vol: Mutex<Volume>,
         fetched: AtomicUsize,
+        calls: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
     }
 
@@ -438,6 +506,7 @@ mod tests {
                 return Err("the peer is unreachable".into());
             }
             self.fetched.fetch_add(blocks.len(), Relaxed);
+            self.calls.fetch_add(1, Relaxed);
             let v = self.vol.lock().unwrap();
             Ok(blocks
                 .iter()
@@ -471,6 +540,7 @@ mod tests {
         let frozen = Arc::new(Frozen {
             vol: Mutex::new(a),
             fetched: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
             fail: Default::default(),
         });
         b.begin_takeover(Seq(5), lu(lu_blocks), remote, frozen.clone())
@@ -588,6 +658,27 @@ mod tests {
     }
 
     #[test]
+    fn reading_block_after_block_on_the_peer_fetches_ahead_and_serves_each_version_once() {
+        let (frozen, _db, b) = pair_taking_over(64);
+        let old: Vec<u8> = {
+            let a = frozen.vol.lock().unwrap();
+            (0..BLOCKS).map(|x| a.read_block(x).unwrap()[0]).collect()
+        };
+        for x in 0..BLOCKS {
+            assert_eq!(b.read_block(x).unwrap()[0], old[x as usize], "block {x}");
+        }
+        assert_eq!(
+            frozen.calls.load(Relaxed),
+            1,
+            "one round trip for the peer's blocks"
+        );
+        // A block read ahead is served once (then read again from the peer, if still there).
+        let calls = frozen.calls.load(Relaxed);
+        assert_eq!(b.read_block(7).unwrap()[0], old[7]);
+        assert_eq!(frozen.calls.load(Relaxed), calls + 1);
+    }
+
+    #[test]
     fn a_read_the_peer_cannot_serve_fails_naming_the_block_and_is_counted() {
         let (frozen, _db, b) = pair_taking_over(64);
         frozen.fail.store(true, Relaxed);
@@ -647,6 +738,7 @@ mod tests {
         let fetch = Arc::new(Frozen {
             vol: Mutex::new(open(&devs())),
             fetched: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
             fail: Default::default(),
         });
         let e = v

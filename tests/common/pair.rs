@@ -275,6 +275,11 @@ impl Drop for Netns {
 
 /// A fresh pair: `a` primary (initialised with a filesystem), `b` a blank secondary.
 pub fn pair(tag: &str, size: &str, replication: &str) -> Pair {
+    pair_with(tag, size, &[], replication)
+}
+
+/// [`pair`] with more `pairfs init` arguments for both nodes (e.g. a journal size).
+pub fn pair_with(tag: &str, size: &str, init: &[&str], replication: &str) -> Pair {
     require_fuse();
     let a = node(tag, "a");
     let b = node(tag, "b");
@@ -282,18 +287,14 @@ pub fn pair(tag: &str, size: &str, replication: &str) -> Pair {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr))
     };
     ok(run(Command::new(bin())
-        .args(["init", "--size", size, "--name", "a", "--data"])
+        .args(["init", "--size", size, "--name", "a"])
+        .args(init)
+        .arg("--data")
         .arg(&a.data)));
     ok(run(Command::new(bin())
-        .args([
-            "init",
-            "--size",
-            size,
-            "--name",
-            "b",
-            "--secondary",
-            "--data",
-        ])
+        .args(["init", "--size", size, "--name", "b", "--secondary"])
+        .args(init)
+        .arg("--data")
         .arg(&b.data)));
     let (pa, pb) = (port(), port());
     let (fa, fb) = (fingerprint(&a.data), fingerprint(&b.data));
@@ -303,6 +304,12 @@ pub fn pair(tag: &str, size: &str, replication: &str) -> Pair {
 }
 
 impl Pair {
+    /// After a takeover: `a` names the primary again (the helpers below act on `a` as the
+    /// primary and `b` as the secondary).
+    pub fn swap(&mut self) {
+        std::mem::swap(&mut self.a, &mut self.b);
+    }
+
     pub fn start(&mut self) {
         self.a.start(&[]);
         self.b.start(&[]);

@@ -393,6 +393,11 @@ impl Connection {
         TransportError::Connection(reason)
     }
 
+    /// Whether `other` is a handle on this same connection.
+    pub fn same_as(&self, other: &Connection) -> bool {
+        self.inner.stable_id() == other.inner.stable_id()
+    }
+
     /// The application close code, if the connection was closed by the application on
     /// either side (`None` while open, or after a timeout or a transport error).
     pub fn close_code(&self) -> Option<u32> {
@@ -490,6 +495,13 @@ impl FrameSender {
         self.send.write_all(frame_bytes).await?;
         tracing::trace!(parent: &self.span, stream = %self.send.id(), bytes = frame_bytes.len(), "frame sent");
         Ok(())
+    }
+
+    /// Sends this stream's data before that of streams of a lower priority (default 0)
+    /// on the same connection: a small answer does not wait behind a bulk stream's
+    /// buffered data.
+    pub fn set_priority(&self, priority: i32) {
+        let _ = self.send.set_priority(priority);
     }
 
     /// Ends the stream cleanly: the peer's [`FrameReceiver::recv`] returns `None` after

@@ -193,14 +193,12 @@ impl Driver {
                     h.conn.close(1, "the volume is being reopened");
                     return After::Nothing;
                 }
-                self.fetch.set_connection(Some(h.conn.clone()));
                 self.conn = Some(h);
                 self.repl.handle_connected(now);
             }
             Event::Disconnected(id) => {
                 if self.conn.as_ref().is_some_and(|c| c.id == id) {
                     self.conn = None;
-                    self.fetch.set_connection(None);
                     self.repl.handle_disconnected();
                 }
             }
@@ -459,7 +457,6 @@ impl Driver {
                     };
                     c.conn.close(code, &reason);
                 }
-                self.fetch.set_connection(None);
                 self.repl.handle_disconnected();
             }
             Action::SendHeaders(metas) => self.send_headers(metas).await,
@@ -649,8 +646,8 @@ impl Driver {
 
     /// Tells the writers what they may do; frees orphans when writes are first admitted.
     fn publish(&mut self) {
-        let primary = self.repl.role() == Role::Primary;
-        let admits = primary && self.repl.admits_writes();
+        // A primary (not reconciling, not frozen), or a node taking over.
+        let admits = self.repl.admits_writes();
         self.shared.publish(Gate {
             admits,
             sync_waits: self.repl.sync_waits(),

@@ -23,6 +23,8 @@ use pairfs_transport::Connection;
 pub(crate) const KIND_FETCH: u8 = 3;
 /// Pause before a failed fetch is tried again (on a new connection).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Fetches go before the drain's entries on the connection (docs/PROTOCOL.md §7.4).
+const FETCH_PRIORITY: i32 = 10;
 
 /// Reads blocks from the peer for a taking-over volume.
 pub(crate) struct FetchClient {
@@ -44,10 +46,18 @@ impl FetchClient {
         }
     }
 
-    /// The driver: the connection to the peer now (`None`: none).
+    /// The link: the connection to the peer now (`None`: none).
     pub(crate) fn set_connection(&self, c: Option<Connection>) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = c;
         self.conn_cv.notify_all();
+    }
+
+    /// The link: `c` ended; forgotten unless a newer connection replaced it already.
+    pub(crate) fn forget_connection(&self, c: &Connection) {
+        let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref().is_some_and(|cur| cur.same_as(c)) {
+            *g = None;
+        }
     }
 
     /// Waits for a connection until `deadline`.
@@ -117,6 +127,7 @@ async fn fetch_once(
     n: usize,
 ) -> Result<Vec<Vec<u8>>, String> {
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    s.set_priority(FETCH_PRIORITY);
     s.send(KIND_FETCH, req).await.map_err(|e| e.to_string())?;
     let _ = s.finish();
     match r.recv::<FetchMessage>().await.map_err(|e| e.to_string())? {
@@ -173,6 +184,7 @@ pub(crate) async fn serve(conn: Connection, source: Arc<FetchSource>) {
                     return;
                 }
             };
+            s.set_priority(FETCH_PRIORITY);
             if s.send(KIND_FETCH, &answer).await.is_ok() {
                 let _ = s.finish();
             }

@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     pub(crate) role_changed: AtomicBool,
     /// What fetches are answered from (set once the node's volume is known).
     pub(crate) fetch_source: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchSource>>,
+    /// What this node's reads of blocks on the peer go through; the link publishes each
+    /// connection to it directly, so that a reader never waits for the driver.
+    pub(crate) fetch_client: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchClient>>,
 }
 
 impl Shared {
@@ -78,6 +81,7 @@ impl Shared {
             serving: AtomicBool::new(false),
             role_changed: AtomicBool::new(false),
             fetch_source: std::sync::OnceLock::new(),
+            fetch_client: std::sync::OnceLock::new(),
         }
     }
 

@@ -126,6 +126,9 @@ async fn run_connection(
         move |why: String| {
             if !ended.swap(true, Ordering::AcqRel) {
                 tracing::debug!(conn = id, %why, "connection ends");
+                if let Some(client) = shared.fetch_client.get() {
+                    client.forget_connection(&conn);
+                }
                 conn.close(1, &why);
                 let _ = shared.events.send(Event::Disconnected(id));
                 closed.notify_one();
@@ -148,6 +151,9 @@ async fn run_connection(
     };
     if let Some(source) = shared.fetch_source.get() {
         tokio::spawn(super::fetch::serve(conn.clone(), source.clone()));
+    }
+    if let Some(client) = shared.fetch_client.get() {
+        client.set_connection(Some(conn.clone()));
     }
     let _ = shared.events.send(Event::Connected(ConnHandle {
         id,

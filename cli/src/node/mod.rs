@@ -158,8 +158,15 @@ impl Host {
         }
     }
 
-    /// Runs `f` with the volume (write access).
+    /// Runs `f` with the volume (write access). The filesystem's lock may be held for a
+    /// while (a taker's reader waiting for a block from the peer): on a runtime worker the
+    /// wait leaves the worker's other tasks — the connection among them, which that block
+    /// arrives on — to another thread.
     fn vol_mut<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> T {
+        tokio::task::block_in_place(|| self.vol_mut_here(f))
+    }
+
+    fn vol_mut_here<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> T {
         if let Some(fs) = self.fs.get() {
             return fs.with_volume_mut(f);
         }
@@ -177,12 +184,15 @@ impl Host {
         }
     }
 
-    /// Runs `f` with the volume (read access; shares the filesystem's read lock).
+    /// Runs `f` with the volume (read access; shares the filesystem's read lock; on a
+    /// runtime worker, as [`Host::vol_mut`]).
     fn vol<T>(&self, f: impl FnOnce(&Volume) -> T) -> T {
-        if let Some(fs) = self.fs.get() {
-            return fs.with_volume(f);
-        }
-        self.vol_mut(|v| f(v))
+        tokio::task::block_in_place(|| {
+            if let Some(fs) = self.fs.get() {
+                return fs.with_volume(f);
+            }
+            self.vol_mut_here(|v| f(v))
+        })
     }
 
     /// Makes everything committed or applied durable; returns the newest durable seq.
@@ -503,6 +513,7 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         cfg.fetch_timeout,
         repl.persisted().epoch,
     ));
+    let _ = shared.fetch_client.set(fetch.clone());
     if matches!(repl.takeover(), Some(pairfs::repl::Takeover::Taker { .. })) {
         takeover::resume(&cfg.data, &host, fetch.clone())?;
     }

@@ -1,0 +1,254 @@
+//! Planned takeover and failback on real processes (docs/PROTOCOL.md §7): the secondary
+//! becomes the primary at once, serving every file as the old primary acknowledged it
+//! while the old primary's backlog still drains over a rate-limited link; writes go on
+//! there with ordinary tools; the roles swap back and forth; each run ends with `pairfs
+//! verify`, every file's checksum on both mounts and fsck of both nodes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pair::{Netns, Pair, PairNode, fingerprint, pair, pair_with, port, write_config_at};
+use common::{bin, run, sh};
+
+/// `pairfs takeover --json` on `n`; panics with the daemon's logs if it fails.
+fn takeover(n: &PairNode, other: &PairNode) -> serde_json::Value {
+    let out = run(Command::new(bin())
+        .args(["takeover", "--json", "--config"])
+        .arg(&n.config));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success() && r["ok"] == true,
+        "takeover on {} failed: {}{}\nlogs:\n{}\n{}",
+        n.name,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        n.log_text(),
+        other.log_text()
+    );
+    r
+}
+
+/// Every regular file under `m` with its MD5, sorted by path.
+fn checksums(m: &Path) -> String {
+    checksums_of(m, ".")
+}
+
+/// Every regular file under the paths `under` (relative to `m`) with its MD5.
+fn checksums_of(m: &Path, under: &str) -> String {
+    sh(&format!(
+        "cd {} && find {under} -type f -print0 | sort -z | xargs -0 -r md5sum",
+        m.display()
+    ))
+}
+
+/// Waits until the takeover has completed on both sides: `p.a` the primary, `p.b` its
+/// secondary, neither with a role change under way, the pair streaming and caught up.
+fn settled(p: &Pair, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let (ja, jb) = (p.a.json(), p.b.json());
+        let done = ja["role"] == "primary"
+            && jb["role"] == "secondary"
+            && ja["takeover"].is_null()
+            && jb["takeover"].is_null()
+            && ja["state"] == "pair"
+            && jb["state"] == "pair"
+            && ja["connected"] == true
+            && jb["replica_received_seq"].as_u64() >= ja["durable_seq"].as_u64();
+        if done {
+            return;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "the role change did not complete in {limit:?}:\n{ja}\n{jb}\nlogs:\n{}\n{}",
+            p.a.log_text(),
+            p.b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops both nodes, checks both with fsck and removes their files.
+fn stop_and_fsck(mut p: Pair) {
+    p.a.stop();
+    p.b.stop();
+    for n in [&p.a, &p.b] {
+        let out = run(Command::new(bin()).args(["fsck", "--data"]).arg(&n.data));
+        assert!(
+            out.status.success(),
+            "fsck of {}: {}{}",
+            n.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in [&p.a, &p.b] {
+        let _ = std::fs::remove_dir_all(&n.root);
+    }
+}
+
+/// One round of changes with ordinary tools on `m`.
+fn workload(m: &Path, round: u32) {
+    let m = m.display();
+    sh(&format!(
+        "mkdir -p {m}/r{round} && for k in 1 2 3 4 5; do head -c $((4096 * k * {n} + 17)) /dev/urandom > {m}/r{round}/f$k; done \
+         && dd if=/dev/urandom of={m}/shared bs=64k count=4 seek={round} conv=notrunc status=none \
+         && echo round {round} >> {m}/log \
+         && if [ {round} -gt 0 ]; then mv {m}/r{prev}/f1 {m}/r{round}/moved && rm -f {m}/r{prev}/f2 \
+            && truncate -s 1234 {m}/r{prev}/f3; fi",
+        n = round % 7 + 1,
+        prev = round.saturating_sub(1),
+    ));
+}
+
+#[test]
+fn ten_takeovers_and_failbacks_keep_every_acknowledged_file() {
+    let mut p = pair("tkcy", "1G", "");
+    p.start();
+    workload(&p.a.mnt, 0);
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    for round in 1..=10 {
+        workload(&p.a.mnt, round);
+        let want = checksums(&p.a.mnt);
+        let r = takeover(&p.b, &p.a);
+        // The new primary serves at once what the old one acknowledged, and writes.
+        assert_eq!(
+            checksums(&p.b.mnt),
+            want,
+            "round {round}: the new primary's files differ"
+        );
+        sh(&format!("echo taken {round} >> {}/log", p.b.mnt.display()));
+        eprintln!(
+            "round {round}: ready in {:.1} ms with {} bytes of backlog",
+            r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            r["backlog_bytes"]
+        );
+        p.swap();
+        settled(&p, Duration::from_secs(60));
+    }
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(60));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}
+
+#[test]
+fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
+    // b on a second host, its link to a cut and then limited, so that more than 256 MiB
+    // of backlog drains after the takeover.
+    let net = Netns::new("tk");
+    // A saturated link drops and delays packets: the default 1 s idle timeout would flap.
+    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
+                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
+                 [takeover]\nfetch_timeout = \"60s\"\n";
+    let init = ["--journal-size", "768M", "--lu-size", "128M"];
+    let mut p = pair_with("tkbl", "2G", &init, extra);
+    let (pa, pb) = (port(), port());
+    let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
+    write_config_at(
+        &p.a,
+        (&net.host_ip, pa),
+        "primary",
+        "b",
+        (&net.ns_ip, pb),
+        &fb,
+        extra,
+    );
+    write_config_at(
+        &p.b,
+        (&net.ns_ip, pb),
+        "secondary",
+        "a",
+        (&net.host_ip, pa),
+        &fa,
+        extra,
+    );
+    p.b.netns = Some(net.name.clone());
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    sh(&format!("echo start > {ma}/start"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    // The backlog: a real tree and a large file written while the link is down (kept in
+    // the old primary's journal), then the link comes back limited to 200 Mbit/s and the
+    // secondary takes over as soon as the pair streams again.
+    net.link(false);
+    sh(&format!(
+        "tar -C /usr -cf - include | tar -C {ma} -xf - && head -c 200M /dev/urandom > {ma}/big \
+         && cp -a {ma}/include/linux {ma}/linux-copy"
+    ));
+    p.fsync_a();
+    let old_tree = "start include big linux-copy";
+    let want = checksums_of(&p.a.mnt, old_tree);
+    sh(&format!(
+        "tc qdisc add dev {} root tbf rate 200mbit burst 256kb latency 200ms",
+        net.host_if
+    ));
+    net.link(true);
+    let t = Instant::now();
+    while !(p.a.json()["state"] == "pair" && p.b.json()["state"] == "pair") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the pair did not stream again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lag = p.a.u("lag_bytes");
+    let r = takeover(&p.b, &p.a);
+    let backlog = r["backlog_bytes"].as_u64().unwrap_or(0);
+    eprintln!(
+        "ready in {:.1} ms; backlog {} entries, {} blocks, {backlog} bytes (lag before: {lag})",
+        r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+        r["backlog_entries"],
+        r["backlog_blocks"],
+    );
+    assert!(backlog >= 256 << 20, "only {backlog} bytes of backlog: {r}");
+    let jb = p.b.json();
+    assert_eq!(jb["takeover"]["phase"], "draining", "{jb}");
+    assert!(jb["takeover"]["backlog_entries"].as_u64() > Some(0), "{jb}");
+    // The large file was written last: its blocks drain last, and are read from the old
+    // primary now.
+    let head = |m: &Path| sh(&format!("head -c 1048576 {}/big | md5sum", m.display()));
+    assert_eq!(head(&p.b.mnt), head(&p.a.mnt));
+    let jb = p.b.json();
+    assert!(
+        jb["takeover"]["remote_reads"].as_u64() > Some(0),
+        "no block came from the old primary: {jb}"
+    );
+    // Ordinary tools on the new primary while the old one's backlog drains (new paths:
+    // the old tree is compared below).
+    sh(&format!(
+        "mkdir {mb}/w && cp -a /usr/include/linux {mb}/w/linux && tar -C {mb}/w -cf {mb}/w/l.tar linux \
+         && mv {mb}/w/linux/netfilter {mb}/w/nf && rm -rf {mb}/w/linux/usb \
+         && truncate -s 1000 {mb}/w/l.tar && echo after > {mb}/after"
+    ));
+    let jb = p.b.json();
+    eprintln!("after the writes: {}", jb["takeover"]);
+    assert!(
+        jb["takeover"]["lu_entries"].as_u64() > Some(0),
+        "the writes did not go to the local-unreflected area during the drain: {jb}"
+    );
+    // Every file as the old primary acknowledged it, read while the drain runs.
+    let got = checksums_of(&p.b.mnt, old_tree);
+    assert_eq!(
+        got, want,
+        "the new primary's files differ from the old primary's"
+    );
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    p.swap();
+    settled(&p, Duration::from_secs(300));
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    assert!(
+        sh(&format!("cat {}/after", p.b.mnt.display())).contains("after"),
+        "the new primary's writes reached the old primary"
+    );
+    stop_and_fsck(p);
+}
