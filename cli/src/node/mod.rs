@@ -514,6 +514,17 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         repl.persisted().epoch,
     ));
     let _ = shared.fetch_client.set(fetch.clone());
+    // The link first: a node resuming a takeover reads blocks from the peer (the
+    // allocation bitmaps) before its driver runs; the link's events wait in the channel.
+    if let (Some(ep), Some(p)) = (endpoint, cfg.peer.clone()) {
+        let dial = cfg.name < p.name;
+        rt.spawn(link::connection_manager(
+            Arc::new(ep),
+            p.address,
+            dial,
+            shared.clone(),
+        ));
+    }
     if matches!(repl.takeover(), Some(pairfs::repl::Takeover::Taker { .. })) {
         takeover::resume(&cfg.data, &host, fetch.clone())?;
     }
@@ -526,15 +537,6 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         fetch,
     );
     rt.spawn(driver.run(rx));
-    if let (Some(ep), Some(p)) = (endpoint, cfg.peer.clone()) {
-        let dial = cfg.name < p.name;
-        rt.spawn(link::connection_manager(
-            Arc::new(ep),
-            p.address,
-            dial,
-            shared.clone(),
-        ));
-    }
     rt.spawn(control::control_socket(cfg.data.clone(), shared.clone()));
     drop(_guard);
     Ok(NodeHandle {
