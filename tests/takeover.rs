@@ -255,14 +255,23 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
 
 #[test]
 fn a_taker_killed_during_the_drain_resumes_and_loses_nothing() {
-    // As above, with a smaller backlog: the new primary is killed (SIGKILL) while the old
-    // one's backlog drains and restarted: it resumes the takeover from its table.
-    let net = Netns::new("tkk");
+    killed_during_the_drain(true, "tkk");
+}
+
+#[test]
+fn an_old_primary_killed_during_the_drain_comes_back_frozen_and_the_drain_completes() {
+    killed_during_the_drain(false, "tko");
+}
+
+fn killed_during_the_drain(kill_taker: bool, tag: &str) {
+    // As above, with a smaller backlog: one node is killed (SIGKILL) while the old
+    // primary's backlog drains, and restarted: the takeover resumes from what each persisted.
+    let net = Netns::new(tag);
     let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
                  [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
                  [takeover]\nfetch_timeout = \"60s\"\n";
     let init = ["--journal-size", "768M", "--lu-size", "128M"];
-    let mut p = pair_with("tkkl", "2G", &init, extra);
+    let mut p = pair_with(&format!("{tag}l"), "2G", &init, extra);
     let (pa, pb) = (port(), port());
     let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
     write_config_at(
@@ -311,11 +320,24 @@ fn a_taker_killed_during_the_drain_resumes_and_loses_nothing() {
     takeover(&p.b, &p.a);
     sh(&format!("echo during > {mb}/during && sync {mb}/during"));
     assert_eq!(p.b.json()["takeover"]["phase"], "draining");
-    p.b.kill9();
-    p.b.start(&[]);
-    p.b.wait_mounted();
+    let killed = if kill_taker { &mut p.b } else { &mut p.a };
+    killed.kill9();
+    killed.start(&[]);
+    killed.wait_mounted();
+    if !kill_taker {
+        // The old primary came back frozen: its mount refuses writes.
+        let out = run(Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo x > {ma}/refused")));
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+            "the restarted old primary accepted a write: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // At once after the restart: the old tree as acknowledged, and the write made during
-    // the drain, whatever the drain has reached.
+    // the drain, whatever the drain has reached (with the old primary killed, the new one
+    // waits for it to come back for the blocks it still lacks).
     let mut got = checksums(&p.b.mnt);
     assert!(
         sh(&format!("cat {mb}/during")).contains("during"),
