@@ -241,6 +241,15 @@ impl Replicator {
         }
     }
 
+    /// Secondary: the takeover request sent on this connection and not answered yet (a
+    /// request lost with its connection is asked again by the driver).
+    pub fn takeover_asked(&self) -> Option<u64> {
+        match &self.role {
+            RoleState::Secondary(s) => s.asked(),
+            RoleState::Primary(_) => None,
+        }
+    }
+
     /// Primary: the driver froze the filesystem for request `id` (after
     /// [`Action::Freeze`]); `newest` is the newest seq, durable and handed in.
     pub fn handle_frozen(&mut self, id: u64, newest: Seq) {

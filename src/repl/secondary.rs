@@ -79,6 +79,11 @@ impl SecondaryState {
         s
     }
 
+    /// The takeover request sent on this connection and not answered yet.
+    pub(super) fn asked(&self) -> Option<u64> {
+        self.asked
+    }
+
     /// Taking over (the filesystem writes to the local-unreflected area).
     pub(super) fn taking_over(&self) -> Option<Seq> {
         self.taking

@@ -68,6 +68,14 @@ impl Driver {
         let Some(p) = self.takeover_req.as_mut() else {
             return;
         };
+        if p.waiting.is_none()
+            && self.repl.takeover_asked() != Some(p.id)
+            && self.repl.takeover().is_none()
+        {
+            // The request was lost with its connection (the primary answers a repeated one
+            // with the same freeze point): ask again on the next.
+            p.waiting = Some("the connection to the primary was lost".into());
+        }
         if p.waiting.is_some() {
             match self.repl.handle_takeover_request(p.id) {
                 Ok(()) => {
