@@ -10,7 +10,7 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pair::{Netns, Pair, fingerprint, node, pair, port, write_config, write_config_at};
+use common::pair::{Netns, Pair, fingerprint, node, pair, port, write_config};
 use common::{bin, is_mounted, run, sh};
 
 #[test]
@@ -172,27 +172,7 @@ fn link_loss_resyncs_by_journal_then_by_bitmap() {
     let net = Netns::new("ll");
     let extra = "[replication]\njournal_limit = \"8M\"\n[timeouts]\nkeepalive = \"100ms\"\nidle = \"500ms\"\n";
     let mut p = pair("link", "2G", extra);
-    let (pa, pb) = (port(), port());
-    let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
-    write_config_at(
-        &p.a,
-        (&net.host_ip, pa),
-        "primary",
-        "b",
-        (&net.ns_ip, pb),
-        &fb,
-        extra,
-    );
-    write_config_at(
-        &p.b,
-        (&net.ns_ip, pb),
-        "secondary",
-        "a",
-        (&net.host_ip, pa),
-        &fa,
-        extra,
-    );
-    p.b.netns = Some(net.name.clone());
+    p.across(&net, extra);
     p.start();
     let ma = p.a.mnt.display().to_string();
     let mb = p.b.mnt.display().to_string();

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pair::{Netns, Pair, PairNode, fingerprint, pair, pair_with, port, write_config_at};
+use common::pair::{Netns, Pair, PairNode, pair, pair_with};
 use common::{bin, run, sh};
 
 /// `pairfs takeover --json` on `n`; panics with the daemon's logs if it fails.
@@ -170,27 +170,7 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
                  [takeover]\nfetch_timeout = \"60s\"\n";
     let init = ["--journal-size", "768M", "--lu-size", "128M"];
     let mut p = pair_with("tkbl", "2G", &init, extra);
-    let (pa, pb) = (port(), port());
-    let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
-    write_config_at(
-        &p.a,
-        (&net.host_ip, pa),
-        "primary",
-        "b",
-        (&net.ns_ip, pb),
-        &fb,
-        extra,
-    );
-    write_config_at(
-        &p.b,
-        (&net.ns_ip, pb),
-        "secondary",
-        "a",
-        (&net.host_ip, pa),
-        &fa,
-        extra,
-    );
-    p.b.netns = Some(net.name.clone());
+    p.across(&net, extra);
     p.start();
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     sh(&format!("echo start > {ma}/start"));
@@ -287,27 +267,7 @@ fn killed_during_the_drain(kill_taker: bool, tag: &str) {
                  [takeover]\nfetch_timeout = \"60s\"\n";
     let init = ["--journal-size", "768M", "--lu-size", "128M"];
     let mut p = pair_with(&format!("{tag}l"), "2G", &init, extra);
-    let (pa, pb) = (port(), port());
-    let (fa, fb) = (fingerprint(&p.a.data), fingerprint(&p.b.data));
-    write_config_at(
-        &p.a,
-        (&net.host_ip, pa),
-        "primary",
-        "b",
-        (&net.ns_ip, pb),
-        &fb,
-        extra,
-    );
-    write_config_at(
-        &p.b,
-        (&net.ns_ip, pb),
-        "secondary",
-        "a",
-        (&net.host_ip, pa),
-        &fa,
-        extra,
-    );
-    p.b.netns = Some(net.name.clone());
+    p.across(&net, extra);
     p.start();
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     sh(&format!("echo start > {ma}/start"));

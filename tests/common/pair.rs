@@ -310,6 +310,17 @@ impl Pair {
         std::mem::swap(&mut self.a, &mut self.b);
     }
 
+    /// Puts `b` on the second host `net` (its own network namespace, joined to this one
+    /// by a veth pair) and rewrites both configs with `extra` for the addresses across it.
+    pub fn across(&mut self, net: &Netns, extra: &str) {
+        let (pa, pb) = (port(), port());
+        let (fa, fb) = (fingerprint(&self.a.data), fingerprint(&self.b.data));
+        let (a, b) = ((net.host_ip.as_str(), pa), (net.ns_ip.as_str(), pb));
+        write_config_at(&self.a, a, "primary", "b", b, &fb, extra);
+        write_config_at(&self.b, b, "secondary", "a", a, &fa, extra);
+        self.b.netns = Some(net.name.clone());
+    }
+
     pub fn start(&mut self) {
         self.a.start(&[]);
         self.b.start(&[]);
