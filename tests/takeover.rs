@@ -8,109 +8,13 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::pair::{Netns, Pair, PairNode, pair, pair_with};
-use common::{bin, run, sh};
-
-/// `pairfs takeover --json` on `n`; panics with the daemon's logs if it fails.
-fn takeover(n: &PairNode, other: &PairNode) -> serde_json::Value {
-    let out = run(Command::new(bin())
-        .args(["takeover", "--json", "--config"])
-        .arg(&n.config));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert!(
-        out.status.success() && r["ok"] == true,
-        "takeover on {} failed: {}{}\nlogs:\n{}\n{}",
-        n.name,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        n.log_text(),
-        other.log_text()
-    );
-    r
-}
-
-/// Every regular file under `m` with its MD5, sorted by path.
-fn checksums(m: &Path) -> String {
-    checksums_of(m, ".")
-}
-
-/// Every regular file under the paths `under` (relative to `m`) with its MD5.
-fn checksums_of(m: &Path, under: &str) -> String {
-    sh(&format!(
-        "cd {} && find {under} -type f -print0 | sort -z | xargs -0 -r md5sum",
-        m.display()
-    ))
-}
-
-/// Waits until the takeover has completed on both sides: `p.a` the primary, `p.b` its
-/// secondary, neither with a role change under way, the pair streaming and caught up.
-fn settled(p: &Pair, limit: Duration) {
-    let t = Instant::now();
-    loop {
-        let (ja, jb) = (p.a.json(), p.b.json());
-        let done = ja["role"] == "primary"
-            && jb["role"] == "secondary"
-            && ja["takeover"].is_null()
-            && jb["takeover"].is_null()
-            && ja["state"] == "pair"
-            && jb["state"] == "pair"
-            && ja["connected"] == true
-            && jb["replica_received_seq"].as_u64() >= ja["durable_seq"].as_u64();
-        if done {
-            return;
-        }
-        assert!(
-            t.elapsed() < limit,
-            "the role change did not complete in {limit:?}:\n{ja}\n{jb}\nlogs:\n{}\n{}",
-            p.a.log_text(),
-            p.b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// After the link came back: waits until the pair streams on a live connection (the
-/// peer acknowledges entries again: the connection from before the cut may still look up
-/// until its idle timeout, and a takeover asked on it would wait for that).
-fn streaming_again(p: &Pair) {
-    let t = Instant::now();
-    let before = p.a.u("replica_received_seq");
-    loop {
-        let (ja, jb) = (p.a.json(), p.b.json());
-        if ja["state"] == "pair"
-            && jb["state"] == "pair"
-            && ja["replica_received_seq"].as_u64().unwrap_or(0) > before
-        {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the pair did not stream again"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Stops both nodes, checks both with fsck and removes their files.
-fn stop_and_fsck(mut p: Pair) {
-    p.a.stop();
-    p.b.stop();
-    for n in [&p.a, &p.b] {
-        let out = run(Command::new(bin()).args(["fsck", "--data"]).arg(&n.data));
-        assert!(
-            out.status.success(),
-            "fsck of {}: {}{}",
-            n.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    for n in [&p.a, &p.b] {
-        let _ = std::fs::remove_dir_all(&n.root);
-    }
-}
+use common::pair::{Netns, pair, pair_with};
+use common::takeover::{
+    checksums, checksums_of, settled, stop_and_fsck, streaming_again, takeover,
+};
+use common::{run, sh};
 
 /// One round of changes with ordinary tools on `m`.
 fn workload(m: &Path, round: u32) {

@@ -128,11 +128,19 @@ enum Cmd {
     /// Make this node (the secondary) the primary at once, while the old primary is
     /// reachable (docs/PROTOCOL.md §7.3): the old primary freezes and turns read-only, this
     /// node accepts writes when the command returns; the blocks it still lacks are read
-    /// from the old primary while its backlog drains.
+    /// from the old primary while its backlog drains. With `--force`, when the old primary
+    /// is gone (§7.7): this node continues from what it holds and reports exactly what it
+    /// lacks.
     Takeover {
         /// This node's configuration.
         #[arg(long)]
         config: PathBuf,
+        /// The old primary is gone (you attest it: it must not come back as primary
+        /// without being told). Continue from what this node holds, as a new generation,
+        /// and report what it never received; a takeover cut short sets this node's own
+        /// writes aside in DATA/preserved/.
+        #[arg(long)]
+        force: bool,
         /// Machine-readable result.
         #[arg(long)]
         json: bool,
@@ -247,7 +255,11 @@ fn main() -> ExitCode {
             repair,
             json,
         } => verify(&config, repair, json),
-        Cmd::Takeover { config, json } => takeover(&config, json),
+        Cmd::Takeover {
+            config,
+            json,
+            force,
+        } => takeover(&config, json, force),
         Cmd::BenchQuic { seconds, blocks } => {
             bench::bench_quic(seconds, blocks).map(|_| ExitCode::SUCCESS)
         }
@@ -758,11 +770,17 @@ fn progress_bar(label: &str, done: u64, total: u64, rate: f64, unit: f64, extra:
     )
 }
 
-fn takeover(config: &Path, json: bool) -> Result<ExitCode> {
+fn takeover(config: &Path, json: bool, force: bool) -> Result<ExitCode> {
     let dir = NodeConfig::load(config)?.data;
-    let r = node::run_takeover(&dir)?;
+    let r = node::run_takeover(&dir, force)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
+    } else if let (true, Some(loss)) = (r.ok, &r.forced) {
+        println!(
+            "{}\ntakeover: this node accepts writes ({:.1} ms)",
+            loss.describe(),
+            r.seconds * 1e3
+        );
     } else if r.ok {
         println!(
             "takeover: this node accepts writes ({:.1} ms); the old primary froze at seq {}, \
@@ -864,6 +882,21 @@ fn status_text(s: &node::StatusReport) -> String {
                 .map(|m| format!(", mean {m:.2} ms"))
                 .unwrap_or_default(),
             t.fetch_errors
+        );
+    }
+    if let Some(f) = &s.last_forced {
+        let _ = writeln!(
+            o,
+            "forced    takeover {:.0} s ago at seq {}: lost {} entries ({}){}; report {}/report.json",
+            pairfs::types::now_ns().saturating_sub(f.at_ns) as f64 / 1e9,
+            f.base_seq,
+            f.lost.entries,
+            size::human(f.lost.bytes),
+            f.preserved
+                .as_ref()
+                .map(|p| format!("; {} local entries set aside", p.entries.entries))
+                .unwrap_or_default(),
+            f.dir
         );
     }
     if let (Some(seq), Some(ns)) = (s.degraded_since_seq, s.degraded_since_ns) {

@@ -1004,6 +1004,26 @@ impl Fs {
         Ok(())
     }
 
+    /// The volume's state changes underneath a writable filesystem (a forced takeover
+    /// gives up what it could not keep and goes back to the state it holds, docs/PROTOCOL.md
+    /// §7.7): runs `f` on the volume and reloads what the filesystem derives from it, under
+    /// one hold of the lock, so that no transaction sees the state before with the
+    /// allocation state after or the reverse; the filesystem is in `mode` from then on.
+    /// The kernel's caches are the caller's.
+    pub fn rebase<T>(
+        &self,
+        mode: FsMode,
+        f: impl FnOnce(&mut Volume) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let mut core = self.write_core();
+        let out = f(&mut core.vol)?;
+        (core.sb, core.alloc) = Self::derived(&core.vol)?;
+        self.replica
+            .store(mode == FsMode::Replica, Ordering::Release);
+        tracing::info!(?mode, "filesystem reloaded from the volume's state");
+        Ok(out)
+    }
+
     fn run_tx<'d, T>(
         core: &mut Core,
         f: &impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,

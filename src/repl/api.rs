@@ -296,6 +296,23 @@ pub enum Action {
     RoleChanged(Role),
 }
 
+/// What a forced takeover cannot have (docs/PROTOCOL.md §7.7), from
+/// [`Replicator::force_plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForcePlan {
+    /// The newest seq of the old lineage this node holds (applied): the new generation
+    /// branches off there.
+    pub base: Seq,
+    /// Headers of the old primary's entries after `base` that this node received and never
+    /// applied, in seq order (a taker's come from its volume's table instead).
+    pub lost: Vec<crate::takeover::EntryHeader>,
+    /// The headers did not name every entry (the backlog outgrew them).
+    pub partial: bool,
+    /// This node was taking over from the old primary frozen at this seq, with the drain
+    /// cut short: its local-unreflected entries follow seqs it will never have.
+    pub cut_short: Option<Seq>,
+}
+
 /// A snapshot for `pairfs status`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -337,6 +354,9 @@ pub struct Status {
     pub refused: Option<String>,
     /// A role change under way here (docs/PROTOCOL.md §7).
     pub takeover: Option<super::Takeover>,
+    /// Secondary: the newest seq whose header arrived (entries up to it that are not
+    /// applied are what a forced takeover would report lost).
+    pub headers_seq: Seq,
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ mod secondary;
 use serde::{Deserialize, Serialize};
 
 pub use api::{
-    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta, ReplConfig,
-    Status,
+    Action, Backpressure, CopyKind, DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, EntryMeta, ForcePlan,
+    ReplConfig, Status,
 };
 pub use primary::MIN_PEER_ENTRY_BYTES;
 pub use replicator::Replicator;

@@ -29,8 +29,8 @@ use std::time::Instant;
 use super::primary::PrimaryState;
 use super::secondary::SecondaryState;
 use super::{
-    Action, Backpressure, EntryMeta, Generation, Hello, MAX_ENTRY_WIRE_BYTES, Message, Mode,
-    PROTOCOL_VERSION, PairState, PersistedState, ReplConfig, Role, Status, Takeover,
+    Action, Backpressure, EntryMeta, ForcePlan, Generation, Hello, MAX_ENTRY_WIRE_BYTES, Message,
+    Mode, PROTOCOL_VERSION, PairState, PersistedState, ReplConfig, Role, Status, Takeover,
 };
 use crate::types::Seq;
 
@@ -279,6 +279,69 @@ impl Replicator {
         self.drop_connection("role change: this node is now the primary".into());
     }
 
+    /// `pairfs takeover --force` (docs/PROTOCOL.md §7.7): what this node cannot have from
+    /// the old primary, or why a takeover cannot be forced now. Changes nothing.
+    pub fn force_plan(&self) -> Result<ForcePlan, String> {
+        match &self.role {
+            RoleState::Secondary(s) => s.force_plan(&self.ctx),
+            RoleState::Primary(p) if p.frozen().is_some() => Err(
+                "this node is the old primary, frozen while its peer takes over: force the \
+                 takeover on the peer (forcing a frozen node back is not supported)"
+                    .into(),
+            ),
+            RoleState::Primary(_) => Err("this node is already the primary".into()),
+        }
+    }
+
+    /// Forced takeover: the driver made the volume durably the old lineage's state after
+    /// `base` (what it could not keep exported first); `retained` is what the journal
+    /// holds. This node becomes the primary of a new generation that branches off at
+    /// `base` — persisted ([`Action::Persist`]) before [`Action::RoleChanged`], after which
+    /// the driver admits writes. In sync mode the pair is degraded from `base + 1` on (the
+    /// peer is gone: writers do not wait for it).
+    pub fn handle_forced(
+        &mut self,
+        base: Seq,
+        retained: Vec<EntryMeta>,
+        now_ns: u64,
+        now: Instant,
+    ) {
+        if self.role() != Role::Secondary {
+            return;
+        }
+        let sync = self.ctx.cfg.mode == Mode::Sync;
+        let id = self.ctx.cfg.next_generation_id;
+        // A later generation of this process gets another id (splitmix64's step).
+        self.ctx.cfg.next_generation_id = id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let p = &mut self.ctx.persisted;
+        p.takeover = None;
+        p.epoch = super::Epoch(p.epoch.0 + 1);
+        p.generations.push(Generation { id, base });
+        p.paired = true;
+        p.backlog = super::Backlog::Journal;
+        p.sync_mode = sync;
+        p.degraded = sync.then_some(super::Degraded {
+            since: base.next(),
+            at_ns: now_ns,
+        });
+        p.full_copy = false;
+        let journal = LocalJournal {
+            retained,
+            durable: base,
+            unclean: false,
+        };
+        self.set_role(Role::Primary, journal, now);
+        self.ctx.persist();
+        self.ctx.out.push_back(Action::RoleChanged(Role::Primary));
+        tracing::warn!(
+            %base,
+            generation = format_args!("{id:016x}"),
+            "forced takeover: this node is the primary of a new generation; what the old \
+             primary held beyond this seq is not here (see the loss report)"
+        );
+        self.drop_connection("forced takeover".into());
+    }
+
     /// A frozen old primary meets the new primary: it steps down (persisted) and
     /// reconnects as secondary.
     fn step_down(&mut self, durable: Seq, now: Instant) {
@@ -365,6 +428,9 @@ impl Replicator {
             p.on_connected(now);
         }
         self.clear_buffers();
+        if let RoleState::Secondary(s) = &mut self.role {
+            s.on_connected(self.ctx.applying);
+        }
         let h = self.hello();
         self.ctx.send(Message::Hello(h));
     }
@@ -374,7 +440,7 @@ impl Replicator {
     fn clear_buffers(&mut self) {
         match &mut self.role {
             RoleState::Primary(p) => p.clear_verifies(&mut self.ctx),
-            RoleState::Secondary(s) => s.clear_buffers(self.ctx.applying),
+            RoleState::Secondary(s) => s.clear_buffers(),
         }
         self.early.clear();
         self.early_bytes = 0;
@@ -508,6 +574,20 @@ impl Replicator {
                 && h.epoch == ctx.persisted.epoch
             {
                 tracing::info!("the old primary is still frozen: waiting for it to step down");
+                return;
+            } else if let Some(branch) = forced_past(&ctx.persisted, &h) {
+                // The peer took over by force while this node was away (§7.8): it never
+                // writes as primary again; what it holds beyond the branch point stays.
+                tracing::error!(
+                    peer_epoch = h.epoch.0,
+                    epoch = ctx.persisted.epoch.0,
+                    %branch,
+                    newest = %durable,
+                    "the peer took over by force while this node was away: this node steps \
+                     down and stops writing; its entries after the branch point are kept here, \
+                     read-only, and the pair refuses to stream until they are dealt with"
+                );
+                self.step_down(durable, now);
                 return;
             }
         }
@@ -689,6 +769,7 @@ impl Replicator {
             apply_error: self.apply_error.clone(),
             refused: ctx.refused.clone(),
             takeover: ctx.persisted.takeover,
+            headers_seq: Seq::NONE,
         };
         match &self.role {
             RoleState::Primary(p) => p.status(ctx, &mut s),
@@ -723,6 +804,18 @@ pub(super) fn lineage_follows(
         }
     }
     Ok(())
+}
+
+/// The branch point, if the primary `h` continues this node's lineage `ours` in a
+/// generation of its own started later (a forced takeover, docs/PROTOCOL.md §7.7) at a
+/// higher epoch.
+fn forced_past(st: &PersistedState, h: &Hello) -> Option<Seq> {
+    let (ours, theirs) = (&st.generations, &h.generations);
+    let extends = h.epoch > st.epoch
+        && !ours.is_empty()
+        && ours.len() < theirs.len()
+        && ours.iter().zip(theirs).all(|(a, b)| a.id == b.id);
+    extends.then(|| theirs[ours.len()].base)
 }
 
 /// A message's kind, for a refusal.

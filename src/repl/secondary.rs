@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 #[cfg(doc)]
 use super::Replicator;
 use super::replicator::{Ctx, PeerView, VerifyRequest, lineage_follows};
-use super::{Action, Hello, Message, PairState, Status, Takeover, WireBlock, WireEntry};
+use super::{Action, ForcePlan, Hello, Message, PairState, Status, Takeover, WireBlock, WireEntry};
 use crate::takeover::{EntryHeader, RemoteIndex};
 use crate::types::Seq;
 
@@ -181,19 +181,64 @@ impl SecondaryState {
         s.last_seq = self.received;
         s.received = self.received;
         s.durable = self.durable;
+        s.headers_seq = self.remote.last().max(self.received);
     }
 
     /// What a connection brought and the next one will not: requests of the primary, and
-    /// entries ahead of a gap.
-    pub(super) fn clear_buffers(&mut self, applying: Option<Seq>) {
+    /// entries ahead of a gap. The headers stay until the next connection: they are what a
+    /// forced takeover reports lost if the primary does not come back (§7.7).
+    pub(super) fn clear_buffers(&mut self) {
         self.pull = None;
         self.verify_wait.clear();
         self.clear_ooo();
-        // The primary sends the headers of what this node lacks on every connection: after
-        // the seq of its hello, which counts the apply under way.
-        self.remote = RemoteIndex::new(self.progress(applying).0);
         self.primary_has = Seq::NONE;
         self.asked = None;
+    }
+
+    /// A new connection: the primary sends the headers of what this node lacks again,
+    /// after the seq of its hello (which counts the apply under way).
+    pub(super) fn on_connected(&mut self, applying: Option<Seq>) {
+        self.remote = RemoteIndex::new(self.progress(applying).0);
+    }
+
+    /// What a forced takeover cannot have (docs/PROTOCOL.md §7.7), or why it cannot be
+    /// forced now.
+    pub(super) fn force_plan(&self, ctx: &Ctx) -> Result<ForcePlan, String> {
+        if ctx.peer.is_some() {
+            return Err(
+                "the primary is connected: use a planned takeover (without --force), \
+                        which loses nothing"
+                    .into(),
+            );
+        }
+        if ctx.persisted.empty || ctx.persisted.inconsistent_until.is_some() {
+            return Err(
+                "this node's replica is not consistent (its copy or resync is \
+                        incomplete): it holds no filesystem it could serve"
+                    .into(),
+            );
+        }
+        if ctx.applying.is_some() {
+            return Err("an entry of the primary is being applied: try again".into());
+        }
+        if self.taking.is_some_and(|f| self.received >= f) {
+            return Err(
+                "every entry of the old primary is here: the merge completes and this \
+                        node becomes the primary without it"
+                    .into(),
+            );
+        }
+        Ok(ForcePlan {
+            base: self.received,
+            lost: self
+                .remote
+                .entries()
+                .filter(|h| h.seq > self.received)
+                .cloned()
+                .collect(),
+            partial: self.remote.overflowed(),
+            cut_short: self.taking,
+        })
     }
 
     /// Drops the entries held ahead of a gap.

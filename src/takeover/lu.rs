@@ -233,6 +233,29 @@ impl LuArea {
         self.journal.persist_tail(seq, false)
     }
 
+    /// The headers of the entries held, oldest first (what a forced takeover exports and
+    /// reports, docs/PROTOCOL.md §7.7).
+    pub fn headers(&self) -> Vec<crate::takeover::EntryHeader> {
+        let bs = self.bs as u64;
+        self.entries
+            .iter()
+            .map(|e| crate::takeover::EntryHeader {
+                seq: e.seq,
+                prev_seq: e.prev_seq,
+                timestamp_ns: e.timestamp_ns,
+                bytes: e.descriptors.len() as u64 * bs,
+                blocks: e.descriptors.iter().map(|d| d.block).collect(),
+            })
+            .collect()
+    }
+
+    /// Releases every entry (durable on return): what a forced takeover could not keep,
+    /// once exported. The area is empty, ready for the next [`LuArea::begin`].
+    pub fn discard(&mut self) -> Result<(), JournalError> {
+        let last = self.journal.last_seq();
+        self.release_through(last)
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -319,6 +319,25 @@ impl Volume {
         Ok(())
     }
 
+    /// A forced takeover cut the drain short (docs/PROTOCOL.md §7.7): makes the LU's
+    /// entries durable and leaves the takeover mode, returning the area for the caller to
+    /// export and then empty ([`LuArea::discard`]). The volume is then what its journal and
+    /// normal area hold — the old primary's state after the newest seq applied here, a
+    /// consistent filesystem — and the next transaction goes to the journal.
+    pub fn abandon_takeover(&mut self) -> Result<LuArea, VolumeError> {
+        self.sync_taking()?;
+        let t = self
+            .taking
+            .take()
+            .ok_or_else(|| VolumeError::InvalidParams("not taking over".into()))?;
+        tracing::warn!(
+            seq = %self.journal.last_seq(),
+            lu_entries = t.lu.len(),
+            "takeover abandoned: the volume is the old primary's state after this seq"
+        );
+        Ok(t.lu)
+    }
+
     /// An entry of the old primary was applied: blocks whose newest version it wrote are
     /// local now.
     pub(super) fn applied_taking(&mut self, seq: Seq) {
@@ -564,6 +583,60 @@ mod tests {
         let data: Vec<u8> = buf.chunks_exact(BS).map(|c| c[0]).collect();
         assert_eq!(meta, data, "read_block and read_data disagree");
         meta
+    }
+
+    #[test]
+    fn an_abandoned_takeover_leaves_the_old_primarys_prefix_and_hands_back_the_lu_entries() {
+        let (frozen, db, mut b) = pair_taking_over(64);
+        drain(&frozen, &mut b, 3);
+        write(&mut b, &[4, 2], 9);
+        write(&mut b, &[8], 10);
+        // The old primary is gone from here on: state 3 is what this node holds.
+        frozen.fail.store(true, Relaxed);
+        let mut lu = b.abandon_takeover().unwrap();
+        assert!(!b.is_taking_over());
+        let prefix = {
+            let d = devs();
+            let mut p = open(&d);
+            let a = frozen.vol.lock().unwrap();
+            for s in 1..=3 {
+                p.apply_replicated(&a.read_wire_entry(Seq(s)).unwrap())
+                    .unwrap();
+            }
+            content(&p)
+        };
+        assert_eq!(content(&b), prefix, "the old primary's state after seq 3");
+        let h = lu.headers();
+        let got: Vec<(Seq, Seq, Vec<u64>)> = h
+            .iter()
+            .map(|h| (h.seq, h.prev_seq, h.blocks.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(Seq(6), Seq(5), vec![2, 4]), (Seq(7), Seq(6), vec![8])],
+            "the LU entries, to export"
+        );
+        assert_eq!(h[0].bytes, 2 * BS as u64);
+        lu.discard().unwrap();
+        assert!(lu.is_empty());
+        // Writes go to the journal again, after seq 3.
+        write(&mut b, &[10], 12);
+        assert_eq!(b.journal().last_seq(), Seq(4));
+        assert_eq!(b.read_block(10).unwrap()[0], 12);
+        drop(b);
+        // After a crash the volume recovers to that state too.
+        let crashed = Devs {
+            normal: Arc::new(CrashDevice::from_bytes(
+                db.normal.crash_point().durable_image(),
+            )),
+            journal: Arc::new(CrashDevice::from_bytes(
+                db.journal.crash_point().durable_image(),
+            )),
+        };
+        let b = open(&crashed);
+        let mut want = prefix.clone();
+        want[10] = 12;
+        assert_eq!(content(&b), want);
     }
 
     #[test]

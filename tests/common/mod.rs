@@ -7,6 +7,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod pair;
+pub mod takeover;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -76,9 +76,14 @@ pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
                         Err(_) => return,
                     }
                 }
-                "takeover" => {
+                "takeover" | "takeover force" => {
                     let (tx, rx) = oneshot::channel();
-                    if shared.events.send(Event::Takeover(tx)).is_err() {
+                    let force = request == "takeover force";
+                    if shared
+                        .events
+                        .send(Event::Takeover { force, reply: tx })
+                        .is_err()
+                    {
                         return;
                     }
                     match rx.await {
@@ -131,11 +136,15 @@ pub(crate) fn run_verify(
 
 /// Asks a running node to take over (docs/PROTOCOL.md §7.3); returns once it accepts
 /// writes, or with the reason it cannot.
-pub(crate) fn run_takeover(dir: &Path) -> Result<TakeoverReport> {
+pub(crate) fn run_takeover(dir: &Path, force: bool) -> Result<TakeoverReport> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = connect(dir)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    s.write_all(b"takeover\n")?;
+    s.write_all(if force {
+        b"takeover force\n"
+    } else {
+        b"takeover\n"
+    })?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).context("decoding the daemon's takeover report")

@@ -73,6 +73,10 @@ pub(crate) struct Driver {
     pub(super) takeover_ids: u64,
     /// Taking over: the merge of the local-unreflected area is running.
     pub(super) merging: bool,
+    /// The last forced takeover's report (persisted).
+    pub(super) last_forced: Option<super::force::LossReport>,
+    /// A `pairfs takeover --force` waiting for the peer's connection to time out.
+    pub(super) pending_force: Option<super::force::PendingForce>,
 }
 
 impl Driver {
@@ -85,6 +89,8 @@ impl Driver {
         fetch: Arc<FetchClient>,
     ) -> Driver {
         Driver {
+            last_forced: super::force::load_last(&cfg.data),
+            pending_force: None,
             host,
             shared,
             repl,
@@ -123,7 +129,10 @@ impl Driver {
                 .min();
             let idle = if self.merging {
                 Duration::ZERO
-            } else if self.verify.is_some() || self.takeover_req.is_some() {
+            } else if self.verify.is_some()
+                || self.takeover_req.is_some()
+                || self.pending_force.is_some()
+            {
                 Duration::from_millis(20)
             } else {
                 Duration::from_millis(250)
@@ -150,6 +159,7 @@ impl Driver {
                 self.actions().await;
             }
             self.drive_takeover_request();
+            self.drive_force().await;
             self.publish();
             match after {
                 After::Nothing => {}
@@ -233,7 +243,11 @@ impl Driver {
                 let _ = reply.send(self.status());
             }
             Event::Verify { repair, updates } => self.start_verify(repair, updates),
-            Event::Takeover(reply) => self.request_takeover(reply),
+            Event::Takeover {
+                force: false,
+                reply,
+            } => self.request_takeover(reply),
+            Event::Takeover { force: true, reply } => self.force_takeover(reply),
         }
         After::Nothing
     }
@@ -345,7 +359,7 @@ impl Driver {
     }
 
     /// Carries out the replicator's actions, in order.
-    async fn actions(&mut self) {
+    pub(super) async fn actions(&mut self) {
         while let Some(a) = self.repl.poll_action() {
             if let Err(e) = self.act(a).await {
                 tracing::error!(error = %format!("{e:#}"), "replication action failed");
@@ -734,6 +748,8 @@ impl Driver {
             last_verify: self.last_verify.clone(),
             verify_running: self.verify.is_some(),
             takeover: self.takeover_status(),
+            last_forced: self.last_forced.clone(),
+            headers_seq: s.headers_seq.0,
         }
     }
 }

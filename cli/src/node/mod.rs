@@ -12,11 +12,13 @@
 //! - `driver.rs`: the replicator's events and actions on the volume;
 //! - `hooks.rs`: what the writers wait for;
 //! - `control.rs`: the control socket (`pairfs status`, `pairfs verify`);
-//! - `verify.rs`: the online verify job (docs/PROTOCOL.md §5.5).
+//! - `verify.rs`: the online verify job (docs/PROTOCOL.md §5.5);
+//! - `takeover.rs`, `fetch.rs`, `force.rs`: planned and forced takeovers (§7).
 
 mod control;
 mod driver;
 mod fetch;
+mod force;
 mod hooks;
 mod link;
 mod takeover;
@@ -297,6 +299,10 @@ pub(crate) struct StatusReport {
     pub(crate) verify_running: bool,
     /// A takeover under way here (docs/PROTOCOL.md §7), with its progress.
     pub(crate) takeover: Option<TakeoverStatus>,
+    /// Secondary: the newest seq whose header arrived from the primary.
+    pub(crate) headers_seq: u64,
+    /// The last forced takeover of this node: what it could not have (§7.7).
+    pub(crate) last_forced: Option<force::LossReport>,
 }
 
 /// A takeover in `pairfs status`.
@@ -336,6 +342,8 @@ pub(crate) struct TakeoverReport {
     pub(crate) backlog_entries: u64,
     pub(crate) backlog_blocks: u64,
     pub(crate) backlog_bytes: u64,
+    /// A forced takeover: what this node could not have, and what it set aside.
+    pub(crate) forced: Option<force::LossReport>,
 }
 
 /// What the driver hears about.
@@ -365,8 +373,11 @@ pub(crate) enum Event {
         error: String,
     },
     Status(oneshot::Sender<StatusReport>),
-    /// `pairfs takeover`: answered once the node accepts writes, or with why not.
-    Takeover(oneshot::Sender<TakeoverReport>),
+    /// `pairfs takeover [--force]`: answered once the node accepts writes, or with why not.
+    Takeover {
+        force: bool,
+        reply: oneshot::Sender<TakeoverReport>,
+    },
     /// `pairfs verify`: start one; its updates go to `updates`.
     Verify {
         repair: bool,

@@ -34,7 +34,7 @@ pub(crate) struct PendingTakeover {
     waiting: Option<String>,
 }
 
-fn failed(error: String) -> TakeoverReport {
+pub(super) fn failed(error: String) -> TakeoverReport {
     TakeoverReport {
         ok: false,
         error: Some(error),
@@ -171,6 +171,7 @@ impl Driver {
                     backlog_entries: b.entries,
                     backlog_blocks: b.blocks,
                     backlog_bytes: b.bytes,
+                    forced: None,
                 }
             }
             Err(e) => {
@@ -235,14 +236,33 @@ impl Driver {
     }
 
     /// The role changed here.
+    /// The pair state is persisted by now. The filesystem follows the role: writable on a
+    /// primary (a forced takeover's node was a replica), read-only on a secondary (an old
+    /// primary fenced on its return after a forced takeover was writable).
     pub(super) fn role_changed(&mut self, role: Role) {
         self.shared
             .role_changed
             .store(true, std::sync::atomic::Ordering::Release);
-        if role == Role::Secondary {
-            self.shared
+        let mode = match role {
+            Role::Primary => FsMode::Writable,
+            Role::Secondary => FsMode::Replica,
+        };
+        if let Some(fs) = self.host.fs().filter(|fs| fs.mode() != mode) {
+            match block_in_place(|| fs.set_mode(mode)) {
+                Ok(()) => self.host.follow_mode_now(),
+                Err(e) => tracing::error!(error = %e, ?mode, "switching the filesystem's mode"),
+            }
+        }
+        match role {
+            Role::Primary => {
+                if let Err(e) = TakeoverTable::remove(&self.cfg.data) {
+                    tracing::warn!(error = %format!("{e:#}"), "removing the takeover table");
+                }
+            }
+            Role::Secondary => self
+                .shared
                 .serving
-                .store(false, std::sync::atomic::Ordering::Release);
+                .store(false, std::sync::atomic::Ordering::Release),
         }
     }
 
