@@ -32,6 +32,8 @@ pub(super) const FORCED_FILE: &str = "forced.json";
 const PRESERVED_DIR: &str = "preserved";
 /// Files named in a report at most (the counts cover the rest).
 const MAX_FILES: usize = 1000;
+/// Files and metadata kinds the command prints (the report has them all).
+const SHOWN: usize = 20;
 
 /// What a forced takeover could not have, or had to set aside.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -65,7 +67,8 @@ pub(crate) struct EntriesReport {
     /// Distinct blocks.
     pub(crate) blocks: u64,
     /// Paths of the files whose data blocks are among them, in the state this node
-    /// continues from (at most [`MAX_FILES`]), and the metadata named.
+    /// continues from (at most [`MAX_FILES`]), and the kinds of metadata (with their
+    /// blocks when more than one).
     pub(crate) files: Vec<String>,
     pub(crate) metadata: Vec<String>,
     /// Blocks no file uses in that state (new files, or data appended after it).
@@ -274,7 +277,8 @@ fn summarize(entries: &[EntryHeader], owners: &BTreeMap<BlockNo, Owner>) -> Entr
         .flat_map(|h| h.blocks.iter().copied())
         .collect();
     let mut files = BTreeSet::new();
-    let mut metadata = BTreeSet::new();
+    // Metadata by kind ("inode table (inodes 1..16)" counts as "inode table").
+    let mut metadata: BTreeMap<String, u64> = BTreeMap::new();
     let mut unreferenced = 0;
     for b in &blocks {
         match owners.get(b) {
@@ -282,7 +286,8 @@ fn summarize(entries: &[EntryHeader], owners: &BTreeMap<BlockNo, Owner>) -> Entr
                 files.insert(path.clone());
             }
             Some(Owner::Metadata(what)) => {
-                metadata.insert(what.clone());
+                let kind = what.split(" (").next().unwrap_or(what);
+                *metadata.entry(kind.to_string()).or_default() += 1;
             }
             Some(Owner::Unreferenced) | None => unreferenced += 1,
         }
@@ -296,7 +301,14 @@ fn summarize(entries: &[EntryHeader], owners: &BTreeMap<BlockNo, Owner>) -> Entr
         bytes: entries.iter().map(|h| h.bytes).sum(),
         blocks: blocks.len() as u64,
         files: files.into_iter().take(MAX_FILES).collect(),
-        metadata: metadata.into_iter().take(MAX_FILES).collect(),
+        metadata: metadata
+            .into_iter()
+            .take(MAX_FILES)
+            .map(|(kind, n)| match n {
+                1 => kind,
+                n => format!("{kind} ({n} blocks)"),
+            })
+            .collect(),
         unreferenced_blocks: unreferenced,
     }
 }
@@ -393,11 +405,18 @@ fn entries_line(e: &EntriesReport) -> String {
 
 fn files_lines(o: &mut String, e: &EntriesReport) {
     use std::fmt::Write;
+    let list = |v: &[String], sep: &str| {
+        let mut s = v.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(sep);
+        if v.len() > SHOWN {
+            s.push_str(&format!("{sep}… {} more in the report", v.len() - SHOWN));
+        }
+        s
+    };
     if !e.files.is_empty() {
-        let _ = writeln!(o, "    files: {}", e.files.join(", "));
+        let _ = writeln!(o, "    files: {}", list(&e.files, ", "));
     }
     if !e.metadata.is_empty() {
-        let _ = writeln!(o, "    metadata: {}", e.metadata.join("; "));
+        let _ = writeln!(o, "    metadata: {}", list(&e.metadata, "; "));
     }
     if e.unreferenced_blocks > 0 {
         let _ = writeln!(
