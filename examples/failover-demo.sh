@@ -16,7 +16,8 @@
 # and A coming back fenced (read-only, its tail kept, the divergence reported). Everything
 # is torn down at the end (KEEP=1 leaves the nodes running until Ctrl-C). Needs root.
 #
-#   VARIANT=planned|force  DEMO=/var/tmp/pairfs-failover  RATE=100mbit  BACKLOG_MIB=128
+#   VARIANT=planned|force  DEMO=/var/tmp/pairfs-failover  RATE=50mbit  BACKLOG_MIB=128
+#   HOSTS=pfdemo (names of the namespace and links)  SUBNET=77 (10.SUBNET.0.0/24)
 #   PAIRFS=path/to/pairfs (default: build it)  examples/failover-demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +26,13 @@ DEMO=${DEMO:-/var/tmp/pairfs-failover}
 RATE=${RATE:-50mbit}
 BACKLOG_MIB=${BACKLOG_MIB:-128}
 KEEP=${KEEP:-0}
-NS=pfdemo-b
-IF_A=pfdemo-a0
-IF_B=pfdemo-b0
-IP_A=10.77.0.1
-IP_B=10.77.0.2
+HOSTS=${HOSTS:-pfdemo}
+SUBNET=${SUBNET:-77}
+NS=$HOSTS-b
+IF_A=$HOSTS-a0
+IF_B=$HOSTS-b0
+IP_A=10.$SUBNET.0.1
+IP_B=10.$SUBNET.0.2
 case $VARIANT in planned | force) ;; *) echo "VARIANT must be planned or force" >&2; exit 2 ;; esac
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

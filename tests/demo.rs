@@ -96,3 +96,71 @@ fn the_demo_replicates_and_stops_on_ctrl_c() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The README's first command, `examples/failover-demo.sh`, in both variants: it fails
+/// (exit status, and says why) if any of its checks does — a file on the new primary that
+/// differs from what the old one acknowledged, `pairfs verify` finding a difference, a
+/// fenced old primary that writes.
+fn failover_demo(variant: &str, hosts: &str, subnet: &str, expect: &[&str]) {
+    require_fuse();
+    let demo = format!(
+        "/var/tmp/pairfs-failover-test-{variant}-{}",
+        std::process::id()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/failover-demo.sh");
+    let out = Command::new(script)
+        .env("VARIANT", variant)
+        .env("DEMO", &demo)
+        .env("HOSTS", hosts)
+        .env("SUBNET", subnet)
+        .env("BACKLOG_MIB", "96")
+        .env("PAIRFS", bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs: String = ["a.log", "b.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(format!("{demo}.logs/{f}")).unwrap_or_default())
+        .collect();
+    assert!(
+        out.status.success(),
+        "the demo failed: {:?}\n{stdout}\n{}\nlogs:\n{logs}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in expect {
+        assert!(stdout.contains(e), "the demo did not say {e:?}:\n{stdout}");
+    }
+    assert!(!Path::new(&demo).exists(), "the demo left {demo} behind");
+    let _ = std::fs::remove_dir_all(format!("{demo}.logs"));
+}
+
+#[test]
+fn the_failover_demo_takes_over_with_a_backlog_draining_and_fails_back() {
+    failover_demo(
+        "planned",
+        "pftp",
+        "78",
+        &[
+            "files on B are identical to what A acknowledged",
+            "the nodes hold the same data",
+            "A serves every file as B had it",
+            "nothing acknowledged was lost",
+        ],
+    );
+}
+
+#[test]
+fn the_failover_demo_forces_a_takeover_after_kill9_and_fences_the_old_primary() {
+    failover_demo(
+        "force",
+        "pftf",
+        "79",
+        &[
+            "forced takeover: this node is the primary of generation",
+            "lost:",
+            "A refuses writes",
+            "A's files are exactly what it acknowledged before it died",
+        ],
+    );
+}
