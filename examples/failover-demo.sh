@@ -13,7 +13,8 @@
 #
 # and with VARIANT=force, instead of 3–4: kills A with SIGKILL while its backlog is still
 # on the way, runs `pairfs takeover --force` on B and shows the loss report, B writing,
-# and A coming back fenced (read-only, its tail kept, the divergence reported). Everything
+# A coming back fenced (read-only, its tail kept, the divergence reported), then
+# `pairfs rejoin` on A and the resync of only the changed blocks. Everything
 # is torn down at the end (KEEP=1 leaves the nodes running until Ctrl-C). Needs root.
 #
 #   VARIANT=planned|force  DEMO=/var/tmp/pairfs-failover  RATE=50mbit  BACKLOG_MIB=128
@@ -189,11 +190,23 @@ if [ "$VARIANT" = force ]; then
   wait_until 60 "node a's mount" mounted "$MA"
   wait_until 60 "node a's fencing" fenced
   show a
-  if echo x > "$MA/should-fail" 2>/dev/null; then die "the fenced old primary accepted a write"; fi
+  if (echo x > "$MA/should-fail") 2>/dev/null; then die "the fenced old primary accepted a write"; fi
   echo "A refuses writes; its files as it last had them (its tail included) stay readable at $MA"
   sums "$MA" > "$DEMO/sums-a-back"
   same "$DEMO/sums-a-back" "$DEMO/sums-a" "A's files are exactly what it acknowledged before it died"
-  say "done: B is the primary of a new generation; A is fenced until an operator deals with its tail"
+  say "6. pairfs rejoin on A (stopped): its tail is set aside, then only the changed blocks resync"
+  kill -TERM "$pa" && wait "$pa" 2>/dev/null || true
+  pa=
+  "$P" rejoin --config "$DEMO/a.toml"
+  sent=$(field b wire_bytes_sent)
+  start_a
+  wait_until 300 "A's resync" settled b a
+  echo "resynced: $(( ($(field b wire_bytes_sent) - sent) / 1048576 )) MiB on the wire"
+  "$P" verify --config "$DEMO/b.toml"
+  sums "$MA" > "$DEMO/sums-a"
+  sums "$MB" > "$DEMO/sums-b"
+  same "$DEMO/sums-a" "$DEMO/sums-b" "every file's checksum is the same on both mounts"
+  say "done: B is the primary of a new generation, A its secondary again (A's tail was set aside in $A/preserved/)"
 else
   say "3. pairfs takeover on B, with A's backlog still draining"
   on_b "$P" takeover --config "$DEMO/b.toml"

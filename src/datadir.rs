@@ -284,6 +284,29 @@ fn create_lu(
     dev.sync().map_err(io_at(path))
 }
 
+/// Replaces the journal of the node in `path` with an empty one of the same size and
+/// identity (`pairfs rejoin`, PROTOCOL.md §7.8: a node whose tail was set aside starts a
+/// new chain, and none of its old entries may continue it). The volume must be closed
+/// with everything checkpointed into the normal area, the directory locked by the caller.
+pub fn recreate_journal(
+    path: &Path,
+    id: VolumeId,
+    block_size: u32,
+    normal_blocks: u64,
+) -> Result<(), DataDirError> {
+    let jp = path.join(JOURNAL_FILE);
+    let len = std::fs::metadata(&jp).map_err(io_at(&jp))?.len();
+    let tmp = path.join("journal.new");
+    let dev = FileDevice::create(&tmp, len).map_err(io_at(&tmp))?;
+    dev.preallocate(len).map_err(io_at(&tmp))?;
+    Journal::format(&dev, id, block_size, normal_blocks)
+        .map_err(|e| DataDirError::Volume(e.into()))?;
+    dev.sync().map_err(io_at(&tmp))?;
+    drop(dev);
+    std::fs::rename(&tmp, &jp).map_err(io_at(&jp))?;
+    sync_dir(path)
+}
+
 /// Makes a directory's entries durable (after creating or renaming files in it).
 pub fn sync_dir(path: &Path) -> Result<(), DataDirError> {
     File::open(path)

@@ -1170,8 +1170,17 @@ impl Volume {
 
     /// The blocks written by retained entries up to `seq` (to mark them in the bitmap).
     pub fn retained_blocks(&self, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
+        self.retained_blocks_after(Seq::NONE, seq)
+    }
+
+    /// [`Volume::retained_blocks`] of the entries after `after` only.
+    pub fn retained_blocks_after(&self, after: Seq, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
         let mut out = Vec::new();
-        for loc in self.journal.retained().iter().take_while(|e| e.seq <= seq) {
+        let retained = self.journal.retained().iter();
+        for loc in retained
+            .skip_while(|e| e.seq <= after)
+            .take_while(|e| e.seq <= seq)
+        {
             out.extend(self.journal.read_blocks(loc)?);
         }
         Ok(out)

@@ -161,6 +161,9 @@ fn the_failover_demo_forces_a_takeover_after_kill9_and_fences_the_old_primary() 
             "lost:",
             "A refuses writes",
             "A's files are exactly what it acknowledged before it died",
+            "rejoin: this node's tail after seq",
+            "the nodes hold the same data",
+            "A its secondary again",
         ],
     );
 }

@@ -72,7 +72,7 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
-fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_fences_it_on_return() {
+fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_the_old_primary_rejoins() {
     let net = Netns::new("fa");
     let mut p = pair_with("fal", "2G", &["--journal-size", "768M"], SLOW_LINK);
     p.across(&net, SLOW_LINK);
@@ -80,6 +80,7 @@ fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_fences_it_
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     sh(&format!(
         "mkdir {ma}/base && head -c 8M /dev/urandom > {ma}/base/one \
+         && head -c 64M /dev/urandom > {ma}/base/big \
          && cp -a /usr/include/linux {ma}/base/linux && head -c 4M /dev/urandom > {ma}/old.bin"
     ));
     p.fsync_a();
@@ -168,6 +169,48 @@ fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_fences_it_
     );
     sh(&format!("echo again >> {mb}/after && sync {mb}/after"));
     assert_eq!(p.b.json()["role"], "primary");
+    // `pairfs rejoin` (node stopped): the tail is reported and its files copied out...
+    p.a.stop();
+    let out = run(Command::new(bin())
+        .args(["rejoin", "--json", "--config"])
+        .arg(&p.a.config));
+    assert!(
+        out.status.success(),
+        "rejoin: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rj: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{rj:#}");
+    assert_eq!(rj["base_seq"].as_u64(), Some(base_seq), "{rj}");
+    assert_eq!(rj["tail"]["first_seq"].as_u64(), Some(base_seq + 1), "{rj}");
+    assert_eq!(rj["tail"]["last_seq"].as_u64(), Some(newest), "{rj}");
+    let kept = Path::new(rj["dir"].as_str().unwrap()).join("files/old.bin");
+    assert_eq!(
+        md5(&kept.display().to_string()),
+        overwritten,
+        "the tail's file was not kept"
+    );
+    // ... and at its start only the blocks changed on either side are resynced.
+    let tail_bytes = rj["tail_blocks"].as_u64().unwrap() * 4096;
+    let sent_before = p.b.u("wire_bytes_sent");
+    p.a.start(&[]);
+    p.a.wait_mounted();
+    p.swap();
+    p.caught_up(Duration::from_secs(120));
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(60));
+    let sent = p.a.u("wire_bytes_sent") - sent_before;
+    eprintln!("rejoin resync: {sent} bytes on the wire, the tail wrote {tail_bytes} bytes");
+    // The tail (24 MiB of new file, 1 MiB overwritten, metadata) and b's one small file,
+    // against more than 80 MiB in use: a full copy would send all of it.
+    assert!(
+        sent < tail_bytes + tail_bytes / 10 + (2 << 20),
+        "the resync sent {sent} bytes: more than the changed blocks ({tail_bytes} bytes of tail)"
+    );
+    p.assert_verified();
+    p.assert_same_files();
+    assert_eq!(sh(&format!("cat {ma}/after")), "after\nagain\n");
     p.a.stop();
     p.b.stop();
     fsck(&p.a);

@@ -550,6 +550,12 @@ impl Sim {
             | Action::VerifyBlocks { .. }) => {
                 panic!("secondary action on the primary: {a:?}")
             }
+            // Forced takeovers and rejoins are not simulated (tests/forced.rs has them on
+            // real processes).
+            a
+            @ (Action::Fenced { .. } | Action::MarkBlocks(_) | Action::MarkBitmapAfter { .. }) => {
+                panic!("not simulated: {a:?}")
+            }
         }
     }
 

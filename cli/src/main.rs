@@ -6,6 +6,7 @@
 mod bench;
 mod config;
 mod node;
+mod rejoin;
 mod size;
 mod state;
 
@@ -145,6 +146,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make an old primary that was fenced on its return after a forced takeover the new
+    /// primary's secondary again (docs/PROTOCOL.md §7.8), with the node stopped: its tail
+    /// (what the new primary never got) is reported and its files copied into
+    /// DATA/preserved/; at its next start only the blocks changed on either side since the
+    /// divergence are resynced.
+    Rejoin {
+        /// This node's configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure this build's raw loopback QUIC throughput (benchmark baseline).
     #[command(hide = true)]
     BenchQuic {
@@ -260,6 +274,7 @@ fn main() -> ExitCode {
             json,
             force,
         } => takeover(&config, json, force),
+        Cmd::Rejoin { config, json } => rejoin_cmd(&config, json),
         Cmd::BenchQuic { seconds, blocks } => {
             bench::bench_quic(seconds, blocks).map(|_| ExitCode::SUCCESS)
         }
@@ -768,6 +783,16 @@ fn progress_bar(label: &str, done: u64, total: u64, rate: f64, unit: f64, extra:
         "-".repeat(width - filled.min(width)),
         size::human((rate * unit) as u64),
     )
+}
+
+fn rejoin_cmd(config: &Path, json: bool) -> Result<ExitCode> {
+    let r = rejoin::rejoin(config)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", r.describe());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn takeover(config: &Path, json: bool, force: bool) -> Result<ExitCode> {

@@ -26,6 +26,41 @@ const BITMAP_MAGIC: &[u8; 8] = b"PFDBMAP1";
 pub(crate) const STATE_FILE: &str = "pair.state";
 /// Name of the difference bitmap file in the data directory.
 pub(crate) const BITMAP_FILE: &str = "diff.bitmap";
+/// A node rejoining after a divergence: the blocks of its own tail (format of
+/// [`BITMAP_FILE`]; docs/PROTOCOL.md §7.8), until it is consistent again.
+pub(crate) const REJOIN_FILE: &str = "rejoin.bitmap";
+/// An old primary fenced on its return after a forced takeover (JSON, [`Fenced`]).
+pub(crate) const FENCED_FILE: &str = "fenced.json";
+
+/// Where a fenced old primary's lineage left the new primary's (for `pairfs rejoin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Fenced {
+    /// The new primary's generation branches off at this seq.
+    pub(crate) base: u64,
+    /// This node's newest durable seq when it was fenced: its tail is `base + 1..=newest`.
+    pub(crate) newest: u64,
+    /// When (ns since the Unix epoch).
+    pub(crate) at_ns: u64,
+}
+
+impl Fenced {
+    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+        let mut b = serde_json::to_vec_pretty(self).context("encoding the fencing record")?;
+        b.push(b'\n');
+        write_durably(&dir.join(FENCED_FILE), &b)
+    }
+
+    pub(crate) fn load(dir: &Path) -> Result<Option<Fenced>> {
+        let path = dir.join(FENCED_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .with_context(|| format!("{} is not a fencing record", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}
 
 /// Replaces `path` durably with `bytes`.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -170,7 +205,11 @@ pub(crate) struct DiffBitmap {
 impl DiffBitmap {
     /// Loads the bitmap of a volume of `blocks` blocks (empty if there is none yet).
     pub(crate) fn load(dir: &Path, blocks: u64) -> Result<DiffBitmap> {
-        let path = dir.join(BITMAP_FILE);
+        Self::load_at(dir.join(BITMAP_FILE), blocks)
+    }
+
+    /// [`DiffBitmap::load`] from another file of the same format.
+    pub(crate) fn load_at(path: PathBuf, blocks: u64) -> Result<DiffBitmap> {
         let mut bits = bitvec![u64, Lsb0; 0; blocks as usize];
         match std::fs::read(&path) {
             Ok(bytes) => {
@@ -217,6 +256,24 @@ impl DiffBitmap {
     /// Marked blocks, in order.
     pub(crate) fn marked(&self) -> Vec<u64> {
         self.bits.iter_ones().map(|i| i as u64).collect()
+    }
+
+    /// The file exists.
+    pub(crate) fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// Removes the file (durably).
+    pub(crate) fn remove(&self) -> Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", self.path.display()))
+            }
+            _ => match self.path.parent() {
+                Some(d) => pairfs::datadir::sync_dir(d).map_err(Into::into),
+                None => Ok(()),
+            },
+        }
     }
 
     /// Number of marked blocks.

@@ -233,6 +233,15 @@ pub enum Action {
     /// Primary: mark the blocks of every retained entry up to this seq in the difference
     /// bitmap, persist the bitmap, then release those entries.
     MarkBitmap(Seq),
+    /// Primary, a peer rejoining after a divergence (docs/PROTOCOL.md §7.8): as
+    /// [`Action::MarkBitmap`]`(upto)`, but only the blocks of retained entries after
+    /// `after` are marked (those up to it are the lineage both nodes share).
+    MarkBitmapAfter {
+        /// The branch point.
+        after: Seq,
+        /// Release every retained entry up to this seq.
+        upto: Seq,
+    },
     /// Primary: the resync completed; clear and persist the difference bitmap.
     ClearBitmap,
     /// Write the pair state durably.
@@ -294,6 +303,19 @@ pub enum Action {
     /// The role changed here (a taker became primary, a source secondary): the driver
     /// adapts the filesystem (a primary writes, a secondary follows the stream).
     RoleChanged(Role),
+    /// This primary met a primary that took over by force while it was away (§7.8): it
+    /// steps down (the actions that follow); its entries after `base`, up to `newest`, are
+    /// a tail the new primary does not have. The driver records it durably (for `pairfs
+    /// rejoin`) before anything else.
+    Fenced {
+        /// The branch point of the new primary's generation.
+        base: Seq,
+        /// This node's newest durable seq.
+        newest: Seq,
+    },
+    /// Primary: mark these blocks in the difference bitmap and persist it (the tail of a
+    /// node rejoining after a divergence, before the bitmap copy that follows).
+    MarkBlocks(Vec<crate::types::BlockNo>),
 }
 
 /// What a forced takeover cannot have (docs/PROTOCOL.md §7.7), from

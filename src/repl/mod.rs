@@ -26,8 +26,9 @@ use crate::types::{Seq, VolumeId};
 
 /// Protocol version spoken by this build (docs/PROTOCOL.md title). Version 2: two
 /// acknowledgements (received, durable), flush and reconciliation (issue 9). Version 3:
-/// headers ahead of data, planned takeover (issue 10, docs/PROTOCOL.md §7).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// headers ahead of data, planned takeover (issue 10, docs/PROTOCOL.md §7). Version 4: a
+/// node rejoining after a divergence names the blocks of its tail in its hello (§7.8).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest journal entry a primary sends, in bytes of block data (docs/PROTOCOL.md §4):
 /// with a peer, the open entry is sealed before its blocks would exceed it, so one entry
@@ -248,6 +249,10 @@ pub struct Hello {
     /// The sender's role change under way, if any (a frozen old primary says so: a new
     /// primary then waits for it to step down instead of refusing two primaries).
     pub takeover: Option<Takeover>,
+    /// Secondary rejoining after a divergence (`pairfs rejoin`, docs/PROTOCOL.md §7.8): the
+    /// blocks its own tail wrote, which the primary resyncs along with the blocks it
+    /// changed since; the sender's lineage is then not checked (it is to be overwritten).
+    pub rejoin: Option<Vec<crate::types::BlockNo>>,
 }
 
 /// One journal entry on the wire, with the content of every block.

@@ -402,7 +402,23 @@ impl PrimaryState {
             ));
             return;
         }
-        if !full {
+        if let Some(blocks) = &h.rejoin {
+            // Rejoining after a divergence (§7.8): to be overwritten, lineage and all.
+            if let Some(&b) = blocks.iter().find(|&&b| b >= ctx.cfg.blocks) {
+                ctx.refuse(format!(
+                    "protocol violation: the rejoining peer names block {b} of {}",
+                    ctx.cfg.blocks
+                ));
+                return;
+            }
+            if !h.inconsistent {
+                ctx.refuse(
+                    "protocol violation: a rejoining peer that says it is consistent".into(),
+                );
+                return;
+            }
+            self.accept_rejoin(ctx, blocks.clone());
+        } else if !full {
             if let Err(why) =
                 lineage_follows(&h.generations, h.last_seq, &ctx.persisted.generations)
             {

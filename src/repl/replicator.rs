@@ -417,6 +417,18 @@ impl Replicator {
             empty: ctx.persisted.empty,
             max_entry_bytes: ctx.cfg.max_entry_bytes,
             takeover: ctx.persisted.takeover,
+            rejoin: match &self.role {
+                RoleState::Secondary(s) => s.rejoin().map(<[_]>::to_vec),
+                RoleState::Primary(_) => None,
+            },
+        }
+    }
+
+    /// Secondary, rejoining after a divergence (docs/PROTOCOL.md §7.8): the blocks its
+    /// tail wrote, named in its hellos until it is consistent again.
+    pub fn set_rejoin(&mut self, blocks: Option<Vec<crate::types::BlockNo>>) {
+        if let RoleState::Secondary(s) = &mut self.role {
+            s.set_rejoin(blocks);
         }
     }
 
@@ -576,6 +588,10 @@ impl Replicator {
                 tracing::info!("the old primary is still frozen: waiting for it to step down");
                 return;
             } else if let Some(branch) = forced_past(&ctx.persisted, &h) {
+                ctx.out.push_back(Action::Fenced {
+                    base: branch,
+                    newest: durable,
+                });
                 // The peer took over by force while this node was away (§7.8): it never
                 // writes as primary again; what it holds beyond the branch point stays.
                 tracing::error!(

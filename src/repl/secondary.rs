@@ -57,6 +57,8 @@ pub(super) struct SecondaryState {
     /// On this connection, the newest seq the primary showed it holds (its `Durable`, the
     /// predecessor of an entry it sent): a pull for entries before it is stale.
     primary_has: Seq,
+    /// Rejoining after a divergence: the blocks of this node's own tail (§7.8).
+    rejoin: Option<Vec<crate::types::BlockNo>>,
 }
 
 impl SecondaryState {
@@ -77,6 +79,15 @@ impl SecondaryState {
         // Restarted with the drain complete: the merge goes on.
         s.maybe_merge(ctx);
         s
+    }
+
+    /// Rejoining: the blocks of this node's tail, for its hello.
+    pub(super) fn rejoin(&self) -> Option<&[crate::types::BlockNo]> {
+        self.rejoin.as_deref()
+    }
+
+    pub(super) fn set_rejoin(&mut self, blocks: Option<Vec<crate::types::BlockNo>>) {
+        self.rejoin = blocks;
     }
 
     /// The takeover request sent on this connection and not answered yet.

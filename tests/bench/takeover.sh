@@ -40,6 +40,11 @@
 #      local-unreflected area), and again, to another file, once the merge has completed
 #      (the normal write path): MiB/s each and drain/after (goal >= 0.8).
 #
+# Also, with a backlog: both nodes' status every SAMPLE_INTERVAL from ready to the end of
+# the role change (logs-*/...samples.jsonl), giving the drain's time (ready -> b no longer
+# "draining"), its rate (backlog at ready / that time) and the bytes a sent meanwhile
+# (drain_wire: the link's use, fetches included); and tc's counters of the link.
+#
 # Each measurement checks the takeover phase before and after it: a figure taken while
 # the drain was no longer running is recorded as FAIL (with why), not as a figure.  Also
 # recorded: the time from the takeover to the end of the role change (b primary, a its
@@ -83,6 +88,7 @@ PORT_B=${PORT_B:-17432}
 COPY_TIMEOUT=${COPY_TIMEOUT:-180}               # initial copy, mounts, first "in sync"
 STREAM_TIMEOUT=${STREAM_TIMEOUT:-60}            # link back -> the pair streams again
 SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-900}           # takeover -> role change complete
+SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-1}           # status of both nodes during the drain (s)
 FSCK=${FSCK:-1}                                 # 1: pairfs fsck of both nodes after every case
 KEEP=${KEEP:-0}                                 # 1: keep BENCH_DIR at exit
 export RUST_LOG=${RUST_LOG:-info}               # the daemons' logs
@@ -319,6 +325,7 @@ check_log() {
 # takeover), check their exit, logs and fsck; delete the nodes and the netns.
 teardown_pair() {
     local bl=$1 rep=$2 rc_a rc_b
+    stop_sampler
     stop_daemon "$MNT_B" "$PB_PID"
     rc_b=$STOP_RC
     PB_PID=
@@ -409,6 +416,62 @@ for off in offsets:
 os.close(fd)
 '
 
+# sampler PAIRFS CFG_A CFG_B INTERVAL OUT: both nodes' `pairfs status --json` every
+# INTERVAL s into OUT (JSON lines {"t": wall time, "a": ..., "b": ...}) until SIGTERM.
+PY_SAMPLER='
+import json, os, signal, subprocess, sys, time
+pairfs, cfg_a, cfg_b, interval, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+ppid = os.getppid()
+def status(cfg):
+    try:
+        r = subprocess.run([pairfs, "status", "--json", "--config", cfg], capture_output=True, text=True, timeout=3)
+        return json.loads(r.stdout)
+    except Exception:
+        return None
+with open(out, "w") as f:
+    nxt = time.time()
+    while not stop and os.getppid() == ppid:
+        t = time.time()
+        f.write(json.dumps({"t": t, "a": status(cfg_a), "b": status(cfg_b)}) + "\n")
+        f.flush()
+        nxt += interval
+        time.sleep(max(0.0, nxt - time.time()))
+'
+
+# drain_stats SAMPLES T0 BACKLOG_BYTES: from the samples, the drain's end (the first
+# sample where b is no longer "draining") and its rates, as "METRIC UNIT VALUE" lines.
+PY_DRAIN_STATS='
+import json, sys
+path, t0, backlog = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+rows = [json.loads(l) for l in open(path) if l.strip()]
+end = None
+for r in rows:
+    b = r["b"]
+    if b is not None and (b.get("takeover") or {}).get("phase") != "draining":
+        end = r
+        break
+if end is None:
+    sys.exit("no sample after the drain")
+d = end["t"] - t0
+print("drain s %.2f" % d)
+if backlog > 0 and d > 0:
+    print("drain_rate MiB/s %.2f" % (backlog / 1048576 / d))
+# the bytes a sent on its connection meanwhile (the connection of the takeover: while
+# its counter only grows)
+first = next((r for r in rows if r["a"]), None)
+if first:
+    w0, last = first["a"]["wire_bytes_sent"], None
+    for r in rows:
+        if r["t"] > end["t"]:
+            break
+        if r["a"] and r["a"]["wire_bytes_sent"] >= w0:
+            last = r
+    if last and last["t"] > first["t"]:
+        print("drain_wire MiB/s %.2f" % ((last["a"]["wire_bytes_sent"] - w0) / 1048576 / (last["t"] - first["t"])))
+'
+
 # ------------------------------------------------------------------- a case --
 
 # The backlog's files for BACKLOG MiB: filler.bin, then (largest backlog) peer.bin and
@@ -485,6 +548,10 @@ run_case() {
     fig "$bl" "$rep" pairfs_seconds "$(jg "$r" '.takeover.seconds * 1e6 | round / 1000')" ms
     fig "$bl" "$rep" takeover_cmd "$(jg "$r" '.cmd_ms * 1000 | round / 1000')" ms
     fig "$bl" "$rep" backlog_at_takeover "$(jg "$r" '.takeover.backlog_bytes / 1048576 * 10 | round / 10')" MiB
+    if ((bl > 0)); then
+        python3 -c "$PY_SAMPLER" "$BIN" "$CFG_A" "$CFG_B" "$SAMPLE_INTERVAL" "$LOGP.samples.jsonl" &
+        HELPER_PID=$!
+    fi
     s=$(status "$CFG_B")
     log "    probe: $(jg "$r" .attempts) attempt(s) (first error: $(jg "$r" .first_error)); backlog $(jg "$r" .takeover.backlog_entries) entries, $(jg "$r" .takeover.backlog_blocks) blocks; b now: phase '$(jg "$s" .takeover.phase)'"
     ((bl > 0)) && fig "$bl" "$rep" fetches_by_ready "$(jg "$s" '.takeover.remote_reads // 0')" n
@@ -500,12 +567,30 @@ run_case() {
         return
     fi
     fig "$bl" "$rep" settle "$(secs "$t0" "$(now)" | awk '{ printf "%.2f", $1 }')" s
+    stop_sampler
+    if ((bl > 0)); then
+        local line
+        if line=$(python3 -c "$PY_DRAIN_STATS" "$LOGP.samples.jsonl" "$t0" "$(jg "$r" '.takeover.backlog_bytes // 0')" 2>&1); then
+            while read -r metric unit value; do fig "$bl" "$rep" "$metric" "$value" "$unit"; done <<<"$line"
+        else
+            log "    no drain figures: $line"
+        fi
+        log "    link a->b: $(tc -s qdisc show dev "$HOST_IF" 2>/dev/null | tr -s ' \n' ' ' | cut -c1-220)"
+    fi
 
     if [[ $bl == "$MEASURE_BACKLOG" ]]; then
         measure_after "$bl" "$rep"
         verify_files "$bl" "$rep"
     fi
     teardown_pair "$bl" "$rep"
+}
+
+stop_sampler() {
+    if [[ -n $HELPER_PID ]]; then
+        kill -TERM "$HELPER_PID" 2>/dev/null || true
+        wait "$HELPER_PID" 2>/dev/null || true
+        HELPER_PID=
+    fi
 }
 
 # Parts 2-4 while the drain runs (the files still on the old primary).
@@ -641,11 +726,16 @@ for bl, rep, metric, value, unit in rows:
     if value == "FAIL":
         fails.append("backlog %s MiB, rep %s, %s: %s" % (bl, rep, metric, unit))
         continue
+    try:
+        v = float(value)
+    except ValueError:
+        fails.append("backlog %s MiB, rep %s, %s: no figure (%r)" % (bl, rep, metric, value))
+        continue
     k = (int(bl), metric)
     if metric not in order:
         order.append(metric)
     units[metric] = unit
-    data.setdefault(k, []).append(float(value))
+    data.setdefault(k, []).append(v)
 def num(x):
     return "%.3f" % x if abs(x) < 10 else "%.1f" % x if abs(x) < 1000 else "%.0f" % x
 def med(bl, m):
@@ -718,6 +808,7 @@ EOF
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    stop_sampler
     if [[ -n $PB_PID ]]; then kill -TERM "$PB_PID" 2>/dev/null || true; fi
     if [[ -n $PA_PID ]]; then kill -TERM "$PA_PID" 2>/dev/null || true; fi
     local pid

@@ -77,6 +77,8 @@ pub(crate) struct Driver {
     pub(super) last_forced: Option<super::force::LossReport>,
     /// A `pairfs takeover --force` waiting for the peer's connection to time out.
     pub(super) pending_force: Option<super::force::PendingForce>,
+    /// Rejoining after a divergence (`pairfs rejoin`): the blocks of this node's tail.
+    rejoin: Option<DiffBitmap>,
 }
 
 impl Driver {
@@ -91,6 +93,7 @@ impl Driver {
         Driver {
             last_forced: super::force::load_last(&cfg.data),
             pending_force: None,
+            rejoin: None,
             host,
             shared,
             repl,
@@ -114,6 +117,12 @@ impl Driver {
             takeover_ids: 0,
             merging: false,
         }
+    }
+
+    /// A node rejoining after a divergence names its tail's blocks in its hellos.
+    pub(crate) fn rejoining(&mut self, tail: DiffBitmap) {
+        self.repl.set_rejoin(Some(tail.marked()));
+        self.rejoin = Some(tail);
     }
 
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
@@ -446,6 +455,12 @@ impl Driver {
                 }
             },
             Action::Release(seq) => self.host.vol_mut(|v| v.set_release_limit(seq)),
+            Action::MarkBitmapAfter { after, upto } => {
+                let blocks = self.host.vol(|v| v.retained_blocks_after(after, upto))?;
+                self.bitmap.mark(blocks);
+                self.bitmap.persist()?;
+                self.host.vol_mut(|v| v.force_release(upto))?;
+            }
             Action::MarkBitmap(seq) => {
                 let blocks = self.host.vol(|v| v.retained_blocks(seq))?;
                 self.bitmap.mark(blocks);
@@ -459,6 +474,23 @@ impl Driver {
                 }
             }
             Action::Persist(st) => save_state(&self.cfg.data, &st)?,
+            Action::Fenced { base, newest } => {
+                let f = crate::state::Fenced {
+                    base: base.0,
+                    newest: newest.0,
+                    at_ns: pairfs::types::now_ns(),
+                };
+                f.save(&self.cfg.data)?;
+                tracing::error!(
+                    tail = format_args!("{}..={}", base.0 + 1, newest.0),
+                    "fenced: this node's entries in this range are not on the new primary; \
+                     they stay readable here (read-only) until `pairfs rejoin`"
+                );
+            }
+            Action::MarkBlocks(blocks) => {
+                self.bitmap.mark(blocks);
+                self.bitmap.persist()?;
+            }
             Action::Acked { received, durable } => {
                 self.shared.set_peer(PeerProgress { received, durable });
             }
@@ -658,8 +690,22 @@ impl Driver {
         });
     }
 
-    /// Tells the writers what they may do; frees orphans when writes are first admitted.
+    /// Tells the writers what they may do; frees orphans when writes are first admitted;
+    /// ends a rejoin once the node is consistent again.
     fn publish(&mut self) {
+        if let Some(r) = self.rejoin.as_ref() {
+            let s = self.repl.status();
+            if !s.inconsistent && s.state == pairfs::repl::PairState::Pair {
+                match r.remove() {
+                    Ok(()) => {
+                        tracing::info!("rejoined: this node is the primary's replica again");
+                        self.repl.set_rejoin(None);
+                        self.rejoin = None;
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "ending the rejoin"),
+                }
+            }
+        }
         // A primary (not reconciling, not frozen), or a node taking over.
         let admits = self.repl.admits_writes();
         self.shared.publish(Gate {

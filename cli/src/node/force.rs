@@ -28,8 +28,8 @@ use crate::state::write_durably;
 
 /// The last forced takeover's report in the data directory (for `status`).
 pub(super) const FORCED_FILE: &str = "forced.json";
-/// Where what a forced takeover could not keep goes, one directory per takeover.
-const PRESERVED_DIR: &str = "preserved";
+/// Where what a forced takeover (or a rejoin) could not keep goes, one directory each.
+pub(crate) const PRESERVED_DIR: &str = "preserved";
 /// Files named in a report at most (the counts cover the rest).
 const MAX_FILES: usize = 1000;
 /// Files and metadata kinds the command prints (the report has them all).
@@ -271,7 +271,10 @@ impl Driver {
 }
 
 /// Counts, time span and files of `entries`.
-fn summarize(entries: &[EntryHeader], owners: &BTreeMap<BlockNo, Owner>) -> EntriesReport {
+pub(crate) fn summarize(
+    entries: &[EntryHeader],
+    owners: &BTreeMap<BlockNo, Owner>,
+) -> EntriesReport {
     let blocks: BTreeSet<BlockNo> = entries
         .iter()
         .flat_map(|h| h.blocks.iter().copied())
@@ -324,7 +327,7 @@ fn preserve_lu(data: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(to)
 }
 
-fn write_report(path: &Path, r: &LossReport) -> Result<()> {
+pub(crate) fn write_report(path: &Path, r: &impl Serialize) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(r).context("encoding the loss report")?;
     bytes.push(b'\n');
     write_durably(path, &bytes)

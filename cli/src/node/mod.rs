@@ -18,7 +18,7 @@
 mod control;
 mod driver;
 mod fetch;
-mod force;
+pub(crate) mod force;
 mod hooks;
 mod link;
 mod takeover;
@@ -539,7 +539,7 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
     if matches!(repl.takeover(), Some(pairfs::repl::Takeover::Taker { .. })) {
         takeover::resume(&cfg.data, &host, fetch.clone())?;
     }
-    let driver = driver::Driver::new(
+    let mut driver = driver::Driver::new(
         cfg.clone(),
         host.clone(),
         shared.clone(),
@@ -547,6 +547,14 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         bitmap,
         fetch,
     );
+    let tail = DiffBitmap::load_at(cfg.data.join(crate::state::REJOIN_FILE), blocks)?;
+    if tail.exists() {
+        tracing::info!(
+            blocks = tail.count(),
+            "rejoining: the primary resyncs this node's tail"
+        );
+        driver.rejoining(tail);
+    }
     rt.spawn(driver.run(rx));
     rt.spawn(control::control_socket(cfg.data.clone(), shared.clone()));
     drop(_guard);

@@ -119,6 +119,36 @@ impl PrimaryState {
     }
 
     /// The backlog outgrew the journal limit: keep it as a bitmap instead.
+    /// A peer rejoins after a divergence (docs/PROTOCOL.md §7.8) naming the blocks of its
+    /// own tail: the difference bitmap gets those and the blocks of every entry this node
+    /// retains (everything it changed since the peer last had its data), and the copy that
+    /// the hello plan then starts is a bitmap copy of their union.
+    pub(super) fn accept_rejoin(&mut self, ctx: &mut Ctx, blocks: Vec<crate::types::BlockNo>) {
+        tracing::warn!(
+            peer_tail_blocks = blocks.len(),
+            retained_entries = self.retained.len(),
+            "the peer rejoins after a divergence: the blocks changed on either side are resynced"
+        );
+        ctx.persisted.backlog = Backlog::Bitmap { base: Seq::NONE };
+        ctx.persisted.full_copy = false;
+        ctx.persist();
+        // This node's own generation branched off at its base: entries up to it are the
+        // lineage the peer holds too (it was their primary, or applied them).
+        let after = ctx
+            .persisted
+            .generations
+            .last()
+            .map_or(Seq::NONE, |g| g.base);
+        ctx.out.push_back(Action::MarkBitmapAfter {
+            after,
+            upto: self.last_seq,
+        });
+        ctx.out.push_back(Action::MarkBlocks(blocks));
+        self.retained.clear();
+        self.retained_bytes = 0;
+        self.in_flight = 0;
+    }
+
     pub(super) fn enter_bitmap(&mut self, ctx: &mut Ctx) {
         let base = match ctx.persisted.backlog {
             Backlog::Bitmap { base } => base,
