@@ -34,6 +34,9 @@ pub const MIN_PEER_ENTRY_BYTES: u64 = 2 << 20;
 
 /// Busy time one sample of the peer's drain rate spans at least.
 const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
+/// The slowest delivery assumed when waiting for an acknowledgement before resending
+/// (bytes per second; see `resend_at`): 1 MiB/s, an 8 Mbit/s link.
+const RESEND_MIN_RATE: f64 = (1 << 20) as f64;
 
 /// What only a primary keeps: its entries and how far the peer has them, the copy, the
 /// reconciliation, the verify requests.
@@ -236,10 +239,23 @@ impl PrimaryState {
             return Some(pull_again.map_or(r.deadline, |t| t.min(r.deadline)));
         }
         if ctx.connected && self.sent_upto > ctx.peer_received() {
-            self.last_progress.map(|t| t + resend_after)
+            self.resend_at(ctx)
         } else {
             None
         }
+    }
+
+    /// When entries sent and not acknowledged are sent again, barring progress:
+    /// `resend_after` after the last progress, plus twice the time the bytes in flight take
+    /// at the peer's measured rate (at least [`RESEND_MIN_RATE`]). On a link slower than the
+    /// window per `resend_after` (64 MiB per 2 s: 256 Mbit/s) a fixed timeout would resend
+    /// the window while it is still being delivered, again and again, and the resends
+    /// would take the link.
+    fn resend_at(&self, ctx: &Ctx) -> Option<Instant> {
+        let rate = self.drain_rate.unwrap_or(0.0).max(RESEND_MIN_RATE);
+        let transit = Duration::from_secs_f64(2.0 * self.in_flight as f64 / rate);
+        self.last_progress
+            .map(|t| t + ctx.cfg.resend_after + transit)
     }
 
     /// The backlog writers are held to (see [`Replicator::backpressure`]).
@@ -757,11 +773,7 @@ impl PrimaryState {
             return false;
         }
         let received = ctx.peer_received();
-        if self.sent_upto > received
-            && self
-                .last_progress
-                .is_some_and(|t| now.duration_since(t) >= ctx.cfg.resend_after)
-        {
+        if self.sent_upto > received && self.resend_at(ctx).is_some_and(|t| now >= t) {
             tracing::debug!(from = %received, upto = %self.sent_upto, "no acknowledgement: resending");
             self.sent_upto = received;
             self.in_flight = 0;

@@ -81,6 +81,10 @@ pub(super) struct Taking {
     freeze: Seq,
     counters: TakeoverCounters,
     prefetched: Mutex<Prefetched>,
+    /// The block after the last read: a read starting there is sequential, and only then
+    /// are the following blocks on the peer read ahead (a random read waits for its own
+    /// blocks only, not for a megabyte it will not use).
+    sequential_at: AtomicU64,
 }
 
 /// Where a takeover stands, for status.
@@ -166,6 +170,7 @@ impl Volume {
             freeze,
             counters: TakeoverCounters::default(),
             prefetched: Mutex::default(),
+            sequential_at: AtomicU64::new(u64::MAX),
         }));
         Ok(())
     }
@@ -217,6 +222,8 @@ impl Volume {
         let Some(t) = self.taking.as_ref() else {
             return Ok(filled);
         };
+        let end = start + n as u64;
+        let sequential = t.sequential_at.swap(end, Relaxed) == start;
         let mut from_peer: Vec<(usize, BlockNo, Seq)> = Vec::new();
         for (i, chunk) in buf.chunks_exact_mut(bs).enumerate() {
             let b = start + i as u64;
@@ -244,10 +251,14 @@ impl Volume {
             return Ok(filled);
         }
         let mut asked: Vec<(BlockNo, Seq)> = from_peer.iter().map(|&(_, b, s)| (b, s)).collect();
-        // Read ahead: the blocks after the read that are on the peer too.
-        let end = start + n as u64;
+        // Read ahead, when the reads are sequential: the blocks after the read that are on
+        // the peer too.
         let mut b = end;
-        while asked.len() < FETCH_BLOCKS && b < self.blocks && b < end + FETCH_BLOCKS as u64 {
+        while sequential
+            && asked.len() < FETCH_BLOCKS
+            && b < self.blocks
+            && b < end + FETCH_BLOCKS as u64
+        {
             if let Some(Location::Peer { seq }) = locate(&t.remote, t.lu.newest(b), b) {
                 if !pre.blocks.contains_key(&b) {
                     asked.push((b, seq));
@@ -737,18 +748,25 @@ mod tests {
             let a = frozen.vol.lock().unwrap();
             (0..BLOCKS).map(|x| a.read_block(x).unwrap()[0]).collect()
         };
+        let mut buf = vec![0u8; BS];
         for x in 0..BLOCKS {
-            assert_eq!(b.read_block(x).unwrap()[0], old[x as usize], "block {x}");
+            b.read_data(x, &mut buf).unwrap();
+            assert_eq!(buf[0], old[x as usize], "block {x}");
         }
         assert_eq!(
             frozen.calls.load(Relaxed),
             1,
-            "one round trip for the peer's blocks"
+            "one round trip for the peer's blocks, read in sequence"
         );
         // A block read ahead is served once (then read again from the peer, if still there).
         let calls = frozen.calls.load(Relaxed);
         assert_eq!(b.read_block(7).unwrap()[0], old[7]);
         assert_eq!(frozen.calls.load(Relaxed), calls + 1);
+        // A read out of sequence waits for its own blocks only.
+        let fetched = frozen.fetched.load(Relaxed);
+        b.read_data(4, &mut buf).unwrap();
+        assert_eq!(buf[0], old[4]);
+        assert_eq!(frozen.fetched.load(Relaxed), fetched + 1, "no readahead");
     }
 
     #[test]
