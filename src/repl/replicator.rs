@@ -853,3 +853,64 @@ fn message_name(m: &Message) -> &'static str {
         Message::Refuse { .. } => "Refuse",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repl::Epoch;
+
+    fn g(id: u64, base: u64) -> Generation {
+        Generation {
+            id,
+            base: Seq(base),
+        }
+    }
+
+    fn primary_hello(epoch: u64, generations: Vec<Generation>) -> Hello {
+        Hello {
+            proto: PROTOCOL_VERSION,
+            node: "b".into(),
+            volume: crate::types::VolumeId([1; 16]),
+            block_size: 4096,
+            blocks: 64,
+            role: Role::Primary,
+            epoch: Epoch(epoch),
+            generations,
+            last_seq: Seq(9),
+            durable: Seq(9),
+            inconsistent: false,
+            empty: false,
+            max_entry_bytes: 1 << 20,
+            takeover: None,
+            rejoin: None,
+        }
+    }
+
+    #[test]
+    fn a_primary_steps_down_only_before_a_forced_generation_branching_off_its_own_lineage() {
+        let mut ours = PersistedState::new_primary(7);
+        ours.epoch = Epoch(3);
+        // The peer took over by force at seq 5: a later epoch, our lineage plus its own.
+        let forced = primary_hello(4, vec![g(7, 0), g(8, 5)]);
+        assert_eq!(forced_past(&ours, &forced), Some(Seq(5)));
+        // Not at a later epoch: two primaries, refused as such.
+        assert_eq!(
+            forced_past(&ours, &primary_hello(3, vec![g(7, 0), g(8, 5)])),
+            None
+        );
+        // Our own lineage, not extended: nothing was forced.
+        assert_eq!(forced_past(&ours, &primary_hello(4, vec![g(7, 0)])), None);
+        // Another lineage altogether.
+        assert_eq!(
+            forced_past(&ours, &primary_hello(4, vec![g(9, 0), g(8, 5)])),
+            None
+        );
+        // This node also started a generation of its own since (it gave up reconciling):
+        // the lineages differ, and neither steps down.
+        ours.generations.push(g(10, 6));
+        assert_eq!(forced_past(&ours, &forced), None);
+        // A blank node has no lineage to be fenced from.
+        ours.generations.clear();
+        assert_eq!(forced_past(&ours, &forced), None);
+    }
+}

@@ -44,8 +44,9 @@ const FETCH_BLOCKS: usize = crate::takeover::MAX_FETCH_BLOCKS;
 /// Blocks read ahead kept in memory, at most (64 MiB at 4 KiB).
 const PREFETCHED_MAX: usize = 16_384;
 
-/// Blocks fetched ahead of the reads that will want them. Each is used only while the
-/// block is still `Peer` with the seq it was fetched for (docs/PROTOCOL.md §7.4).
+/// Blocks fetched from the peer, for the reads that want them again (metadata is read
+/// over and over) or next (read ahead). Each is used only while the block is still `Peer`
+/// with the seq it was fetched for (docs/PROTOCOL.md §7.4); the oldest go first.
 #[derive(Default)]
 struct Prefetched {
     blocks: HashMap<BlockNo, (Seq, Arc<[u8]>)>,
@@ -53,9 +54,9 @@ struct Prefetched {
 }
 
 impl Prefetched {
-    fn take(&mut self, b: BlockNo, seq: Seq) -> Option<Arc<[u8]>> {
-        match self.blocks.remove(&b) {
-            Some((s, d)) if s == seq => Some(d),
+    fn get(&self, b: BlockNo, seq: Seq) -> Option<Arc<[u8]>> {
+        match self.blocks.get(&b) {
+            Some((s, d)) if *s == seq => Some(d.clone()),
             _ => None,
         }
     }
@@ -238,8 +239,8 @@ impl Volume {
         if from_peer.is_empty() {
             return Ok(filled);
         }
-        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        from_peer.retain(|&(i, b, seq)| match pre.take(b, seq) {
+        let pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        from_peer.retain(|&(i, b, seq)| match pre.get(b, seq) {
             Some(d) => {
                 buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
                 filled[i] = true;
@@ -268,13 +269,12 @@ impl Volume {
         }
         drop(pre);
         let data = fetch_from_peer(t, &asked, bs)?;
-        let mut data = data.into_iter();
-        for ((i, _, _), d) in from_peer.iter().zip(data.by_ref()) {
-            buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
+        for ((i, _, _), d) in from_peer.iter().zip(&data) {
+            buf[i * bs..(i + 1) * bs].copy_from_slice(d);
             filled[*i] = true;
         }
         let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        for (&(b, seq), d) in asked[from_peer.len()..].iter().zip(data) {
+        for (&(b, seq), d) in asked.iter().zip(data) {
             pre.put(b, seq, Arc::from(d));
         }
         Ok(filled)
@@ -758,15 +758,32 @@ mod tests {
             1,
             "one round trip for the peer's blocks, read in sequence"
         );
-        // A block read ahead is served once (then read again from the peer, if still there).
+        // Fetched blocks are kept while they are still on the peer with that version.
         let calls = frozen.calls.load(Relaxed);
         assert_eq!(b.read_block(7).unwrap()[0], old[7]);
-        assert_eq!(frozen.calls.load(Relaxed), calls + 1);
-        // A read out of sequence waits for its own blocks only.
-        let fetched = frozen.fetched.load(Relaxed);
         b.read_data(4, &mut buf).unwrap();
         assert_eq!(buf[0], old[4]);
-        assert_eq!(frozen.fetched.load(Relaxed), fetched + 1, "no readahead");
+        assert_eq!(frozen.calls.load(Relaxed), calls, "read again from memory");
+    }
+
+    #[test]
+    fn a_read_out_of_sequence_fetches_its_own_blocks_only_and_an_applied_block_is_read_locally() {
+        let (frozen, _db, mut b) = pair_taking_over(64);
+        let mut buf = vec![0u8; BS];
+        b.read_data(4, &mut buf).unwrap();
+        assert_eq!(frozen.fetched.load(Relaxed), 1, "no readahead");
+        assert_eq!(b.locate(6), Some(Location::Peer { seq: Seq(4) }));
+        // Block 6's newest version (seq 4) is fetched for itself, the drain under way.
+        drain(&frozen, &mut b, 3);
+        b.read_data(6, &mut buf).unwrap();
+        let want = frozen.vol.lock().unwrap().read_block(6).unwrap()[0];
+        assert_eq!(buf[0], want);
+        assert_eq!(frozen.fetched.load(Relaxed), 2);
+        // Once its entry is applied the block is local: neither memory nor the peer.
+        drain(&frozen, &mut b, 5);
+        b.read_data(6, &mut buf).unwrap();
+        assert_eq!(buf[0], want);
+        assert_eq!(frozen.fetched.load(Relaxed), 2);
     }
 
     #[test]
