@@ -233,3 +233,66 @@ fn killed_during_the_drain(kill_taker: bool, tag: &str) {
     p.assert_same_files();
     stop_and_fsck(p);
 }
+
+#[test]
+fn writers_wait_for_room_when_the_local_unreflected_area_is_full_and_lose_nothing() {
+    // An 8 MiB local-unreflected area and 24 MiB written during the drain: the writer
+    // waits (status says so) until the drain is complete and the merge frees room.
+    let net = Netns::new("tkf");
+    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
+                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
+                 [takeover]\nfetch_timeout = \"60s\"\n";
+    let init = ["--journal-size", "768M", "--lu-size", "8M"];
+    let mut p = pair_with("tkfl", "2G", &init, extra);
+    p.across(&net, extra);
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    let src = p.b.root.join("src");
+    let src = src.display().to_string();
+    sh(&format!("head -c 24M /dev/urandom > {src}"));
+    sh(&format!("echo start > {ma}/start"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    net.link(false);
+    sh(&format!("head -c 96M /dev/urandom > {ma}/big"));
+    p.fsync_a();
+    sh(&format!(
+        "tc qdisc add dev {} root tbf rate 100mbit burst 128kb latency 200ms",
+        net.host_if
+    ));
+    net.link(true);
+    streaming_again(&p);
+    takeover(&p.b, &p.a);
+    assert_eq!(p.b.json()["takeover"]["phase"], "draining");
+    let writer = {
+        let cmd = format!("dd if={src} of={mb}/w bs=1M conv=fsync status=none");
+        std::thread::spawn(move || run(Command::new("sh").arg("-c").arg(cmd)))
+    };
+    let t = std::time::Instant::now();
+    let mut waited = false;
+    while !writer.is_finished() && t.elapsed() < Duration::from_secs(120) {
+        let j = p.b.json();
+        waited |= j["takeover"]["writers_waiting"].as_u64() > Some(0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the write failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(waited, "no writer was ever seen waiting for room");
+    assert_eq!(
+        sh(&format!("md5sum < {mb}/w")),
+        sh(&format!("md5sum < {src}")),
+        "the file written while the area was full differs"
+    );
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    p.swap();
+    settled(&p, Duration::from_secs(300));
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}

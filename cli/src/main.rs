@@ -891,7 +891,7 @@ fn status_text(s: &node::StatusReport) -> String {
             o,
             "takeover  {} (old primary froze at seq {}): backlog {} entries · {} blocks · {} · \
              local-unreflected {} entries · {} blocks ({} of {}) · remote reads {} ({} blocks{}) · \
-             fetch errors {}",
+             fetch errors {}{}",
             t.phase,
             t.freeze_seq,
             t.backlog_entries,
@@ -906,7 +906,15 @@ fn status_text(s: &node::StatusReport) -> String {
             t.remote_read_mean_ms
                 .map(|m| format!(", mean {m:.2} ms"))
                 .unwrap_or_default(),
-            t.fetch_errors
+            t.fetch_errors,
+            if t.writers_waiting > 0 {
+                format!(
+                    " · {} writers wait for room (the area is full until the merge)",
+                    t.writers_waiting
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if let Some(f) = &s.last_forced {

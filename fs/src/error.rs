@@ -99,6 +99,7 @@ impl FsError {
             FsError::BadFormat(_) => libc::EINVAL,
             FsError::BadSuperblock(_) | FsError::Corrupt(_) | FsError::Replication(_) => libc::EIO,
             FsError::Volume(VolumeError::ReadOnly) => libc::EROFS,
+            FsError::Volume(VolumeError::LocalUnreflectedFull { .. }) => libc::ENOSPC,
             FsError::Volume(_) => libc::EIO,
         }
     }

@@ -16,7 +16,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use pairfs::types::fill_random;
-use pairfs::{Transaction, Volume};
+use pairfs::{Transaction, Volume, VolumeError};
 
 use crate::alloc::{Allocator, set_bits};
 use crate::btree::{BTree, TREE_DIR};
@@ -36,6 +36,12 @@ pub const MAX_LINKS: u32 = 65_000;
 /// Most blocks one write reserves per allocation call (an extent's worth at 4 KiB blocks
 /// is 16 TiB; this only bounds a single reservation).
 const ALLOC_CHUNK: u64 = 1 << 16;
+/// How long a writer waits for room in a full local-unreflected area before its write
+/// fails with `ENOSPC` (the merge frees room once the old primary's backlog has drained:
+/// a drain stuck on an unreachable old primary must not hang writers for ever).
+const LU_FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often a waiting writer tries again.
+const LU_FULL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Options of an open filesystem.
 #[derive(Clone, Debug)]
@@ -238,6 +244,8 @@ pub struct Fs {
     /// True in [`FsMode::Replica`]. Changed only with the core write lock held, so a
     /// transaction that checks it under that lock runs wholly in one mode.
     replica: AtomicBool,
+    /// Writers waiting for room in a taker's local-unreflected area (status).
+    lu_waiting: std::sync::atomic::AtomicU64,
     hooks: std::sync::OnceLock<std::sync::Arc<dyn FsHooks>>,
     /// Held (shared) by every read from its start until its reply is sent, and by the FUSE
     /// adapter around its replies ([`Fs::reply_guard`]): a replica's node takes it
@@ -808,6 +816,7 @@ impl Fs {
             core: RwLock::new(Core { vol, sb, alloc }),
             lookups: Mutex::new(HashMap::new()),
             replica: AtomicBool::new(opts.mode == FsMode::Replica),
+            lu_waiting: std::sync::atomic::AtomicU64::new(0),
             opts,
             hooks: std::sync::OnceLock::new(),
             replies: RwLock::new(()),
@@ -855,6 +864,41 @@ impl Fs {
         if let Some(h) = self.hooks.get() {
             h.admit()?;
         }
+        // A taker's local-unreflected area is full: the writer waits (the lock released)
+        // until the merge frees room, and the transaction runs again — nothing it did was
+        // kept (docs/PROTOCOL.md §7.5).
+        let started = Instant::now();
+        let mut after = Some(after);
+        loop {
+            match self.mutate_once(&f, &mut after) {
+                Err(FsError::Volume(VolumeError::LocalUnreflectedFull { used, capacity }))
+                    if started.elapsed() < LU_FULL_WAIT =>
+                {
+                    if self.lu_waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+                        tracing::warn!(
+                            used,
+                            capacity,
+                            "the local-unreflected area is full: writers wait for the merge"
+                        );
+                    }
+                    std::thread::sleep(LU_FULL_POLL);
+                    self.lu_waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Writers waiting for room in the local-unreflected area now.
+    pub fn writers_waiting_for_room(&self) -> u64 {
+        self.lu_waiting.load(Ordering::Acquire)
+    }
+
+    fn mutate_once<'d, T, A: FnOnce(&T)>(
+        &self,
+        f: &impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
+        after: &mut Option<A>,
+    ) -> FsResult<T> {
         let (out, became_durable) = {
             let mut guard = self.write_core();
             // Again under the lock: a switch to replica mode while this writer waited
@@ -866,17 +910,19 @@ impl Fs {
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
             let durable_seq = core.vol.journal().durable_seq();
-            let out = match Self::run_tx(core, &f) {
+            let out = match Self::run_tx(core, f) {
                 // Blocks freed by transactions not yet durable: make them durable and retry.
                 Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
                     core.vol.sync()?;
                     let durable = core.vol.durable_tx();
                     core.alloc.release_durable(durable);
-                    Self::run_tx(core, &f)
+                    Self::run_tx(core, f)
                 }
                 r => r,
             }?;
-            after(&out);
+            if let Some(after) = after.take() {
+                after(&out);
+            }
             (out, core.vol.journal().durable_seq() > durable_seq)
         };
         if became_durable {

@@ -327,6 +327,8 @@ pub(crate) struct TakeoverStatus {
     pub(crate) remote_read_blocks: u64,
     pub(crate) remote_read_mean_ms: Option<f64>,
     pub(crate) fetch_errors: u64,
+    /// Writers waiting for room in the local-unreflected area (full until the merge).
+    pub(crate) writers_waiting: u64,
 }
 
 /// The answer to `pairfs takeover`.

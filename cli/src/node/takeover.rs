@@ -294,6 +294,7 @@ impl Driver {
                 (p.remote_reads > 0).then(|| p.remote_read_ns as f64 / p.remote_reads as f64 / 1e6);
             s.fetch_errors = p.fetch_errors;
         }
+        s.writers_waiting = self.host.fs().map_or(0, |fs| fs.writers_waiting_for_room());
         Some(s)
     }
 }
