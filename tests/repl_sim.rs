@@ -527,7 +527,7 @@ impl Sim {
                 }
                 None => self.cov.verify_skipped += 1,
             },
-            Action::Disconnect(reason) => {
+            Action::Disconnect { reason, .. } => {
                 panic!("primary disconnected unexpectedly: {reason}");
             }
             a @ (Action::Freeze { .. }
@@ -595,7 +595,7 @@ impl Sim {
                     .collect();
                 self.s.repl.handle_verify_done(id, differ);
             }
-            Action::Disconnect(reason) => {
+            Action::Disconnect { reason, .. } => {
                 panic!("secondary disconnected unexpectedly: {reason}");
             }
             a => panic!("primary action on the secondary: {a:?}"),

@@ -296,3 +296,82 @@ fn writers_wait_for_room_when_the_local_unreflected_area_is_full_and_lose_nothin
     p.assert_same_files();
     stop_and_fsck(p);
 }
+
+#[test]
+fn a_taker_killed_during_the_merge_resumes_it_and_loses_nothing() {
+    // The taker writes 96 MiB during the drain (into its local-unreflected area); once the
+    // drain is complete it merges them, and is killed (SIGKILL) while status says
+    // `merging`: restarted, it resumes the merge from what its journal and area hold.
+    let net = Netns::new("tkm");
+    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
+                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
+                 [takeover]\nfetch_timeout = \"60s\"\n";
+    let init = ["--journal-size", "768M", "--lu-size", "384M"];
+    let mut p = pair_with("tkml", "2G", &init, extra);
+    p.across(&net, extra);
+    p.start();
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    sh(&format!("echo start > {ma}/start"));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    net.link(false);
+    sh(&format!("head -c 64M /dev/urandom > {ma}/big"));
+    p.fsync_a();
+    let want_old = checksums(&p.a.mnt);
+    sh(&format!(
+        "tc qdisc add dev {} root tbf rate 16mbit burst 64kb latency 200ms",
+        net.host_if
+    ));
+    net.link(true);
+    streaming_again(&p);
+    takeover(&p.b, &p.a);
+    let w = std::time::Instant::now();
+    sh(&format!(
+        "mkdir {mb}/new && head -c 96M /dev/urandom > {mb}/new/during && sync {mb}/new/during"
+    ));
+    eprintln!("96 MiB written during the drain in {:?}", w.elapsed());
+    let j = p.b.json();
+    eprintln!("after the writes: {}", j["takeover"]);
+    assert!(
+        j["takeover"]["phase"] == "draining" || j["takeover"]["phase"] == "merging",
+        "the merge ended before the writes did: too short to catch ({j})"
+    );
+    let want_new = checksums_of(&p.b.mnt, "new");
+    let t = std::time::Instant::now();
+    loop {
+        let j = p.b.json();
+        if j["takeover"]["phase"] == "merging" {
+            break;
+        }
+        assert!(
+            j["takeover"].is_object() && t.elapsed() < Duration::from_secs(120),
+            "the merge was never seen: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.b.kill9();
+    p.b.start(&[]);
+    p.b.wait_mounted();
+    assert_eq!(
+        checksums_of(&p.b.mnt, "new"),
+        want_new,
+        "a write acknowledged during the drain is lost"
+    );
+    let got: String = checksums(&p.b.mnt)
+        .lines()
+        .filter(|l| !l.contains("./new/"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        got, want_old,
+        "after the restart the old primary's files differ"
+    );
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    p.swap();
+    settled(&p, Duration::from_secs(300));
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}

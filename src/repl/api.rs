@@ -270,8 +270,14 @@ pub enum Action {
         /// Differing blocks.
         differ: Option<Vec<u64>>,
     },
-    /// Close the connection with a reason (refused peer, protocol violation).
-    Disconnect(String),
+    /// Close the connection with a reason (refused peer, protocol violation, a role
+    /// change).
+    Disconnect {
+        /// Why, for the log and the peer.
+        reason: String,
+        /// The peer should reconnect at once (the roles changed here), without its backoff.
+        role_change: bool,
+    },
     /// Primary: send [`super::Message::Headers`] for these entries (the driver reads their
     /// block numbers from the journal; docs/PROTOCOL.md §7.2).
     SendHeaders(Vec<EntryMeta>),

@@ -94,7 +94,10 @@ impl Ctx {
             epoch,
             reason: reason.clone(),
         });
-        self.out.push_back(Action::Disconnect(reason.clone()));
+        self.out.push_back(Action::Disconnect {
+            reason: reason.clone(),
+            role_change: false,
+        });
         self.refused = Some(reason);
         self.peer = None;
     }
@@ -276,7 +279,7 @@ impl Replicator {
         self.ctx.persist();
         self.ctx.out.push_back(Action::RoleChanged(Role::Primary));
         tracing::info!(seq = %durable, "takeover complete: this node is the primary");
-        self.drop_connection("role change: this node is now the primary".into());
+        self.drop_connection("role change: this node is now the primary".into(), true);
     }
 
     /// `pairfs takeover --force` (docs/PROTOCOL.md §7.7): what this node cannot have from
@@ -339,7 +342,7 @@ impl Replicator {
             "forced takeover: this node is the primary of a new generation; what the old \
              primary held beyond this seq is not here (see the loss report)"
         );
-        self.drop_connection("forced takeover".into());
+        self.drop_connection("role change: forced takeover".into(), true);
     }
 
     /// A frozen old primary meets the new primary: it steps down (persisted) and
@@ -355,7 +358,7 @@ impl Replicator {
         self.ctx.persist();
         self.ctx.out.push_back(Action::RoleChanged(Role::Secondary));
         tracing::info!(seq = %durable, "the new primary is up: this node is now its secondary");
-        self.drop_connection("role change: this node is now the secondary".into());
+        self.drop_connection("role change: this node is now the secondary".into(), true);
     }
 
     /// True when a sync-mode writer must wait for the peer to have its entry (received),
@@ -471,10 +474,14 @@ impl Replicator {
         }
     }
 
-    /// Closes the connection, if one is up, for `reason`.
-    fn drop_connection(&mut self, reason: String) {
+    /// Closes the connection, if one is up, for `reason`; `role_change`: the peer
+    /// reconnects at once to meet this node's new role.
+    fn drop_connection(&mut self, reason: String, role_change: bool) {
         if self.ctx.connected {
-            self.ctx.out.push_back(Action::Disconnect(reason));
+            self.ctx.out.push_back(Action::Disconnect {
+                reason,
+                role_change,
+            });
             self.handle_disconnected();
         }
     }
@@ -488,9 +495,10 @@ impl Replicator {
         if let Message::Refuse { reason, .. } = &m {
             tracing::warn!(%reason, "the peer refused this node");
             self.ctx.refused = Some(format!("peer: {reason}"));
-            self.ctx
-                .out
-                .push_back(Action::Disconnect(format!("refused by the peer: {reason}")));
+            self.ctx.out.push_back(Action::Disconnect {
+                reason: format!("refused by the peer: {reason}"),
+                role_change: false,
+            });
             if let RoleState::Primary(p) = &mut self.role {
                 p.on_refused(&mut self.ctx);
             }
@@ -698,7 +706,7 @@ impl Replicator {
         if let RoleState::Primary(p) = &mut self.role {
             if p.on_timeout(&mut self.ctx, now) {
                 // The peer's hello came before the new generation: say hello again.
-                self.drop_connection("reconciliation gave up".into());
+                self.drop_connection("reconciliation gave up".into(), false);
             }
         }
     }
@@ -733,7 +741,7 @@ impl Replicator {
         }
         self.apply_error = Some(format!("sync: {error}"));
         tracing::error!(%error, "making replicated entries durable failed");
-        self.drop_connection("local sync failed".into());
+        self.drop_connection("local sync failed".into(), false);
     }
 
     /// The driver reopened the volume (after an I/O error poisoned it): recovery left it at
@@ -759,7 +767,7 @@ impl Replicator {
         let what = seq.map_or("copy blocks".to_string(), |s| format!("seq {s}"));
         self.apply_error = Some(format!("{what}: {error}"));
         tracing::error!(%what, %error, "applying replicated data failed; the stream restarts");
-        self.drop_connection(format!("applying {what} failed"));
+        self.drop_connection(format!("applying {what} failed"), false);
     }
 
     /// A snapshot for `pairfs status`.

@@ -494,9 +494,12 @@ impl Driver {
             Action::Acked { received, durable } => {
                 self.shared.set_peer(PeerProgress { received, durable });
             }
-            Action::Disconnect(reason) => {
+            Action::Disconnect {
+                reason,
+                role_change,
+            } => {
                 if let Some(c) = self.conn.take() {
-                    let code = if reason.starts_with("role change") {
+                    let code = if role_change {
                         pairfs_transport::CLOSE_ROLE_CHANGE
                     } else {
                         2

@@ -321,7 +321,9 @@ pub(super) fn start_volume_takeover(
             .add(h, blocks)
             .context("the takeover table does not chain")?;
     }
-    remote.applied(applied);
+    // The journal may hold merged LU entries beyond the freeze point (restarted during the
+    // merge): of the old primary's chain, it holds up to the freeze point at most.
+    remote.applied(applied.min(table.freeze));
     let expect = JournalExpect {
         block_size: bs,
         normal_blocks: blocks,
