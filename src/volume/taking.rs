@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use super::{Transaction, TxId, Volume};
 use crate::error::{JournalError, VolumeError};
+use crate::repl::{WireBlock, WireEntry};
 use crate::takeover::{BacklogSummary, Location, LuArea, RemoteIndex, locate};
 use crate::types::{BlockNo, Seq, now_ns};
 
@@ -86,6 +87,77 @@ pub(super) struct Taking {
     /// are the following blocks on the peer read ahead (a random read waits for its own
     /// blocks only, not for a megabyte it will not use).
     sequential_at: AtomicU64,
+    /// Transactions committed since the last LU entry (group commit, as the journal's
+    /// open entry): appended as one entry at the next sync, seal or size limit.
+    open: OpenLu,
+}
+
+/// The LU's open entry.
+#[derive(Default)]
+struct OpenLu {
+    blocks: BTreeMap<BlockNo, Arc<[u8]>>,
+    n_tx: u32,
+    frees: bool,
+    last_ts: u64,
+}
+
+impl Taking {
+    /// Where the newest version of `b` is, if not in the volume itself (the LU's open
+    /// entry counts as the LU, with the seq it will have).
+    fn where_is(&self, b: BlockNo) -> Option<Location> {
+        if self.open.blocks.contains_key(&b) {
+            return Some(Location::LocalUnreflected {
+                seq: self.lu.last_seq().next(),
+            });
+        }
+        locate(&self.remote, self.lu.newest(b), b)
+    }
+
+    /// Reads `b` from the LU (its open entry first) into `buf`; false if not there.
+    fn read_lu(&self, b: BlockNo, buf: &mut [u8]) -> Result<bool, JournalError> {
+        if let Some(d) = self.open.blocks.get(&b) {
+            buf.copy_from_slice(d);
+            return Ok(true);
+        }
+        Ok(self.lu.read(b, buf)?.is_some())
+    }
+
+    /// Appends the open entry to the LU, with the next seq.
+    fn seal_open(&mut self) -> Result<(), JournalError> {
+        if self.open.blocks.is_empty() {
+            return Ok(());
+        }
+        let seq = self.lu.last_seq().next();
+        let o = &self.open;
+        let list: Vec<(BlockNo, &[u8])> = o.blocks.iter().map(|(b, d)| (*b, &d[..])).collect();
+        self.lu.append(seq, o.last_ts, o.n_tx, o.frees, &list)?;
+        self.open = OpenLu::default();
+        Ok(())
+    }
+
+    /// Takes the open entry as the journal applies it, following `prev` (every block an
+    /// image, none fresh), or `None` if it is empty.
+    fn take_open(&mut self, prev: Seq) -> Option<WireEntry> {
+        if self.open.blocks.is_empty() {
+            return None;
+        }
+        let o = std::mem::take(&mut self.open);
+        Some(WireEntry {
+            seq: prev.next(),
+            prev_seq: prev,
+            timestamp_ns: o.last_ts,
+            blocks: o
+                .blocks
+                .into_iter()
+                .map(|(block, d)| WireBlock {
+                    block,
+                    data: d.to_vec(),
+                    fresh: false,
+                })
+                .collect(),
+            frees: o.frees,
+        })
+    }
 }
 
 /// Where a takeover stands, for status.
@@ -172,6 +244,7 @@ impl Volume {
             counters: TakeoverCounters::default(),
             prefetched: Mutex::default(),
             sequential_at: AtomicU64::new(u64::MAX),
+            open: OpenLu::default(),
         }));
         Ok(())
     }
@@ -206,8 +279,7 @@ impl Volume {
 
     /// Where the newest version of `b` is, if not in the volume itself.
     pub fn locate(&self, b: BlockNo) -> Option<Location> {
-        let t = self.taking.as_ref()?;
-        locate(&t.remote, t.lu.newest(b), b)
+        self.taking.as_ref()?.where_is(b)
     }
 
     /// Reads blocks `start..start + n` into `buf` from the LU area and the peer where the
@@ -228,10 +300,10 @@ impl Volume {
         let mut from_peer: Vec<(usize, BlockNo, Seq)> = Vec::new();
         for (i, chunk) in buf.chunks_exact_mut(bs).enumerate() {
             let b = start + i as u64;
-            match locate(&t.remote, t.lu.newest(b), b) {
+            match t.where_is(b) {
                 None => {}
                 Some(Location::LocalUnreflected { .. }) => {
-                    filled[i] = t.lu.read(b, chunk)?.is_some();
+                    filled[i] = t.read_lu(b, chunk)?;
                 }
                 Some(Location::Peer { seq }) => from_peer.push((i, b, seq)),
             }
@@ -260,7 +332,7 @@ impl Volume {
             && b < self.blocks
             && b < end + FETCH_BLOCKS as u64
         {
-            if let Some(Location::Peer { seq }) = locate(&t.remote, t.lu.newest(b), b) {
+            if let Some(Location::Peer { seq }) = t.where_is(b) {
                 if !pre.blocks.contains_key(&b) {
                     asked.push((b, seq));
                 }
@@ -280,7 +352,9 @@ impl Volume {
         Ok(filled)
     }
 
-    /// A transaction while taking over: one LU entry with the next seq.
+    /// A transaction while taking over: into the LU's open entry (group commit: one LU
+    /// entry, with the next seq, per sync or commit interval, or when the entry reaches
+    /// the size of one journal entry and one message of the stream back).
     pub(super) fn commit_taking(&mut self, tx: Transaction<'_>) -> Result<TxId, VolumeError> {
         let bs = self.bs;
         let mut blocks: BTreeMap<BlockNo, &[u8]> = BTreeMap::new();
@@ -293,22 +367,41 @@ impl Volume {
             }
         }
         let list: Vec<(BlockNo, &[u8])> = blocks.into_iter().collect();
+        let limit = self
+            .opts
+            .max_entry_bytes
+            .min(self.opts.max_entry_wire_bytes);
         let Some(t) = self.taking.as_mut() else {
             return Err(VolumeError::InvalidParams("not taking over".into()));
         };
-        if !t.lu.fits(list.len()) {
+        let grown = |t: &Taking| {
+            t.open.blocks.len()
+                + list
+                    .iter()
+                    .filter(|(b, _)| !t.open.blocks.contains_key(b))
+                    .count()
+        };
+        // The open entry always fits the area (checked at every transaction), so sealing it
+        // never runs out of room.
+        let n = grown(t);
+        if !t.open.blocks.is_empty() && (!t.lu.fits(n) || (n * bs) as u64 > limit) {
+            if let Err(e) = t.seal_open() {
+                return self.poison(e.into());
+            }
+        }
+        let Some(t) = self.taking.as_mut() else {
+            return Err(VolumeError::InvalidParams("not taking over".into()));
+        };
+        if !t.lu.fits(grown(t)) {
             let (used, capacity) = t.lu.usage();
             return Err(VolumeError::LocalUnreflectedFull { used, capacity });
         }
-        let seq = t.lu.last_seq().next();
-        match t.lu.append(seq, now_ns(), 1, tx.frees, &list) {
-            Ok(()) => {}
-            Err(JournalError::Full { .. }) => {
-                let (used, capacity) = t.lu.usage();
-                return Err(VolumeError::LocalUnreflectedFull { used, capacity });
-            }
-            Err(e) => return self.poison(e.into()),
+        for (b, d) in &list {
+            t.open.blocks.insert(*b, Arc::from(*d));
         }
+        t.open.n_tx += 1;
+        t.open.frees |= tx.frees;
+        t.open.last_ts = now_ns();
         for (b, _) in &list {
             self.cache.remove(*b);
         }
@@ -320,10 +413,11 @@ impl Volume {
         Ok(id)
     }
 
-    /// Makes the LU's entries durable (part of [`Volume::sync`] while taking over).
+    /// Seals the LU's open entry and makes the LU durable (part of [`Volume::sync`] while
+    /// taking over).
     pub(super) fn sync_taking(&mut self) -> Result<(), VolumeError> {
         if let Some(t) = self.taking.as_mut() {
-            if let Err(e) = t.lu.sync() {
+            if let Err(e) = t.seal_open().and_then(|()| t.lu.sync()) {
                 return self.poison(e.into());
             }
         }
@@ -380,7 +474,12 @@ impl Volume {
             self.release_merged()?;
             return Ok(MergeStep::Merged(seq));
         }
-        // Everything is in the journal: make it durable, release it, and cut over.
+        // Everything sealed is in the journal. The open entry goes there too, under this
+        // lock (no writer in between): then everything is made durable, released, and the
+        // volume cuts over — so the merge ends while writes go on.
+        if let Some(w) = self.taking.as_mut().and_then(|t| t.take_open(last)) {
+            self.apply_replicated(&w)?;
+        }
         self.sync()?;
         self.release_merged()?;
         if self.taking.as_ref().is_some_and(|t| t.lu.is_empty()) {
@@ -814,11 +913,12 @@ mod tests {
     fn a_full_local_unreflected_area_refuses_writes_until_the_merge_frees_room() {
         let (frozen, _db, mut b) = pair_taking_over(16);
         let mut n = 0u8;
+        // Each transaction synced (an fsync per write): an LU entry each.
         let err = loop {
             let mut tx = Transaction::new();
             tx.write_meta(20 + u64::from(n % 8), blk(n));
-            match b.commit(tx) {
-                Ok(_) => n += 1,
+            match b.commit(tx).and_then(|_| b.sync()) {
+                Ok(()) => n += 1,
                 Err(e) => break e,
             }
             assert!(n < 100);
@@ -831,6 +931,67 @@ mod tests {
         while b.merge_step().unwrap() != MergeStep::Done {}
         write(&mut b, &[30], 1);
         assert_eq!(b.read_block(20 + u64::from((n - 1) % 8)).unwrap()[0], n - 1);
+    }
+
+    #[test]
+    fn transactions_between_two_syncs_make_one_lu_entry_and_are_read_before_it() {
+        let (frozen, db, mut b) = pair_taking_over(64);
+        for n in 0..50u8 {
+            let mut tx = Transaction::new();
+            tx.write_meta(20 + u64::from(n % 5), blk(n));
+            b.commit(tx).unwrap();
+            assert_eq!(
+                b.read_block(20 + u64::from(n % 5)).unwrap()[0],
+                n,
+                "read before the sync"
+            );
+            assert_eq!(
+                b.locate(20 + u64::from(n % 5)),
+                Some(Location::LocalUnreflected { seq: Seq(6) })
+            );
+        }
+        assert_eq!(
+            b.takeover_progress().unwrap().lu_entries,
+            0,
+            "nothing sealed yet"
+        );
+        b.sync().unwrap();
+        let p = b.takeover_progress().unwrap();
+        assert_eq!(
+            (p.lu_entries, p.lu_blocks),
+            (1, 5),
+            "one entry for 50 transactions"
+        );
+        // Writes go on after the drain, while the merge runs: the open entry is merged
+        // under the lock at the end, and the merge ends although writes never stopped.
+        drain(&frozen, &mut b, 5);
+        let mut steps = 0;
+        loop {
+            let mut tx = Transaction::new();
+            tx.write_meta(30, blk(steps));
+            b.commit(tx).unwrap();
+            if b.merge_step().unwrap() == MergeStep::Done {
+                break;
+            }
+            steps += 1;
+            assert!(steps < 10, "the merge chases the writers");
+        }
+        assert!(!b.is_taking_over());
+        assert_eq!(b.read_block(30).unwrap()[0], steps);
+        assert_eq!(b.read_block(24).unwrap()[0], 49);
+        b.sync().unwrap();
+        drop(b);
+        let crashed = Devs {
+            normal: Arc::new(CrashDevice::from_bytes(
+                db.normal.crash_point().durable_image(),
+            )),
+            journal: Arc::new(CrashDevice::from_bytes(
+                db.journal.crash_point().durable_image(),
+            )),
+        };
+        let v = open(&crashed);
+        assert_eq!(v.read_block(30).unwrap()[0], steps, "merged and durable");
+        assert_eq!(v.read_block(24).unwrap()[0], 49);
     }
 
     #[test]
