@@ -97,9 +97,11 @@ fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_the_old_pr
         "head -c 24M /dev/urandom > {ma}/lost.bin \
          && dd if=/dev/urandom of={ma}/old.bin bs=64k count=16 seek=8 conv=notrunc status=none"
     ));
+    // (Read before the newest seq is taken: a read updates the file's atime, a
+    // transaction of its own.)
+    let overwritten = md5(&format!("{ma}/old.bin"));
     p.fsync_a();
     let newest = p.a.u("durable_seq");
-    let overwritten = md5(&format!("{ma}/old.bin"));
     wait_for(&p.b, "the headers' arrival", Duration::from_secs(30), |j| {
         j["headers_seq"].as_u64() >= Some(newest)
     });
@@ -158,6 +160,11 @@ fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_the_old_pr
                 .is_some_and(|r| r.contains("diverged"))
     });
     assert!(refuses_writes(&p.a.mnt), "the fenced old primary writes");
+    assert_eq!(
+        p.a.u("durable_seq"),
+        newest,
+        "the old primary held more than the report says"
+    );
     assert_eq!(
         md5(&format!("{ma}/old.bin")),
         overwritten,
