@@ -334,7 +334,8 @@ pub struct ForcePlan {
     /// Headers of the old primary's entries after `base` that this node received and never
     /// applied, in seq order (a taker's come from its volume's table instead).
     pub lost: Vec<crate::takeover::EntryHeader>,
-    /// The headers did not name every entry (the backlog outgrew them).
+    /// The headers may not name every entry: the backlog outgrew them, or this node was
+    /// restarted since it last heard the primary.
     pub partial: bool,
     /// This node was taking over from the old primary frozen at this seq, with the drain
     /// cut short: its local-unreflected entries follow seqs it will never have.

@@ -59,6 +59,9 @@ pub(super) struct SecondaryState {
     primary_has: Seq,
     /// Rejoining after a divergence: the blocks of this node's own tail (§7.8).
     rejoin: Option<Vec<crate::types::BlockNo>>,
+    /// A primary's hello was accepted since this node started: the headers held are those
+    /// of its last connection (before, a forced takeover cannot know what it lacks).
+    heard_primary: bool,
 }
 
 impl SecondaryState {
@@ -247,7 +250,8 @@ impl SecondaryState {
                 .filter(|h| h.seq > self.received)
                 .cloned()
                 .collect(),
-            partial: self.remote.overflowed(),
+            // Restarted since the primary was last heard: its headers went with the restart.
+            partial: self.remote.overflowed() || (!self.heard_primary && self.taking.is_none()),
             cut_short: self.taking,
         })
     }
@@ -326,6 +330,7 @@ impl SecondaryState {
             ctx.out.push_back(Action::AdoptVolume(h.volume));
         }
         let (received, durable) = (self.received, self.durable);
+        self.heard_primary = true;
         ctx.peer = Some(PeerView {
             hello: h,
             received,

@@ -46,7 +46,8 @@ pub(crate) struct LossReport {
     /// The old primary's entries after `base_seq` whose headers this node received and
     /// never applied.
     pub(crate) lost: EntriesReport,
-    /// The headers did not name everything (the backlog had outgrown them): more was lost.
+    /// The headers may not name everything (the backlog had outgrown them, or this node
+    /// restarted after it last heard the primary): more may have been lost.
     pub(crate) partial: bool,
     /// A taker whose drain was cut short: its own writes, exported.
     pub(crate) preserved: Option<Preserved>,
@@ -350,7 +351,13 @@ impl LossReport {
             self.generation, self.base_seq
         );
         let l = &self.lost;
-        if l.entries == 0 && !self.partial {
+        if l.entries == 0 && self.partial {
+            let _ = writeln!(
+                o,
+                "  lost: not known — this node restarted after it last heard the old primary, \
+                 and the headers it had went with the restart"
+            );
+        } else if l.entries == 0 {
             let _ = writeln!(
                 o,
                 "  lost: nothing this node heard of (entries the old primary sealed after its \
@@ -362,7 +369,8 @@ impl LossReport {
                 "  lost: {}{}",
                 entries_line(l),
                 if self.partial {
-                    " — and more: the headers did not name everything"
+                    " — and possibly more: the headers do not name everything (the backlog \
+                     outgrew them, or this node restarted after it last heard the primary)"
                 } else {
                     ""
                 }
