@@ -12,13 +12,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pair::{Netns, PairNode, pair, pair_with};
-use common::takeover::{checksums_of, force_takeover, streaming_again, takeover};
+use common::takeover::{
+    checksums_of, force_takeover, slow_link_config, stop_and_fsck, streaming_again, takeover,
+};
 use common::{bin, run, sh};
-
-/// A saturated link drops and delays packets: the default 1 s idle timeout would flap.
-const SLOW_LINK: &str = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
-                         [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
-                         [takeover]\nfetch_timeout = \"3s\"\n";
 
 fn md5(path: &str) -> String {
     sh(&format!("md5sum < {path}"))
@@ -50,17 +47,6 @@ fn refuses_writes(m: &Path) -> bool {
     !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Read-only")
 }
 
-fn fsck(n: &PairNode) {
-    let out = run(Command::new(bin()).args(["fsck", "--data"]).arg(&n.data));
-    assert!(
-        out.status.success(),
-        "fsck of {}: {}{}",
-        n.name,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -74,8 +60,9 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 #[test]
 fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_the_old_primary_rejoins() {
     let net = Netns::new("fa");
-    let mut p = pair_with("fal", "2G", &["--journal-size", "768M"], SLOW_LINK);
-    p.across(&net, SLOW_LINK);
+    let slow = slow_link_config("3s");
+    let mut p = pair_with("fal", "2G", &["--journal-size", "768M"], &slow);
+    p.across(&net, &slow);
     p.start();
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     sh(&format!(
@@ -218,13 +205,7 @@ fn a_forced_takeover_reports_exactly_what_the_killed_primary_held_and_the_old_pr
     p.assert_verified();
     p.assert_same_files();
     assert_eq!(sh(&format!("cat {ma}/after")), "after\nagain\n");
-    p.a.stop();
-    p.b.stop();
-    fsck(&p.a);
-    fsck(&p.b);
-    for n in [&p.a, &p.b] {
-        let _ = std::fs::remove_dir_all(&n.root);
-    }
+    stop_and_fsck(p);
 }
 
 #[test]
@@ -269,20 +250,16 @@ fn in_sync_mode_a_forced_takeover_after_kill9_keeps_every_acknowledged_write() {
     sh(&format!("echo after > {mb}/after && sync {mb}/after"));
     let jb = p.b.json();
     assert!(jb["degraded_since_seq"].as_u64().is_some(), "{jb}");
-    p.b.stop();
-    fsck(&p.a);
-    fsck(&p.b);
-    for n in [&p.a, &p.b] {
-        let _ = std::fs::remove_dir_all(&n.root);
-    }
+    stop_and_fsck(p);
 }
 
 #[test]
 fn the_link_cut_mid_drain_gives_eio_then_a_forced_takeover_sets_the_local_writes_aside() {
     let net = Netns::new("fc");
+    let slow = slow_link_config("3s");
     let init = ["--journal-size", "768M", "--lu-size", "128M"];
-    let mut p = pair_with("fcl", "2G", &init, SLOW_LINK);
-    p.across(&net, SLOW_LINK);
+    let mut p = pair_with("fcl", "2G", &init, &slow);
+    p.across(&net, &slow);
     p.start();
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     sh(&format!("echo start > {ma}/start"));
@@ -347,10 +324,5 @@ fn the_link_cut_mid_drain_gives_eio_then_a_forced_takeover_sets_the_local_writes
     sh(&format!("echo after > {mb}/after && sync {mb}/after"));
     let jb = p.b.json();
     assert!(jb["takeover"].is_null() && jb["role"] == "primary", "{jb}");
-    p.b.stop();
-    fsck(&p.a);
-    fsck(&p.b);
-    for n in [&p.a, &p.b] {
-        let _ = std::fs::remove_dir_all(&n.root);
-    }
+    stop_and_fsck(p);
 }

@@ -10,9 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pair::{Netns, pair, pair_with};
+use common::pair::{Netns, pair};
 use common::takeover::{
-    checksums, checksums_of, settled, stop_and_fsck, streaming_again, takeover,
+    checksums, checksums_of, pair_across, settle_and_compare, settled, stop_and_fsck,
+    streaming_again, takeover,
 };
 use common::{run, sh};
 
@@ -68,18 +69,8 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
     // b on a second host, its link to a cut and then limited, so that more than 256 MiB
     // of backlog drains after the takeover.
     let net = Netns::new("tk");
-    // A saturated link drops and delays packets: the default 1 s idle timeout would flap.
-    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
-                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
-                 [takeover]\nfetch_timeout = \"60s\"\n";
-    let init = ["--journal-size", "768M", "--lu-size", "128M"];
-    let mut p = pair_with("tkbl", "2G", &init, extra);
-    p.across(&net, extra);
-    p.start();
+    let mut p = pair_across("tkbl", &net, "128M");
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
-    sh(&format!("echo start > {ma}/start"));
-    p.fsync_a();
-    p.caught_up(Duration::from_secs(60));
     // The backlog: a real tree and a large file written while the link is down (kept in
     // the old primary's journal), then the link comes back limited to 200 Mbit/s and the
     // secondary takes over as soon as the pair streams again.
@@ -138,13 +129,7 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
         got, want,
         "the new primary's files differ from the old primary's"
     );
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    p.swap();
-    settled(&p, Duration::from_secs(300));
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
+    settle_and_compare(&mut p, &net);
     assert!(
         sh(&format!("cat {}/after", p.b.mnt.display())).contains("after"),
         "the new primary's writes reached the old primary"
@@ -166,17 +151,8 @@ fn killed_during_the_drain(kill_taker: bool, tag: &str) {
     // As above, with a smaller backlog: one node is killed (SIGKILL) while the old
     // primary's backlog drains, and restarted: the takeover resumes from what each persisted.
     let net = Netns::new(tag);
-    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
-                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
-                 [takeover]\nfetch_timeout = \"60s\"\n";
-    let init = ["--journal-size", "768M", "--lu-size", "128M"];
-    let mut p = pair_with(&format!("{tag}l"), "2G", &init, extra);
-    p.across(&net, extra);
-    p.start();
+    let mut p = pair_across(&format!("{tag}l"), &net, "128M");
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
-    sh(&format!("echo start > {ma}/start"));
-    p.fsync_a();
-    p.caught_up(Duration::from_secs(60));
     net.link(false);
     sh(&format!(
         "tar -C /usr -cf - include/linux | tar -C {ma} -xf - && head -c 150M /dev/urandom > {ma}/big"
@@ -224,13 +200,7 @@ fn killed_during_the_drain(kill_taker: bool, tag: &str) {
         got, want,
         "after the restart the new primary's files differ"
     );
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    p.swap();
-    settled(&p, Duration::from_secs(300));
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
+    settle_and_compare(&mut p, &net);
     stop_and_fsck(p);
 }
 
@@ -239,20 +209,11 @@ fn writers_wait_for_room_when_the_local_unreflected_area_is_full_and_lose_nothin
     // An 8 MiB local-unreflected area and 24 MiB written during the drain: the writer
     // waits (status says so) until the drain is complete and the merge frees room.
     let net = Netns::new("tkf");
-    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
-                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
-                 [takeover]\nfetch_timeout = \"60s\"\n";
-    let init = ["--journal-size", "768M", "--lu-size", "8M"];
-    let mut p = pair_with("tkfl", "2G", &init, extra);
-    p.across(&net, extra);
-    p.start();
+    let mut p = pair_across("tkfl", &net, "8M");
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     let src = p.b.root.join("src");
     let src = src.display().to_string();
     sh(&format!("head -c 24M /dev/urandom > {src}"));
-    sh(&format!("echo start > {ma}/start"));
-    p.fsync_a();
-    p.caught_up(Duration::from_secs(60));
     net.link(false);
     sh(&format!("head -c 96M /dev/urandom > {ma}/big"));
     p.fsync_a();
@@ -287,13 +248,7 @@ fn writers_wait_for_room_when_the_local_unreflected_area_is_full_and_lose_nothin
         sh(&format!("md5sum < {src}")),
         "the file written while the area was full differs"
     );
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    p.swap();
-    settled(&p, Duration::from_secs(300));
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
+    settle_and_compare(&mut p, &net);
     stop_and_fsck(p);
 }
 
@@ -303,17 +258,8 @@ fn a_taker_killed_during_the_merge_resumes_it_and_loses_nothing() {
     // drain is complete it merges them, and is killed (SIGKILL) while status says
     // `merging`: restarted, it resumes the merge from what its journal and area hold.
     let net = Netns::new("tkm");
-    let extra = "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
-                 [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
-                 [takeover]\nfetch_timeout = \"60s\"\n";
-    let init = ["--journal-size", "768M", "--lu-size", "384M"];
-    let mut p = pair_with("tkml", "2G", &init, extra);
-    p.across(&net, extra);
-    p.start();
+    let mut p = pair_across("tkml", &net, "384M");
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
-    sh(&format!("echo start > {ma}/start"));
-    p.fsync_a();
-    p.caught_up(Duration::from_secs(60));
     net.link(false);
     sh(&format!("head -c 64M /dev/urandom > {ma}/big"));
     p.fsync_a();
@@ -366,12 +312,6 @@ fn a_taker_killed_during_the_merge_resumes_it_and_loses_nothing() {
         got, want_old,
         "after the restart the old primary's files differ"
     );
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    p.swap();
-    settled(&p, Duration::from_secs(300));
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
+    settle_and_compare(&mut p, &net);
     stop_and_fsck(p);
 }

@@ -573,6 +573,16 @@ mod tests {
         Devs { normal, journal }
     }
 
+    /// The devices as a power loss leaves them: only what was durable.
+    fn power_lost(d: &Devs) -> Devs {
+        let image =
+            |c: &CrashDevice| Arc::new(CrashDevice::from_bytes(c.crash_point().durable_image()));
+        Devs {
+            normal: image(&d.normal),
+            journal: image(&d.journal),
+        }
+    }
+
     fn open(d: &Devs) -> Volume {
         let opts = VolumeOptions {
             retain: true,
@@ -735,14 +745,7 @@ mod tests {
         assert_eq!(b.read_block(10).unwrap()[0], 12);
         drop(b);
         // After a crash the volume recovers to that state too.
-        let crashed = Devs {
-            normal: Arc::new(CrashDevice::from_bytes(
-                db.normal.crash_point().durable_image(),
-            )),
-            journal: Arc::new(CrashDevice::from_bytes(
-                db.journal.crash_point().durable_image(),
-            )),
-        };
+        let crashed = power_lost(&db);
         let b = open(&crashed);
         let mut want = prefix.clone();
         want[10] = 12;
@@ -981,14 +984,7 @@ mod tests {
         assert_eq!(b.read_block(24).unwrap()[0], 49);
         b.sync().unwrap();
         drop(b);
-        let crashed = Devs {
-            normal: Arc::new(CrashDevice::from_bytes(
-                db.normal.crash_point().durable_image(),
-            )),
-            journal: Arc::new(CrashDevice::from_bytes(
-                db.journal.crash_point().durable_image(),
-            )),
-        };
+        let crashed = power_lost(&db);
         let v = open(&crashed);
         assert_eq!(v.read_block(30).unwrap()[0], steps, "merged and durable");
         assert_eq!(v.read_block(24).unwrap()[0], 49);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::pair::{Pair, PairNode};
+use super::pair::{Netns, Pair, PairNode, pair_with};
 use super::{bin, run, sh};
 
 /// `pairfs takeover --json` on `n`; panics with the daemon's logs if it fails.
@@ -99,20 +99,63 @@ pub fn streaming_again(p: &Pair) {
     }
 }
 
+/// Settings for a pair across a slow link the drain saturates: such a link drops and
+/// delays packets (the default 1 s idle timeout would flap), and reads of blocks on the old
+/// primary wait for them up to `fetch_timeout`.
+pub fn slow_link_config(fetch_timeout: &str) -> String {
+    format!(
+        "[replication]\nmax_lag = \"off\"\njournal_limit = \"384M\"\n\
+         [timeouts]\nkeepalive = \"500ms\"\nidle = \"5s\"\n\
+         [takeover]\nfetch_timeout = \"{fetch_timeout}\"\n"
+    )
+}
+
+/// A pair with b on the second host `net` (2 GiB volumes, 768 MiB journals, local-
+/// unreflected areas of `lu`, [`slow_link_config`] with a 60 s fetch timeout), started,
+/// with a first file on a replicated.
+pub fn pair_across(tag: &str, net: &Netns, lu: &str) -> Pair {
+    let extra = slow_link_config("60s");
+    let init = ["--journal-size", "768M", "--lu-size", lu];
+    let mut p = pair_with(tag, "2G", &init, &extra);
+    p.across(net, &extra);
+    p.start();
+    sh(&format!("echo start > {}/start", p.a.mnt.display()));
+    p.fsync_a();
+    p.caught_up(Duration::from_secs(60));
+    p
+}
+
+/// After a takeover from `p.a` to `p.b` over `net`'s limited link: the limit removed, the
+/// roles swapped and the role change waited for; then the two nodes compared (`pairfs
+/// verify`, every file's checksum on both mounts).
+pub fn settle_and_compare(p: &mut Pair, net: &Netns) {
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    p.swap();
+    settled(p, Duration::from_secs(300));
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+}
+
+/// `pairfs fsck` of a stopped node passes.
+pub fn fsck(n: &PairNode) {
+    let out = run(Command::new(bin()).args(["fsck", "--data"]).arg(&n.data));
+    assert!(
+        out.status.success(),
+        "fsck of {}: {}{}",
+        n.name,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Stops both nodes, checks both with fsck and removes their files.
 pub fn stop_and_fsck(mut p: Pair) {
     p.a.stop();
     p.b.stop();
-    for n in [&p.a, &p.b] {
-        let out = run(Command::new(bin()).args(["fsck", "--data"]).arg(&n.data));
-        assert!(
-            out.status.success(),
-            "fsck of {}: {}{}",
-            n.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    fsck(&p.a);
+    fsck(&p.b);
     for n in [&p.a, &p.b] {
         let _ = std::fs::remove_dir_all(&n.root);
     }

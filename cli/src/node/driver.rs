@@ -481,11 +481,6 @@ impl Driver {
                     at_ns: pairfs::types::now_ns(),
                 };
                 f.save(&self.cfg.data)?;
-                tracing::error!(
-                    tail = format_args!("{}..={}", base.0 + 1, newest.0),
-                    "fenced: this node's entries in this range are not on the new primary; \
-                     they stay readable here (read-only) until `pairfs rejoin`"
-                );
             }
             Action::MarkBlocks(blocks) => {
                 self.bitmap.mark(blocks);

@@ -17,7 +17,6 @@ use pairfs::BlockNo;
 use pairfs::takeover::{EntryHeader, LuArea};
 use pairfs_fs::FsMode;
 use pairfs_fs::inspect::{self, Owner};
-use pairfs_fs::replica::Invalidations;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::block_in_place;
@@ -245,12 +244,7 @@ impl Driver {
             .context("going back to the state this node holds")?;
         self.host.follow_mode_now();
         // Everything the kernel cached came from the state given up.
-        let mut inodes = fs.referenced_inode_list();
-        inodes.push(1);
-        self.host.invalidate(&Invalidations {
-            inodes,
-            entries: Vec::new(),
-        });
+        self.host.invalidate_all(fs);
         Ok(r)
     }
 

@@ -218,12 +218,7 @@ impl Host {
         match self.fs.get() {
             Some(fs) => {
                 fs.replace_volume(v).context("reloading the filesystem")?;
-                let mut inodes = fs.referenced_inode_list();
-                inodes.push(1);
-                self.invalidate(&Invalidations {
-                    inodes,
-                    entries: Vec::new(),
-                });
+                self.invalidate_all(fs);
             }
             None => {
                 let mut g = self.bare.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,6 +226,17 @@ impl Host {
             }
         }
         Ok(())
+    }
+
+    /// Makes the kernel forget every inode it holds of `fs` (the state underneath changed
+    /// as a whole: a reopen, a takeover's start, a forced takeover going back).
+    fn invalidate_all(&self, fs: &Fs) {
+        let mut inodes = fs.referenced_inode_list();
+        inodes.push(1);
+        self.invalidate(&Invalidations {
+            inodes,
+            entries: Vec::new(),
+        });
     }
 
     /// Makes the kernel forget what changed underneath a replica's mount. Reads that were

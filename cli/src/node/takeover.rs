@@ -11,7 +11,6 @@ use pairfs::takeover::{EntryHeader, RemoteIndex};
 use pairfs::volume::MergeStep;
 use pairfs::{Seq, VolumeError};
 use pairfs_fs::FsMode;
-use pairfs_fs::replica::Invalidations;
 use tokio::sync::oneshot;
 use tokio::task::block_in_place;
 
@@ -337,12 +336,7 @@ pub(super) fn start_volume_takeover(
             .context("turning the filesystem writable")?;
         host.follow_mode_now();
         // Everything the kernel cached may be older than what the old primary holds.
-        let mut inodes = fs.referenced_inode_list();
-        inodes.push(1);
-        host.invalidate(&Invalidations {
-            inodes,
-            entries: Vec::new(),
-        });
+        host.invalidate_all(fs);
     }
     Ok(())
 }
