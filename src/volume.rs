@@ -33,6 +33,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::cache::BlockCache;
@@ -272,6 +273,9 @@ pub struct Volume {
     /// Taking over: the data-location table and the local-unreflected area
     /// (docs/PROTOCOL.md §7).
     taking: Option<Box<taking::Taking>>,
+    /// True while taking over: reads may wait for the peer (shared with the caller that
+    /// holds this volume behind a lock, [`Volume::share_fetch_flag`]).
+    fetching: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -454,6 +458,7 @@ impl Volume {
             copying: false,
             unsynced_frees: false,
             taking: None,
+            fetching: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -1418,6 +1423,22 @@ impl Volume {
             self.read_located(b, buf)?;
             return Ok(());
         }
+        self.read_applied(b, buf)
+    }
+
+    /// Shares `flag`, true while this volume is taking over and its reads may wait for a
+    /// block from the peer: a caller that holds the volume behind a lock must not let a
+    /// writer queue on it meanwhile (docs/PROTOCOL.md §7.6).
+    pub fn share_fetch_flag(&mut self, flag: Arc<AtomicBool>) {
+        flag.store(self.taking.is_some(), std::sync::atomic::Ordering::Release);
+        self.fetching = flag;
+    }
+
+    /// Reads block `b` as the journal and normal area hold it — the state after the newest
+    /// seq applied here — ignoring a takeover's table: what a frozen old primary that takes
+    /// over again serves its peer's fetches from (docs/PROTOCOL.md §7.6).
+    pub fn read_applied(&self, b: BlockNo, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_block(b)?;
         if let Some(d) = self.newest_image(b) {
             buf.copy_from_slice(&d);
             return Ok(());

@@ -138,6 +138,94 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
 }
 
 #[test]
+fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothing() {
+    // b takes over while a's backlog drains over a limited link, writes, and a takes over
+    // again before the drain is complete (docs/PROTOCOL.md §7.6): a serves at once every
+    // file as b acknowledged it (b's writes fetched from b), b freezes and still drains and
+    // merges, then a drains b's writes back, merges its own, and the pair streams a → b.
+    let net = Netns::new("fb");
+    let p = pair_across("tkfb", &net, "128M");
+    let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
+    net.link(false);
+    sh(&format!(
+        "tar -C /usr -cf - include/linux | tar -C {ma} -xf - && head -c 120M /dev/urandom > {ma}/big"
+    ));
+    p.fsync_a();
+    sh(&format!(
+        "tc qdisc add dev {} root tbf rate 20mbit burst 128kb latency 200ms",
+        net.host_if
+    ));
+    net.link(true);
+    streaming_again(&p);
+    takeover(&p.b, &p.a);
+    assert_eq!(p.b.json()["takeover"]["phase"], "draining");
+    // Writes on b during its drain: into its local-unreflected area.
+    sh(&format!(
+        "cp -a {mb}/include/linux {mb}/b-copy && mv {mb}/b-copy/netfilter {mb}/b-nf && rm -rf {mb}/b-copy/usb \
+         && dd if=/dev/urandom of={mb}/big bs=64k count=16 seek=100 conv=notrunc,fsync status=none \
+         && echo from-b > {mb}/b-note && sync {mb}/b-note"
+    ));
+    let want = checksums(&p.b.mnt);
+    // The failback, with b's drain still running.
+    let r = takeover(&p.a, &p.b);
+    eprintln!(
+        "failback ready in {:.1} ms: {} entries of b ({} bytes) on b",
+        r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+        r["backlog_entries"],
+        r["backlog_bytes"]
+    );
+    assert!(r["backlog_entries"].as_u64() > Some(0), "{r}");
+    let (ja, jb) = (p.a.json(), p.b.json());
+    assert_eq!(jb["takeover"]["phase"], "frozen, draining", "{jb}");
+    assert_eq!(ja["role"], "primary", "{ja}");
+    // a serves at once every file as b acknowledged it.
+    assert_eq!(
+        checksums(&p.a.mnt),
+        want,
+        "after the failback a's files differ from what b acknowledged"
+    );
+    // b is frozen: its mount refuses writes, and still reads.
+    let out = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo x > {mb}/refused")));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+        "the frozen taker accepted a write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Writes on a with ordinary tools, over b's files too, while b still drains.
+    sh(&format!(
+        "echo from-a > {ma}/a-note && mv {ma}/b-nf {ma}/a-nf && rm -f {ma}/b-note \
+         && cp -a {ma}/b-copy/can {ma}/a-can && truncate -s 5000 {ma}/big && sync {ma}/a-note"
+    ));
+    let (ja, jb) = (p.a.json(), p.b.json());
+    assert_eq!(
+        jb["takeover"]["phase"], "frozen, draining",
+        "b's drain ended before a's writes: the test checked nothing of the failback's \
+         local-unreflected area: {jb}"
+    );
+    assert!(
+        ja["takeover"]["lu_entries"].as_u64() > Some(0),
+        "a's writes did not go to its local-unreflected area: {ja}"
+    );
+    let want = checksums(&p.a.mnt);
+    // Once b has drained and merged, a drains b's writes, merges its own, and the pair
+    // streams a → b again.
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    settled(&p, Duration::from_secs(300));
+    assert_eq!(
+        checksums(&p.a.mnt),
+        want,
+        "a's files changed while it settled"
+    );
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}
+
+#[test]
 fn a_taker_killed_during_the_drain_resumes_and_loses_nothing() {
     killed_during_the_drain(true, "tkk");
 }

@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use pairfs::types::fill_random;
 use pairfs::{Transaction, Volume, VolumeError};
@@ -39,9 +39,9 @@ const ALLOC_CHUNK: u64 = 1 << 16;
 /// How long a writer waits for room in a full local-unreflected area before its write
 /// fails with `ENOSPC` (the merge frees room once the old primary's backlog has drained:
 /// a drain stuck on an unreachable old primary must not hang writers for ever).
-const LU_FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+const LU_FULL_WAIT: Duration = Duration::from_secs(300);
 /// How often a waiting writer tries again.
-const LU_FULL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+const LU_FULL_POLL: Duration = Duration::from_millis(20);
 
 /// Options of an open filesystem.
 #[derive(Clone, Debug)]
@@ -246,7 +246,7 @@ pub struct Fs {
     replica: AtomicBool,
     /// Writers waiting for room in a taker's local-unreflected area (status).
     lu_waiting: std::sync::atomic::AtomicU64,
-    hooks: std::sync::OnceLock<std::sync::Arc<dyn FsHooks>>,
+    hooks: std::sync::OnceLock<Arc<dyn FsHooks>>,
     /// Held (shared) by every read from its start until its reply is sent, and by the FUSE
     /// adapter around its replies ([`Fs::reply_guard`]): a replica's node takes it
     /// exclusively after an apply ([`Fs::wait_for_reads`]) so that no reply computed from
@@ -254,6 +254,10 @@ pub struct Fs {
     /// changed; a switch to replica mode takes it too, so that no reply cached for as long
     /// as a writable mount allows arrives after the switch returns.
     replies: RwLock<()>,
+    /// True while the volume is taking over (its reads may wait for the peer with the
+    /// core lock held): writers then poll for the lock instead of queueing on it
+    /// ([`Fs::write_core`]).
+    fetching: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -812,7 +816,11 @@ impl Fs {
             }
         }
         let reap = opts.mode == FsMode::Writable && opts.reap_at_open;
+        let fetching = Arc::new(AtomicBool::new(false));
+        let mut vol = vol;
+        vol.share_fetch_flag(fetching.clone());
         let fs = Fs {
+            fetching,
             core: RwLock::new(Core { vol, sb, alloc }),
             lookups: Mutex::new(HashMap::new()),
             replica: AtomicBool::new(opts.mode == FsMode::Replica),
@@ -833,7 +841,25 @@ impl Fs {
         self.core.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The core lock, exclusively. While the volume is taking over, a reader may hold the
+    /// lock shared while it waits for a block from the peer, and the peer's own reads may
+    /// wait for this node's fetch server, which takes the lock shared too: a writer queued
+    /// on the lock would keep that server out (the standard lock lets no reader in behind
+    /// a waiting writer), and two nodes fetching from each other (a failback while a drain
+    /// runs, docs/PROTOCOL.md §7.6) would wait for each other for
+    /// ever. So meanwhile writers never queue: they poll.
     fn write_core(&self) -> RwLockWriteGuard<'_, Core> {
+        let mut pause = Duration::from_micros(20);
+        while self.fetching.load(Ordering::Acquire) {
+            match self.core.try_write() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(1));
+                }
+            }
+        }
         self.core.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -993,7 +1019,7 @@ impl Fs {
     }
 
     /// Installs the node's callbacks (once).
-    pub fn set_hooks(&self, hooks: std::sync::Arc<dyn FsHooks>) {
+    pub fn set_hooks(&self, hooks: Arc<dyn FsHooks>) {
         let _ = self.hooks.set(hooks);
     }
 
@@ -1013,9 +1039,10 @@ impl Fs {
 
     /// Replaces the volume underneath (reopened after an I/O error poisoned it) and
     /// reloads everything derived from it.
-    pub fn replace_volume(&self, vol: Volume) -> FsResult<()> {
+    pub fn replace_volume(&self, mut vol: Volume) -> FsResult<()> {
         let mut core = self.write_core();
         let (sb, alloc) = Self::derived(&vol)?;
+        vol.share_fetch_flag(self.fetching.clone());
         *core = Core { vol, sb, alloc };
         Ok(())
     }

@@ -28,7 +28,9 @@ use crate::types::{Seq, VolumeId};
 /// acknowledgements (received, durable), flush and reconciliation (issue 9). Version 3:
 /// headers ahead of data, planned takeover (issue 10, docs/PROTOCOL.md §7). Version 4: a
 /// node rejoining after a divergence names the blocks of its tail in its hello (§7.8).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5: failback while a drain is still running (§7.6: a node taking over from a
+/// taker, the taker's headers and freeze).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest journal entry a primary sends, in bytes of block data (docs/PROTOCOL.md §4):
 /// with a peer, the open entry is sealed before its blocks would exceed it, so one entry
@@ -173,6 +175,26 @@ pub enum Takeover {
     /// (in the local-unreflected area) wait to be merged.
     Taker {
         /// The old primary's newest seq.
+        freeze: Seq,
+    },
+    /// Failback while the peer still drains (docs/PROTOCOL.md §7.6): a frozen old primary
+    /// that takes over again from the taker frozen at `freeze`. It still streams its
+    /// entries up to `source` to the peer and serves the peer's fetches of them, while its
+    /// own writes go to its local-unreflected area; once the peer has merged and is a
+    /// frozen source at `freeze`, this node becomes `Taker { freeze }`.
+    Retaker {
+        /// Its own freeze point, what the peer still drains.
+        source: Seq,
+        /// The peer's newest seq when it froze.
+        freeze: Seq,
+    },
+    /// A taker frozen by a failback before its drain and merge completed: it refuses
+    /// writes, still applies the old primary's entries up to `drain`, merges its
+    /// local-unreflected entries up to `freeze`, and then becomes `Source { freeze }`.
+    FrozenTaker {
+        /// The old primary's freeze point, what this node still drains.
+        drain: Seq,
+        /// Its newest seq when it froze.
         freeze: Seq,
     },
 }

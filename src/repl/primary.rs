@@ -11,12 +11,14 @@
 
 mod copy;
 mod reconcile;
+mod retake;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use self::copy::{CopyState, copy_kind_for_peer};
 use self::reconcile::Reconcile;
+use self::retake::RetakeAsk;
 #[cfg(doc)]
 use super::Replicator;
 use super::replicator::{Ctx, LocalJournal, PeerView, VerifyRequest, lineage_follows};
@@ -86,6 +88,11 @@ pub(super) struct PrimaryState {
     /// Frozen for a takeover at this seq (docs/PROTOCOL.md §7.3): no writes, the entries up
     /// to it drain to the taker, then this node becomes secondary.
     frozen: Option<Seq>,
+    /// Frozen, and taking over again from the peer frozen at this seq (failback while the
+    /// peer drains, §7.6): writes go to the local-unreflected area.
+    retaking: Option<Seq>,
+    /// A failback asked of the peer on this connection, not answered yet.
+    retake_ask: Option<RetakeAsk>,
     /// Newest seq whose header was sent on this connection.
     headers_sent: Seq,
 }
@@ -133,8 +140,14 @@ impl PrimaryState {
             crashed: unclean,
             frozen: match ctx.persisted.takeover {
                 Some(Takeover::Source { freeze }) => Some(freeze),
+                Some(Takeover::Retaker { source, .. }) => Some(source),
                 _ => None,
             },
+            retaking: match ctx.persisted.takeover {
+                Some(Takeover::Retaker { freeze, .. }) => Some(freeze),
+                _ => None,
+            },
+            retake_ask: None,
             headers_sent: Seq::NONE,
         };
         if !ctx.persisted.paired && !p.retained.is_empty() {
@@ -162,9 +175,10 @@ impl PrimaryState {
         (self.last_seq, self.local_durable)
     }
 
-    /// Whether the filesystem may write (not while reconciling, not frozen).
+    /// Whether the filesystem may write (not while reconciling, not frozen unless taking
+    /// over again: then into the local-unreflected area).
     pub(super) fn admits_writes(&self) -> bool {
-        self.reconcile.is_none() && self.frozen.is_none()
+        self.reconcile.is_none() && (self.frozen.is_none() || self.retaking.is_some())
     }
 
     /// Frozen for a takeover at this seq.
@@ -261,7 +275,12 @@ impl PrimaryState {
     /// The backlog writers are held to (see [`Replicator::backpressure`]).
     pub(super) fn backpressure(&self, ctx: &Ctx) -> Option<Backpressure> {
         let max_lag = ctx.cfg.max_lag?;
-        if ctx.cfg.mode != Mode::Async || !ctx.connected || ctx.state != PairState::Pair {
+        // Frozen: what the peer lacks is a drain, which no writer of this node waits for.
+        if ctx.cfg.mode != Mode::Async
+            || !ctx.connected
+            || ctx.state != PairState::Pair
+            || self.frozen.is_some()
+        {
             return None;
         }
         let mut unacked = self.unacked(ctx.peer_received());
@@ -324,6 +343,8 @@ impl PrimaryState {
     pub(super) fn on_connected(&mut self, now: Instant) {
         self.sent_upto = Seq::NONE;
         self.headers_sent = Seq::NONE;
+        // A failback asked on the last connection is asked again on this one.
+        self.retake_ask = None;
         self.in_flight = 0;
         self.last_progress = Some(now);
     }
@@ -391,6 +412,8 @@ impl PrimaryState {
             // The answer to a pull sent again just before the reconciliation ended.
             Message::Entry { entry, .. } if entry.seq <= self.last_seq => {}
             Message::Takeover { id, .. } => self.on_takeover(ctx, id),
+            Message::Headers { entries, .. } => self.on_retake_headers(ctx, entries),
+            Message::Frozen { id, seq, epoch } => self.on_retake_frozen(ctx, id, seq, epoch),
             Message::Verified { id, differ, .. } => {
                 if self.verifies_out.remove(&id) {
                     ctx.out.push_back(Action::VerifyAnswer { id, differ });

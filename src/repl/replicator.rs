@@ -223,7 +223,7 @@ impl Replicator {
     pub fn admits_writes(&self) -> bool {
         match &self.role {
             RoleState::Primary(p) => p.admits_writes(),
-            RoleState::Secondary(s) => s.taking_over().is_some(),
+            RoleState::Secondary(s) => s.admits_writes(),
         }
     }
 
@@ -237,10 +237,8 @@ impl Replicator {
     pub fn handle_takeover_request(&mut self, id: u64) -> Result<(), String> {
         match &mut self.role {
             RoleState::Secondary(s) => s.request_takeover(&mut self.ctx, id),
-            RoleState::Primary(p) if p.frozen().is_some() => {
-                Err("this node is frozen: its peer is taking over (run the takeover there)".into())
-            }
-            RoleState::Primary(_) => Err("this node is already the primary".into()),
+            // Failback while the peer drains (§7.6).
+            RoleState::Primary(p) => p.request_retake(&mut self.ctx, id),
         }
     }
 
@@ -249,7 +247,7 @@ impl Replicator {
     pub fn takeover_asked(&self) -> Option<u64> {
         match &self.role {
             RoleState::Secondary(s) => s.asked(),
-            RoleState::Primary(_) => None,
+            RoleState::Primary(p) => p.retake_asked(),
         }
     }
 
@@ -261,14 +259,34 @@ impl Replicator {
         }
     }
 
+    /// Taker: the driver froze the filesystem for a failback asked by the peer (after
+    /// [`Action::Freeze`]); `newest` is the newest local seq, durable, and `headers` the
+    /// headers of the local entries after the drain point (docs/PROTOCOL.md §7.6).
+    pub fn handle_frozen_taker(
+        &mut self,
+        id: u64,
+        newest: Seq,
+        headers: Vec<crate::takeover::EntryHeader>,
+    ) {
+        if let RoleState::Secondary(s) = &mut self.role {
+            s.on_frozen_here(&mut self.ctx, id, newest, headers);
+        }
+    }
+
     /// Taker: the merge is complete ([`Action::Merge`]); `journal` is what the local journal
     /// holds now. The node becomes primary — persisted, then the connection restarts so
-    /// that the old primary, seeing a primary of the new epoch, steps down.
+    /// that the old primary, seeing a primary of the new epoch, steps down. A taker frozen
+    /// by a failback becomes a frozen source instead, and the peer, seeing it, a taker.
     pub fn handle_merged(&mut self, retained: Vec<EntryMeta>, durable: Seq, now: Instant) {
-        if !matches!(&self.role, RoleState::Secondary(s) if s.taking_over().is_some()) {
+        let RoleState::Secondary(s) = &self.role else {
+            return;
+        };
+        if s.taking_over().is_none() {
             return;
         }
-        self.ctx.persisted.takeover = None;
+        // Frozen by a failback: a frozen source at its freeze point, for the peer to drain.
+        let frozen = s.frozen();
+        self.ctx.persisted.takeover = frozen.map(|freeze| Takeover::Source { freeze });
         self.ctx.persisted.paired = true;
         let journal = LocalJournal {
             retained,
@@ -278,7 +296,11 @@ impl Replicator {
         self.set_role(Role::Primary, journal, now);
         self.ctx.persist();
         self.ctx.out.push_back(Action::RoleChanged(Role::Primary));
-        tracing::info!(seq = %durable, "takeover complete: this node is the primary");
+        if frozen.is_some() {
+            tracing::info!(seq = %durable, "merge complete: frozen, the peer drains this node's entries");
+        } else {
+            tracing::info!(seq = %durable, "takeover complete: this node is the primary");
+        }
         self.drop_connection("role change: this node is now the primary".into(), true);
     }
 
@@ -289,7 +311,8 @@ impl Replicator {
             RoleState::Secondary(s) => s.force_plan(&self.ctx),
             RoleState::Primary(p) if p.frozen().is_some() => Err(
                 "this node is the old primary, frozen while its peer takes over: force the \
-                 takeover on the peer (forcing a frozen node back is not supported)"
+                 takeover on the peer, or, with the peer reachable, take over again without \
+                 --force (forcing a frozen node back is not supported)"
                     .into(),
             ),
             RoleState::Primary(_) => Err("this node is already the primary".into()),
@@ -361,6 +384,23 @@ impl Replicator {
         self.drop_connection("role change: this node is now the secondary".into(), true);
     }
 
+    /// Failback (§7.6): the peer merged and is a frozen source at `freeze`. This node,
+    /// which took over again meanwhile (its writes in its local-unreflected area), becomes
+    /// a taker of it: it drains the peer's entries after its own `durable`, then merges.
+    fn become_taker(&mut self, freeze: Seq, durable: Seq, now: Instant) {
+        self.ctx.persisted.takeover = Some(Takeover::Taker { freeze });
+        let journal = LocalJournal {
+            retained: Vec::new(),
+            durable,
+            unclean: false,
+        };
+        self.set_role(Role::Secondary, journal, now);
+        self.ctx.persist();
+        self.ctx.out.push_back(Action::RoleChanged(Role::Secondary));
+        tracing::info!(%freeze, seq = %durable, "failback: the peer has merged; this node drains its entries");
+        self.drop_connection("role change: this node now drains the peer".into(), true);
+    }
+
     /// True when a sync-mode writer must wait for the peer to have its entry (received),
     /// and an fsync for the peer to have it durably: sync mode, paired, not degraded, and
     /// not copying (until a copy completes the peer is inconsistent: writes are
@@ -369,7 +409,7 @@ impl Replicator {
     pub fn sync_waits(&self) -> bool {
         let ctx = &self.ctx;
         ctx.cfg.mode == Mode::Sync
-            && matches!(self.role, RoleState::Primary(_))
+            && matches!(&self.role, RoleState::Primary(p) if p.frozen().is_none())
             && ctx.persisted.paired
             && ctx.persisted.degraded.is_none()
             && !matches!(ctx.state, PairState::Copying | PairState::Simplex)
@@ -512,10 +552,12 @@ impl Replicator {
             RoleState::Primary(p) => p.frozen().is_some(),
             RoleState::Secondary(s) => s.taking_over().is_some(),
         };
-        let floor = if moving {
-            super::Epoch(epoch.0.saturating_sub(1))
-        } else {
-            epoch
+        // A failback during a drain moves it twice while the source's oldest entries are
+        // still in flight: what the peer sent on this connection is as recent as its hello.
+        let floor = match (&self.ctx.peer, moving) {
+            (_, false) => epoch,
+            (Some(p), true) => super::Epoch(epoch.0.saturating_sub(1)).min(p.hello.epoch),
+            (None, true) => super::Epoch(epoch.0.saturating_sub(1)),
         };
         if m.epoch() < floor && !matches!(m, Message::Hello(_)) {
             self.ctx
@@ -577,15 +619,28 @@ impl Replicator {
         }
         if h.role == Role::Primary && ctx.persisted.role == Role::Primary {
             // After a takeover: the frozen old primary and the new one meet.
-            let frozen = match &self.role {
-                RoleState::Primary(p) => p.frozen(),
-                RoleState::Secondary(_) => None,
+            let (frozen, retaking) = match &self.role {
+                RoleState::Primary(p) => (p.frozen(), p.retaking()),
+                RoleState::Secondary(_) => (None, None),
             };
             let (_, durable) = match &self.role {
                 RoleState::Primary(p) => p.progress(),
                 RoleState::Secondary(s) => s.progress(ctx.applying),
             };
-            if let Some(freeze) = frozen {
+            if let Some(freeze) = retaking {
+                // Failback (§7.6): the peer merged and froze at `freeze`; this node drains it.
+                if h.takeover == Some(Takeover::Source { freeze }) && h.epoch == ctx.persisted.epoch
+                {
+                    self.become_taker(freeze, durable, now);
+                    return;
+                }
+            } else if let Some(freeze) = frozen {
+                if matches!(h.takeover, Some(Takeover::Retaker { freeze: f, .. }) if f == freeze)
+                    && h.epoch == ctx.persisted.epoch
+                {
+                    tracing::info!("the peer takes over again: waiting for it to drain this node");
+                    return;
+                }
                 if h.epoch >= ctx.persisted.epoch && h.takeover.is_none() && h.last_seq >= freeze {
                     self.step_down(durable, now);
                     return;

@@ -23,6 +23,8 @@ const MAX_OUT_OF_ORDER_ENTRIES: usize = 4096;
 /// Verify requests a secondary holds for a state it has not reached (a primary keeps a
 /// few in flight; more is not a primary speaking the protocol).
 const MAX_VERIFY_WAIT: usize = 64;
+/// Block numbers per `Headers` message a frozen taker sends (8 bytes each on the wire).
+const HEADER_BATCH_BLOCKS: usize = 64 << 10;
 
 /// What only a secondary keeps: how far it has the primary's entries, what arrived ahead
 /// of a gap, and what the primary asked of it.
@@ -54,6 +56,9 @@ pub(super) struct SecondaryState {
     taking: Option<Seq>,
     /// Taking over: the merge was handed out.
     merging: bool,
+    /// Taking over, and frozen at this seq by a failback (§7.6): writes refused; once the
+    /// drain and merge are complete this node is a frozen source.
+    frozen: Option<Seq>,
     /// On this connection, the newest seq the primary showed it holds (its `Durable`, the
     /// predecessor of an entry it sent): a pull for entries before it is stale.
     primary_has: Seq,
@@ -68,15 +73,17 @@ impl SecondaryState {
     /// A node becomes secondary with its journal durable up to `durable` (all it has).
     pub(super) fn start(ctx: &mut Ctx, durable: Seq) -> Self {
         ctx.state = PairState::Suspended;
-        let taking = match ctx.persisted.takeover {
-            Some(Takeover::Taker { freeze }) => Some(freeze),
-            _ => None,
+        let (taking, frozen) = match ctx.persisted.takeover {
+            Some(Takeover::Taker { freeze }) => (Some(freeze), None),
+            Some(Takeover::FrozenTaker { drain, freeze }) => (Some(drain), Some(freeze)),
+            _ => (None, None),
         };
         let mut s = SecondaryState {
             received: durable,
             durable,
             remote: RemoteIndex::new(durable),
             taking,
+            frozen,
             ..SecondaryState::default()
         };
         // Restarted with the drain complete: the merge goes on.
@@ -98,13 +105,112 @@ impl SecondaryState {
         self.asked
     }
 
-    /// Taking over (the filesystem writes to the local-unreflected area).
+    /// Taking over (the old primary's freeze point, what this node drains).
     pub(super) fn taking_over(&self) -> Option<Seq> {
         self.taking
     }
 
+    /// Taking over and not frozen by a failback: the filesystem writes to the
+    /// local-unreflected area.
+    pub(super) fn admits_writes(&self) -> bool {
+        self.taking.is_some() && self.frozen.is_none()
+    }
+
+    /// Frozen by a failback at this seq (§7.6).
+    pub(super) fn frozen(&self) -> Option<Seq> {
+        self.frozen
+    }
+
+    /// The old primary, frozen, takes over again before this node's drain and merge are
+    /// complete (failback, §7.6): the driver freezes the filesystem and hands this node's
+    /// entries after the drain point to [`SecondaryState::on_frozen_here`]. Asked again
+    /// (the answer was lost with its connection), it answers the same.
+    fn on_takeover(&mut self, ctx: &mut Ctx, id: u64) {
+        if self.taking.is_none() {
+            ctx.refuse(
+                "a takeover asked of a secondary that is not taking over: this node is not \
+                 the primary"
+                    .into(),
+            );
+            return;
+        }
+        tracing::info!(
+            request = id,
+            "failback: the old primary takes over again: freezing"
+        );
+        ctx.out.push_back(Action::Freeze { id });
+    }
+
+    /// Frozen for a failback: every local entry up to `newest` is durable, with `headers`
+    /// those after the drain point. The epoch moves (the first time), the role change is
+    /// persisted, and the peer gets the headers and the freeze point.
+    pub(super) fn on_frozen_here(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        newest: Seq,
+        headers: Vec<EntryHeader>,
+    ) {
+        let Some(drain) = self.taking else {
+            return;
+        };
+        let freeze = match self.frozen {
+            Some(f) => f,
+            None => {
+                let freeze = newest.max(drain);
+                self.frozen = Some(freeze);
+                ctx.persisted.epoch = super::Epoch(ctx.persisted.epoch.0 + 1);
+                ctx.persisted.takeover = Some(Takeover::FrozenTaker { drain, freeze });
+                ctx.persist();
+                tracing::info!(
+                    seq = %freeze,
+                    epoch = ctx.persisted.epoch.0,
+                    "frozen for a failback: the drain and merge complete here, then the peer \
+                     drains this node's entries"
+                );
+                freeze
+            }
+        };
+        if ctx.peer.is_none() {
+            return;
+        }
+        let epoch = ctx.persisted.epoch;
+        let mut batch: Vec<EntryHeader> = Vec::new();
+        let mut blocks = 0;
+        for h in headers
+            .into_iter()
+            .filter(|h| h.seq > drain && h.seq <= freeze)
+        {
+            blocks += h.blocks.len();
+            batch.push(h);
+            if blocks >= HEADER_BATCH_BLOCKS {
+                let entries = std::mem::take(&mut batch);
+                ctx.send(Message::Headers { epoch, entries });
+                blocks = 0;
+            }
+        }
+        if !batch.is_empty() {
+            ctx.send(Message::Headers {
+                epoch,
+                entries: batch,
+            });
+        }
+        ctx.send(Message::Frozen {
+            epoch,
+            id,
+            seq: freeze,
+        });
+    }
+
     /// Asks the primary to freeze and hand over (docs/PROTOCOL.md §7.3).
     pub(super) fn request_takeover(&mut self, ctx: &mut Ctx, id: u64) -> Result<(), String> {
+        if self.frozen.is_some() {
+            return Err(
+                "this node is frozen: the peer is taking over again (failback); it becomes \
+                 the peer's secondary once its drain and merge are complete"
+                    .into(),
+            );
+        }
         if self.taking.is_some() {
             return Err("this node is already taking over".into());
         }
@@ -284,6 +390,7 @@ impl SecondaryState {
             Message::Verify { id, at, blocks, .. } => self.on_verify(ctx, id, at, blocks),
             Message::Headers { entries, .. } => self.on_headers(ctx, entries),
             Message::Frozen { id, seq, epoch } => self.on_frozen(ctx, id, seq, epoch),
+            Message::Takeover { id, .. } => self.on_takeover(ctx, id),
             m => return Err(m),
         }
         Ok(())

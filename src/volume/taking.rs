@@ -20,14 +20,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Transaction, TxId, Volume};
 use crate::error::{JournalError, VolumeError};
 use crate::repl::{WireBlock, WireEntry};
-use crate::takeover::{BacklogSummary, Location, LuArea, RemoteIndex, locate};
+use crate::takeover::{BacklogSummary, EntryHeader, Location, LuArea, RemoteIndex, locate};
 use crate::types::{BlockNo, Seq, now_ns};
 
 /// Reads blocks from the peer (the old primary) for a volume that is taking over.
@@ -236,6 +236,7 @@ impl Volume {
         }
         let mut remote = remote;
         remote.applied(last);
+        self.fetching.store(true, Release);
         self.taking = Some(Box::new(Taking {
             lu,
             remote,
@@ -424,6 +425,23 @@ impl Volume {
         Ok(())
     }
 
+    /// Taking over: the headers of this node's own entries after `after`, oldest first —
+    /// those already merged into the journal, then those still in the LU. What a taker
+    /// frozen by a failback hands the peer (docs/PROTOCOL.md §7.6).
+    pub fn headers_after(&self, after: Seq) -> Result<Vec<EntryHeader>, VolumeError> {
+        let mut out = Vec::new();
+        for e in self.journal.retained() {
+            if e.seq > after {
+                out.push(self.entry_header(e.seq)?);
+            }
+        }
+        if let Some(t) = &self.taking {
+            let last = out.last().map_or(after, |h| h.seq);
+            out.extend(t.lu.headers().into_iter().filter(|h| h.seq > last));
+        }
+        Ok(out)
+    }
+
     /// A forced takeover cut the drain short (docs/PROTOCOL.md §7.7): makes the LU's
     /// entries durable and leaves the takeover mode, returning the area for the caller to
     /// export and then empty ([`LuArea::discard`]). The volume is then what its journal and
@@ -435,6 +453,7 @@ impl Volume {
             .taking
             .take()
             .ok_or_else(|| VolumeError::InvalidParams("not taking over".into()))?;
+        self.fetching.store(false, Release);
         tracing::warn!(
             seq = %self.journal.last_seq(),
             lu_entries = t.lu.len(),
@@ -484,6 +503,7 @@ impl Volume {
         self.release_merged()?;
         if self.taking.as_ref().is_some_and(|t| t.lu.is_empty()) {
             self.taking = None;
+            self.fetching.store(false, Release);
             tracing::info!(seq = %last, "takeover: merge complete; writes go to the journal");
             return Ok(MergeStep::Done);
         }

@@ -6,7 +6,7 @@
 //! - [`identity`]: a node's key and self-signed certificate (`DIR/identity.key`,
 //!   `DIR/identity.crt`) and its [`Fingerprint`] (`sha256:` + hex of the certificate DER).
 //! - [`tls`]: rustls configurations for QUIC whose only trust is one pinned peer
-//!   fingerprint, in both directions (mutual authentication), ALPN `pairfs/4`, TLS 1.3 only.
+//!   fingerprint, in both directions (mutual authentication), ALPN `pairfs/5`, TLS 1.3 only.
 //! - [`frame`]: the byte format of one message on a stream (magic, version, kind, length,
 //!   CRC-32C, bincode payload). Pure functions, no I/O, fuzzed (`fuzz/`).
 //! - [`conn`]: an [`Endpoint`] that is both server and client for exactly one peer, the

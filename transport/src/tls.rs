@@ -33,7 +33,7 @@ use crate::{Fingerprint, Identity, Result};
 /// The ALPN protocol: `pairfs/` and the replication protocol's version (docs/PROTOCOL.md
 /// title). A peer of another version fails the handshake (TLS `no_application_protocol`,
 /// logged) rather than at the first message it cannot decode.
-pub const ALPN: &[u8] = b"pairfs/4";
+pub const ALPN: &[u8] = b"pairfs/5";
 
 /// The server name the dialler puts in its ClientHello. It is not checked by anyone (the
 /// pin is the trust) but QUIC requires a syntactically valid one.
@@ -296,8 +296,8 @@ mod tests {
         let b = Identity::generate("b").unwrap();
         let server = server_config(&a, b.fingerprint()).unwrap();
         let client = client_config(&a, b.fingerprint()).unwrap();
-        assert_eq!(server.alpn_protocols, vec![b"pairfs/4".to_vec()]);
-        assert_eq!(client.alpn_protocols, vec![b"pairfs/4".to_vec()]);
+        assert_eq!(server.alpn_protocols, vec![b"pairfs/5".to_vec()]);
+        assert_eq!(client.alpn_protocols, vec![b"pairfs/5".to_vec()]);
         // A key that is not the certificate's is refused when building, not at handshake.
         let mixed = Identity {
             cert_der: a.cert_der.clone(),

@@ -473,7 +473,10 @@ impl Driver {
                     self.bitmap.persist()?;
                 }
             }
-            Action::Persist(st) => save_state(&self.cfg.data, &st)?,
+            Action::Persist(st) => {
+                save_state(&self.cfg.data, &st)?;
+                self.shared.set_serving(st.takeover);
+            }
             Action::Fenced { base, newest } => {
                 let f = crate::state::Fenced {
                     base: base.0,
@@ -504,6 +507,10 @@ impl Driver {
                 self.repl.handle_disconnected();
             }
             Action::SendHeaders(metas) => self.send_headers(metas).await,
+            // A taker asked by a failback (§7.6), or the primary by a takeover.
+            Action::Freeze { id } if self.repl.role() == Role::Secondary => {
+                self.freeze_taker(id)?
+            }
             Action::Freeze { id } => self.freeze(id)?,
             Action::BeginTakeover {
                 id,

@@ -6,12 +6,12 @@
 //! variables — never on the driver itself, except for the moment it takes to persist that
 //! the pair is degraded.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use pairfs::Seq;
-use pairfs::repl::Backpressure;
+use pairfs::repl::{Backpressure, Takeover};
 use pairfs_fs::{Fs, FsError, FsHooks, FsResult};
 use tokio::sync::mpsc;
 
@@ -51,8 +51,8 @@ pub(crate) struct Shared {
     /// A writer gave up waiting for the backlog to shrink (logged once per episode).
     lag_warned: AtomicBool,
     sync_timeout: Duration,
-    /// Frozen for a takeover: the peer's fetches are answered (docs/PROTOCOL.md §7.4).
-    pub(crate) serving: AtomicBool,
+    /// What the peer's fetches are answered from ([`Serving`] as a number).
+    serving: AtomicU8,
     /// This node's role just changed: the dialler reconnects without its backoff.
     pub(crate) role_changed: AtomicBool,
     /// What fetches are answered from (set once the node's volume is known).
@@ -78,7 +78,7 @@ impl Shared {
             wire_received: AtomicU64::new(0),
             lag_warned: AtomicBool::new(false),
             sync_timeout,
-            serving: AtomicBool::new(false),
+            serving: AtomicU8::new(Serving::Nothing as u8),
             role_changed: AtomicBool::new(false),
             fetch_source: std::sync::OnceLock::new(),
             fetch_client: std::sync::OnceLock::new(),
@@ -86,6 +86,20 @@ impl Shared {
     }
 
     /// Driver: the peer acknowledged this progress.
+    /// The role change under way is now `t`: what the peer's fetches are answered from.
+    pub(crate) fn set_serving(&self, t: Option<Takeover>) {
+        self.serving.store(Serving::of(t) as u8, Ordering::Release);
+    }
+
+    /// What the peer's fetches are answered from.
+    pub(crate) fn serving(&self) -> Serving {
+        match self.serving.load(Ordering::Acquire) {
+            1 => Serving::Newest,
+            2 => Serving::Applied,
+            _ => Serving::Nothing,
+        }
+    }
+
     pub(crate) fn set_peer(&self, p: PeerProgress) {
         let mut g = lock(&self.peer);
         if *g != p {
@@ -204,6 +218,30 @@ impl FsHooks for Shared {
             self.wait_peer(seq, |p| p.durable);
         }
         Ok(())
+    }
+}
+
+/// What a node answers its peer's fetches from (docs/PROTOCOL.md §7.4, §7.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Serving {
+    /// Not frozen: it serves no fetches.
+    Nothing = 0,
+    /// A frozen node (an old primary, or a taker frozen by a failback): the newest version
+    /// it holds, its local-unreflected area included.
+    Newest = 1,
+    /// A frozen old primary taking over again: the version of its own freeze point, in its
+    /// journal and normal area (its new writes, in its local-unreflected area, come later
+    /// in the chain than anything the peer may ask for).
+    Applied = 2,
+}
+
+impl Serving {
+    fn of(t: Option<Takeover>) -> Serving {
+        match t {
+            Some(Takeover::Source { .. } | Takeover::FrozenTaker { .. }) => Serving::Newest,
+            Some(Takeover::Retaker { .. }) => Serving::Applied,
+            Some(Takeover::Taker { .. }) | None => Serving::Nothing,
+        }
     }
 }
 

@@ -491,14 +491,19 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
     {
         let (host, shared2) = (host.clone(), shared.clone());
         let source: Arc<fetch::FetchSource> = Arc::new(move |blocks: &[u64]| {
-            if !shared2.serving.load(std::sync::atomic::Ordering::Acquire) {
-                return Err("this node is not a frozen old primary: it serves no fetches".into());
+            let serving = shared2.serving();
+            if serving == hooks::Serving::Nothing {
+                return Err("this node is not frozen for a takeover: it serves no fetches".into());
             }
             host.vol(|v| {
                 let mut out = Vec::with_capacity(blocks.len());
                 for &b in blocks {
                     let mut buf = vec![0u8; v.block_size()];
-                    v.read_current(b, &mut buf).map_err(|e| e.to_string())?;
+                    let r = match serving {
+                        hooks::Serving::Applied => v.read_applied(b, &mut buf),
+                        _ => v.read_current(b, &mut buf),
+                    };
+                    r.map_err(|e| e.to_string())?;
                     out.push(buf);
                 }
                 Ok(out)
@@ -506,10 +511,7 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
         });
         let _ = shared.fetch_source.set(source);
     }
-    shared.serving.store(
-        matches!(repl.takeover(), Some(pairfs::repl::Takeover::Source { .. })),
-        std::sync::atomic::Ordering::Release,
-    );
+    shared.set_serving(repl.takeover());
     let _guard = rt.enter();
     let endpoint = match &cfg.peer {
         Some(p) => Some(
@@ -544,8 +546,11 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
             shared.clone(),
         ));
     }
-    if matches!(repl.takeover(), Some(pairfs::repl::Takeover::Taker { .. })) {
-        takeover::resume(&cfg.data, &host, fetch.clone())?;
+    // A node whose volume was taking over resumes it (a taker frozen by a failback stays
+    // read-only).
+    if let Some(t) = repl.takeover().filter(takeover::takes_over) {
+        let writable = !matches!(t, pairfs::repl::Takeover::FrozenTaker { .. });
+        takeover::resume(&cfg.data, &host, fetch.clone(), writable)?;
     }
     let mut driver = driver::Driver::new(
         cfg.clone(),

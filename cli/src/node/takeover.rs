@@ -133,12 +133,40 @@ impl Driver {
             self.host.sync().context("making everything durable")?;
             Ok(())
         })?;
-        self.shared
-            .serving
-            .store(true, std::sync::atomic::Ordering::Release);
         self.take_entries();
         let newest = self.host.vol(|v| v.journal().last_seq());
         self.repl.handle_frozen(id, newest);
+        self.shared.set_serving(self.repl.takeover());
+        Ok(())
+    }
+
+    /// A taker frozen by a failback (docs/PROTOCOL.md §7.6): writes refused from the next
+    /// transaction on, the local-unreflected area's open entry sealed and everything
+    /// durable; then the replicator moves the epoch and answers with the headers of this
+    /// node's entries after its drain point (merged ones from the journal, the rest from
+    /// the area).
+    pub(super) fn freeze_taker(&mut self, id: u64) -> Result<()> {
+        let drain = match self.repl.takeover() {
+            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
+                freeze
+            }
+            _ => return Ok(()),
+        };
+        let (newest, headers) = block_in_place(|| -> Result<(Seq, Vec<EntryHeader>)> {
+            if let Some(fs) = self.host.fs() {
+                fs.set_mode(FsMode::Replica)
+                    .context("turning the filesystem read-only")?;
+                self.host.follow_mode_now();
+            }
+            self.host.sync().context("making everything durable")?;
+            let headers = self
+                .host
+                .vol(|v| v.headers_after(drain))
+                .context("reading the headers of this node's entries")?;
+            Ok((headers.last().map_or(drain, |h| h.seq), headers))
+        })?;
+        self.repl.handle_frozen_taker(id, newest, headers);
+        self.shared.set_serving(self.repl.takeover());
         Ok(())
     }
 
@@ -205,7 +233,8 @@ impl Driver {
         };
         table.save(&self.cfg.data)?;
         save_state(&self.cfg.data, state)?;
-        start_volume_takeover(&self.cfg.data, &self.host, self.fetch.clone(), table)
+        self.shared.set_serving(state.takeover);
+        start_volume_takeover(&self.cfg.data, &self.host, self.fetch.clone(), table, true)
     }
 
     /// A slice of the merge; at its end the node becomes primary.
@@ -242,9 +271,12 @@ impl Driver {
         self.shared
             .role_changed
             .store(true, std::sync::atomic::Ordering::Release);
-        let mode = match role {
-            Role::Primary => FsMode::Writable,
-            Role::Secondary => FsMode::Replica,
+        // A taker frozen by a failback becomes a frozen primary, and the node that took over
+        // again meanwhile a writing secondary (a taker, §7.6).
+        let mode = if self.repl.admits_writes() {
+            FsMode::Writable
+        } else {
+            FsMode::Replica
         };
         if let Some(fs) = self.host.fs().filter(|fs| fs.mode() != mode) {
             match block_in_place(|| fs.set_mode(mode)) {
@@ -252,16 +284,11 @@ impl Driver {
                 Err(e) => tracing::error!(error = %e, ?mode, "switching the filesystem's mode"),
             }
         }
-        match role {
-            Role::Primary => {
-                if let Err(e) = TakeoverTable::remove(&self.cfg.data) {
-                    tracing::warn!(error = %format!("{e:#}"), "removing the takeover table");
-                }
+        self.shared.set_serving(self.repl.takeover());
+        if role == Role::Primary {
+            if let Err(e) = TakeoverTable::remove(&self.cfg.data) {
+                tracing::warn!(error = %format!("{e:#}"), "removing the takeover table");
             }
-            Role::Secondary => self
-                .shared
-                .serving
-                .store(false, std::sync::atomic::Ordering::Release),
         }
     }
 
@@ -270,16 +297,16 @@ impl Driver {
         let t = self.repl.takeover()?;
         let p = self.host.vol(|v| v.takeover_progress());
         let mut s = TakeoverStatus::default();
-        match t {
-            Takeover::Source { freeze } => {
-                s.phase = "draining out".into();
-                s.freeze_seq = freeze.0;
-            }
-            Takeover::Taker { freeze } => {
-                s.freeze_seq = freeze.0;
-                s.phase = if self.merging { "merging" } else { "draining" }.into();
-            }
-        }
+        let merging = if self.merging { "merging" } else { "draining" };
+        let (phase, freeze) = match t {
+            Takeover::Source { freeze } => ("draining out".to_string(), freeze),
+            Takeover::Taker { freeze } => (merging.to_string(), freeze),
+            // Failback while the peer drains (§7.6).
+            Takeover::Retaker { freeze, .. } => ("draining out, then draining in".into(), freeze),
+            Takeover::FrozenTaker { freeze, .. } => (format!("frozen, {merging}"), freeze),
+        };
+        s.phase = phase;
+        s.freeze_seq = freeze.0;
         if let Some(p) = p {
             s.backlog_entries = p.backlog.entries;
             s.backlog_blocks = p.backlog.blocks;
@@ -305,6 +332,7 @@ pub(super) fn start_volume_takeover(
     host: &super::Host,
     fetch: std::sync::Arc<super::fetch::FetchClient>,
     table: TakeoverTable,
+    writable: bool,
 ) -> Result<()> {
     let (applied, blocks, bs, id) = host.vol(|v| {
         (
@@ -331,7 +359,7 @@ pub(super) fn start_volume_takeover(
         .context("opening the local-unreflected area")?;
     host.vol_mut(|v| v.begin_takeover(table.freeze, lu, remote, fetch))
         .context("starting the takeover")?;
-    if let Some(fs) = host.fs() {
+    if let Some(fs) = host.fs().filter(|_| writable) {
         fs.set_mode(FsMode::Writable)
             .context("turning the filesystem writable")?;
         host.follow_mode_now();
@@ -347,6 +375,7 @@ pub(super) fn resume(
     data: &std::path::Path,
     host: &super::Host,
     fetch: std::sync::Arc<super::fetch::FetchClient>,
+    writable: bool,
 ) -> Result<()> {
     let table = TakeoverTable::load(data)?.with_context(|| {
         format!(
@@ -356,5 +385,11 @@ pub(super) fn resume(
         )
     })?;
     tracing::info!(freeze = %table.freeze, "resuming the takeover");
-    start_volume_takeover(data, host, fetch, table)
+    start_volume_takeover(data, host, fetch, table, writable)
+}
+
+/// Whether a node in role change `t` has its volume taking over (a table and a
+/// local-unreflected area).
+pub(super) fn takes_over(t: &Takeover) -> bool {
+    !matches!(t, Takeover::Source { .. })
 }
