@@ -123,3 +123,174 @@ impl PrimaryState {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use crate::repl::{
+        Action, EntryMeta, Epoch, Message, PairState, PersistedState, ReplConfig, Replicator, Role,
+        Takeover,
+    };
+    use crate::takeover::EntryHeader;
+    use crate::types::{Seq, VolumeId};
+
+    const VOLUME: VolumeId = VolumeId([3; 16]);
+
+    fn node(name: &str, st: PersistedState, retained: Vec<EntryMeta>, durable: u64) -> Replicator {
+        let cfg = ReplConfig::new(name, VOLUME, 4096, 1024);
+        Replicator::new(cfg, st, retained, Seq(durable), false, Instant::now())
+    }
+
+    fn meta(seq: u64) -> EntryMeta {
+        EntryMeta {
+            seq: Seq(seq),
+            prev_seq: Seq(seq - 1),
+            bytes: 4096,
+            journal_bytes: 8192,
+            timestamp_ns: seq,
+        }
+    }
+
+    fn header(seq: u64, block: u64) -> EntryHeader {
+        EntryHeader {
+            seq: Seq(seq),
+            prev_seq: Seq(seq - 1),
+            timestamp_ns: seq,
+            bytes: 4096,
+            blocks: vec![block],
+        }
+    }
+
+    /// Hands out `n`'s actions: the messages it sends, and the rest.
+    fn drain(n: &mut Replicator) -> (Vec<Message>, Vec<Action>) {
+        let (mut sent, mut other) = (Vec::new(), Vec::new());
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::Send(m) => sent.push(m),
+                a => other.push(a),
+            }
+        }
+        (sent, other)
+    }
+
+    /// Delivers what `from` sends to `to` until neither sends more; the other actions of
+    /// each, in order.
+    fn exchange(a: &mut Replicator, b: &mut Replicator) -> (Vec<Action>, Vec<Action>) {
+        let (mut acts_a, mut acts_b) = (Vec::new(), Vec::new());
+        loop {
+            let (to_b, other_a) = drain(a);
+            let (to_a, other_b) = drain(b);
+            acts_a.extend(other_a);
+            acts_b.extend(other_b);
+            if to_a.is_empty() && to_b.is_empty() {
+                return (acts_a, acts_b);
+            }
+            for m in to_b {
+                b.handle_message(m, Instant::now());
+            }
+            for m in to_a {
+                a.handle_message(m, Instant::now());
+            }
+        }
+    }
+
+    fn reconnect(a: &mut Replicator, b: &mut Replicator) -> (Vec<Action>, Vec<Action>) {
+        a.handle_disconnected();
+        b.handle_disconnected();
+        a.handle_connected(Instant::now());
+        b.handle_connected(Instant::now());
+        exchange(a, b)
+    }
+
+    fn refusals(acts: &[Action]) -> Vec<String> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Disconnect {
+                    reason,
+                    role_change: false,
+                } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failback_mid_drain_runs_the_chain_of_roles_to_its_end_without_a_refusal() {
+        // a froze at seq 10 (epoch 2); b took over and has applied up to 5, with its own
+        // writes 11 and 12 in its local-unreflected area.
+        let mut sa = PersistedState::new_primary(7);
+        sa.epoch = Epoch(2);
+        sa.paired = true;
+        sa.takeover = Some(Takeover::Source { freeze: Seq(10) });
+        let mut sb = sa.clone();
+        sb.role = Role::Secondary;
+        sb.takeover = Some(Takeover::Taker { freeze: Seq(10) });
+        let mut a = node("a", sa, (6..=10).map(meta).collect(), 10);
+        let mut b = node("b", sb, vec![], 5);
+        assert!(!a.admits_writes() && b.admits_writes());
+        let (acts_a, acts_b) = reconnect(&mut a, &mut b);
+        assert!(refusals(&acts_a).is_empty() && refusals(&acts_b).is_empty());
+        assert!(a.handle_takeover_request(1).is_ok());
+        assert_eq!(a.takeover_asked(), Some(1));
+        // b freezes: the driver hands in its entries after the drain point.
+        let (_, acts_b) = exchange(&mut a, &mut b);
+        assert!(
+            matches!(acts_b[..], [Action::Freeze { id: 1 }]),
+            "{acts_b:?}"
+        );
+        b.handle_frozen_taker(1, Seq(12), vec![header(11, 40), header(12, 41)]);
+        assert!(!b.admits_writes());
+        assert_eq!(
+            b.takeover(),
+            Some(Takeover::FrozenTaker {
+                drain: Seq(10),
+                freeze: Seq(12)
+            })
+        );
+        let (acts_a, _) = exchange(&mut a, &mut b);
+        let begin = acts_a.iter().find_map(|x| match x {
+            Action::BeginTakeover {
+                freeze, headers, ..
+            } => Some((*freeze, headers.len())),
+            _ => None,
+        });
+        assert_eq!(begin, Some((Seq(12), 2)), "{acts_a:?}");
+        assert_eq!(
+            a.takeover(),
+            Some(Takeover::Retaker {
+                source: Seq(10),
+                freeze: Seq(12)
+            })
+        );
+        assert_eq!(a.persisted().epoch, Epoch(3));
+        assert_eq!(b.persisted().epoch, Epoch(3));
+        // a writes (into its LU) without waiting for b, and is still b's source.
+        assert!(a.admits_writes() && !a.sync_waits());
+        assert_eq!(a.role(), Role::Primary);
+        // b's drain and merge complete: a frozen source at 12.
+        b.handle_merged(vec![meta(11), meta(12)], Seq(12), Instant::now());
+        assert_eq!(b.role(), Role::Primary);
+        assert_eq!(b.takeover(), Some(Takeover::Source { freeze: Seq(12) }));
+        assert!(!b.admits_writes());
+        // They meet: a becomes the taker of b, b waits for it (no refusal)...
+        let (acts_a, acts_b) = reconnect(&mut a, &mut b);
+        assert!(refusals(&acts_a).is_empty(), "{acts_a:?}");
+        assert!(refusals(&acts_b).is_empty(), "{acts_b:?}");
+        assert_eq!(a.role(), Role::Secondary);
+        assert_eq!(a.takeover(), Some(Takeover::Taker { freeze: Seq(12) }));
+        assert!(a.admits_writes(), "a taker keeps writing into its LU");
+        // ... and on the next connection b streams its entries 11 and 12 to a.
+        let (acts_a, acts_b) = reconnect(&mut a, &mut b);
+        assert!(refusals(&acts_a).is_empty() && refusals(&acts_b).is_empty());
+        assert_eq!(b.status().state, PairState::Pair);
+        let sent: Vec<Seq> = acts_b
+            .iter()
+            .filter_map(|x| match x {
+                Action::SendEntry(m) => Some(m.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![Seq(11), Seq(12)], "{acts_b:?}");
+    }
+}
