@@ -426,6 +426,13 @@ impl PrimaryState {
 
     /// The secondary's hello (its role, protocol and geometry already checked).
     pub(super) fn on_hello(&mut self, ctx: &mut Ctx, h: Hello, now: Instant) {
+        if self.failback_unrecorded(ctx, &h) {
+            // Asked again: the peer answers the same freeze (§7.6). Meanwhile it still
+            // drains this node's entries.
+            self.start_streaming(ctx, h, false, now);
+            self.ask_retake_again(ctx);
+            return;
+        }
         if h.epoch > ctx.persisted.epoch {
             ctx.refuse(format!(
                 "the peer is at epoch {} and this primary at {}: it has a newer role history",

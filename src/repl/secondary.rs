@@ -398,7 +398,12 @@ impl SecondaryState {
 
     /// The primary's hello (its role, protocol and geometry already checked).
     pub(super) fn on_hello(&mut self, ctx: &mut Ctx, h: Hello) {
-        if h.epoch < ctx.persisted.epoch {
+        // Frozen by a failback, the old primary may have restarted before it recorded the
+        // answer: it is one epoch behind, and asks again (§7.6).
+        let unrecorded = self.frozen.is_some()
+            && matches!(h.takeover, Some(Takeover::Source { freeze }) if Some(freeze) == self.taking)
+            && h.epoch.0 + 1 == ctx.persisted.epoch.0;
+        if h.epoch < ctx.persisted.epoch && !unrecorded {
             ctx.refuse(format!(
                 "the primary is at epoch {}, this node at {}: stale primary",
                 h.epoch.0, ctx.persisted.epoch.0

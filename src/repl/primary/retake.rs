@@ -9,10 +9,13 @@
 #[cfg(doc)]
 use super::super::Replicator;
 use super::super::replicator::Ctx;
-use super::super::{Action, Message, Takeover};
+use super::super::{Action, Hello, Message, Takeover};
 use super::PrimaryState;
 use crate::takeover::{EntryHeader, RemoteIndex};
 use crate::types::Seq;
+
+/// The request id of a failback asked again after a restart.
+const RESUMED: u64 = u64::MAX;
 
 /// A failback asked of the peer and not answered yet.
 pub(super) struct RetakeAsk {
@@ -61,6 +64,34 @@ impl PrimaryState {
         let epoch = ctx.persisted.epoch;
         ctx.send(Message::Takeover { epoch, id });
         Ok(())
+    }
+
+    /// The peer froze for a failback this node asked for, and this node restarted before
+    /// it recorded the answer: the peer's hello is that of a frozen taker of this node's
+    /// freeze point, one epoch ahead.
+    pub(super) fn failback_unrecorded(&self, ctx: &Ctx, h: &Hello) -> bool {
+        self.retaking.is_none()
+            && self.frozen.is_some_and(|source| {
+                matches!(h.takeover, Some(Takeover::FrozenTaker { drain, .. }) if drain == source)
+            })
+            && h.epoch.0 == ctx.persisted.epoch.0 + 1
+    }
+
+    /// Asks the peer frozen by an unrecorded failback for its answer again (no command
+    /// waits for it: the failback completes as it was asked).
+    pub(super) fn ask_retake_again(&mut self, ctx: &mut Ctx) {
+        let Some(source) = self.frozen else {
+            return;
+        };
+        tracing::info!(
+            "the peer froze for a failback this node asked before it restarted: asking again"
+        );
+        self.retake_ask = Some(RetakeAsk {
+            id: RESUMED,
+            headers: RemoteIndex::new(source),
+        });
+        let epoch = ctx.persisted.epoch;
+        ctx.send(Message::Takeover { epoch, id: RESUMED });
     }
 
     /// Headers of the peer's entries after this node's freeze point, for a failback asked.
@@ -216,7 +247,8 @@ mod tests {
     }
 
     #[test]
-    fn a_failback_mid_drain_runs_the_chain_of_roles_to_its_end_without_a_refusal() {
+    fn a_failback_mid_drain_runs_the_chain_of_roles_to_its_end_without_a_refusal_across_a_restart()
+    {
         // a froze at seq 10 (epoch 2); b took over and has applied up to 5, with its own
         // writes 11 and 12 in its local-unreflected area.
         let mut sa = PersistedState::new_primary(7);
@@ -226,6 +258,7 @@ mod tests {
         let mut sb = sa.clone();
         sb.role = Role::Secondary;
         sb.takeover = Some(Takeover::Taker { freeze: Seq(10) });
+        let sa_before = sa.clone();
         let mut a = node("a", sa, (6..=10).map(meta).collect(), 10);
         let mut b = node("b", sb, vec![], 5);
         assert!(!a.admits_writes() && b.admits_writes());
@@ -239,8 +272,22 @@ mod tests {
             matches!(acts_b[..], [Action::Freeze { id: 1 }]),
             "{acts_b:?}"
         );
-        b.handle_frozen_taker(1, Seq(12), vec![header(11, 40), header(12, 41)]);
+        let headers = || vec![header(11, 40), header(12, 41)];
+        b.handle_frozen_taker(1, Seq(12), headers());
         assert!(!b.admits_writes());
+        // a is killed before it records the answer: restarted as it was, it meets b one
+        // epoch behind, asks again, and b answers the same freeze.
+        let _lost = drain(&mut b);
+        let mut a = node("a", sa_before.clone(), (6..=10).map(meta).collect(), 10);
+        let (acts_a, acts_b) = reconnect(&mut a, &mut b);
+        assert!(refusals(&acts_a).is_empty(), "{acts_a:?}");
+        assert!(refusals(&acts_b).is_empty(), "{acts_b:?}");
+        let id = acts_b.iter().find_map(|x| match x {
+            Action::Freeze { id } => Some(*id),
+            _ => None,
+        });
+        let id = id.unwrap_or_else(|| panic!("b was not asked again: {acts_b:?}"));
+        b.handle_frozen_taker(id, Seq(12), headers());
         assert_eq!(
             b.takeover(),
             Some(Takeover::FrozenTaker {
