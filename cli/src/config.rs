@@ -15,47 +15,47 @@ use crate::size::parse_size;
 
 /// A validated node configuration.
 #[derive(Clone, Debug)]
-pub(crate) struct NodeConfig {
+pub struct NodeConfig {
     /// This node's name.
-    pub(crate) name: String,
+    pub name: String,
     /// Its data directory.
-    pub(crate) data: PathBuf,
+    pub data: PathBuf,
     /// Where it listens for its peer (QUIC).
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Its role when the pair is first created.
-    pub(crate) role: Role,
+    pub role: Role,
     /// The peer, if any.
-    pub(crate) peer: Option<PeerConfig>,
+    pub peer: Option<PeerConfig>,
     /// Replication settings.
-    pub(crate) mode: Mode,
+    pub mode: Mode,
     /// Backlog kept in the journal before falling back to the bitmap (`None`: half the
     /// journal, see [`NodeConfig::journal_limit_for`]).
-    pub(crate) journal_limit: Option<u64>,
+    pub journal_limit: Option<u64>,
     /// Async mode: how far the connected peer may fall behind before writers wait.
-    pub(crate) max_lag: Option<Duration>,
+    pub max_lag: Option<Duration>,
     /// Sync mode: how long writers wait for the peer before the pair is degraded.
-    pub(crate) sync_timeout: Duration,
+    pub sync_timeout: Duration,
     /// Keep-alive interval.
-    pub(crate) keepalive: Duration,
+    pub keepalive: Duration,
     /// A silent peer is declared gone after this long.
-    pub(crate) idle_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Taking over: how long a read of a block still on the old primary waits for it
     /// before it fails with EIO (docs/PROTOCOL.md §7.4).
-    pub(crate) fetch_timeout: Duration,
+    pub fetch_timeout: Duration,
 }
 
 /// Default `takeover.fetch_timeout`.
-pub(crate) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The peer of a node.
 #[derive(Clone, Debug)]
-pub(crate) struct PeerConfig {
+pub struct PeerConfig {
     /// Its name.
-    pub(crate) name: String,
+    pub name: String,
     /// Its address.
-    pub(crate) address: SocketAddr,
+    pub address: SocketAddr,
     /// The fingerprint of its certificate (`pairfs id`).
-    pub(crate) fingerprint: Fingerprint,
+    pub fingerprint: Fingerprint,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +110,7 @@ fn default_role() -> String {
 }
 
 /// Parses `250ms`, `1s`, `1.5s`, `2m`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
         (n, 0.001)
@@ -139,14 +139,14 @@ fn field<T>(name: &str, r: Result<T, String>) -> Result<T> {
 
 impl NodeConfig {
     /// Reads and checks a configuration file.
-    pub(crate) fn load(path: &Path) -> Result<NodeConfig> {
+    pub fn load(path: &Path) -> Result<NodeConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the configuration {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
     }
 
     /// Parses and checks configuration text.
-    pub(crate) fn parse(text: &str) -> Result<NodeConfig> {
+    pub fn parse(text: &str) -> Result<NodeConfig> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if raw.name.trim().is_empty() || raw.name.len() > 64 {
             bail!("field `name`: must be 1 to 64 characters");
@@ -247,7 +247,7 @@ impl NodeConfig {
     /// The journal limit for a journal of `capacity` bytes: as configured, or half of it.
     /// More than half is refused: entries the peer lacks must leave room for the ones
     /// being written, or the journal fills before the bitmap takes over.
-    pub(crate) fn journal_limit_for(&self, capacity: u64) -> Result<u64> {
+    pub fn journal_limit_for(&self, capacity: u64) -> Result<u64> {
         let half = capacity / 2;
         match self.journal_limit {
             None => Ok(half),

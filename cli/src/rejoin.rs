@@ -39,25 +39,25 @@ const EXPORT_CHUNK: u32 = 1 << 20;
 
 /// What `pairfs rejoin` set aside.
 #[derive(Debug, Serialize)]
-pub(crate) struct RejoinReport {
-    pub(crate) at_ns: u64,
+pub struct RejoinReport {
+    pub at_ns: u64,
     /// The new primary's generation branched off at this seq.
-    pub(crate) base_seq: u64,
+    pub base_seq: u64,
     /// This node's tail: its entries after `base_seq`.
-    pub(crate) tail: EntriesReport,
+    pub tail: EntriesReport,
     /// The node had fallen back to its difference bitmap: the tail has blocks no entry
     /// names (counted in `tail_blocks`, not in `tail`).
-    pub(crate) partial: bool,
+    pub partial: bool,
     /// Every block the tail wrote (the primary resyncs these, and its own changes).
-    pub(crate) tail_blocks: u64,
+    pub tail_blocks: u64,
     /// The files copied into `dir/files/`, and those that could not be.
-    pub(crate) exported: Vec<String>,
-    pub(crate) not_exported: Vec<String>,
-    pub(crate) dir: String,
+    pub exported: Vec<String>,
+    pub not_exported: Vec<String>,
+    pub dir: String,
 }
 
 /// Runs `pairfs rejoin`.
-pub(crate) fn rejoin(config: &Path) -> Result<RejoinReport> {
+pub fn rejoin(config: &Path) -> Result<RejoinReport> {
     let cfg = NodeConfig::load(config)?;
     let dd = DataDir::open(&cfg.data).context("the node must be stopped for a rejoin")?;
     let st = load_state(&cfg.data)?
@@ -70,7 +70,7 @@ pub(crate) fn rejoin(config: &Path) -> Result<RejoinReport> {
             cfg.data.display()
         );
     };
-    let vol = crate::open_volume(
+    let vol = crate::daemon::open_volume(
         &dd,
         VolumeOptions {
             retain: true,
@@ -212,7 +212,7 @@ fn export_file(fs: &Fs, path: &str, into: &Path) -> Result<()> {
 
 impl RejoinReport {
     /// The report for a person.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let t = &self.tail;
         let seqs = match (t.first_seq, t.last_seq) {
             (Some(a), Some(b)) => format!("seqs {a}..={b}, "),

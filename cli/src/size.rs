@@ -1,7 +1,7 @@
 //! Byte sizes on the command line: `4096`, `512K`, `16G`, `1.5T`, `64MiB` (binary units).
 
 /// Parses a size; the error says what is expected.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -31,7 +31,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// A size for people: `1.5 GiB`.
-pub(crate) fn human(b: u64) -> String {
+pub fn human(b: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = b as f64;
     let mut i = 0;

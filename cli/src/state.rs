@@ -23,34 +23,34 @@ const STATE_MAGIC_V1: &[u8; 8] = b"PFSTATE1";
 const BITMAP_MAGIC: &[u8; 8] = b"PFDBMAP1";
 
 /// Name of the pair state file in the data directory.
-pub(crate) const STATE_FILE: &str = "pair.state";
+pub const STATE_FILE: &str = "pair.state";
 /// Name of the difference bitmap file in the data directory.
-pub(crate) const BITMAP_FILE: &str = "diff.bitmap";
+pub const BITMAP_FILE: &str = "diff.bitmap";
 /// A node rejoining after a divergence: the blocks of its own tail (format of
 /// [`BITMAP_FILE`]; docs/PROTOCOL.md §7.8), until it is consistent again.
-pub(crate) const REJOIN_FILE: &str = "rejoin.bitmap";
+pub const REJOIN_FILE: &str = "rejoin.bitmap";
 /// An old primary fenced on its return after a forced takeover (JSON, [`Fenced`]).
-pub(crate) const FENCED_FILE: &str = "fenced.json";
+pub const FENCED_FILE: &str = "fenced.json";
 
 /// Where a fenced old primary's lineage left the new primary's (for `pairfs rejoin`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Fenced {
+pub struct Fenced {
     /// The new primary's generation branches off at this seq.
-    pub(crate) base: u64,
+    pub base: u64,
     /// This node's newest durable seq when it was fenced: its tail is `base + 1..=newest`.
-    pub(crate) newest: u64,
+    pub newest: u64,
     /// When (ns since the Unix epoch).
-    pub(crate) at_ns: u64,
+    pub at_ns: u64,
 }
 
 impl Fenced {
-    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+    pub fn save(&self, dir: &Path) -> Result<()> {
         let mut b = serde_json::to_vec_pretty(self).context("encoding the fencing record")?;
         b.push(b'\n');
         write_durably(&dir.join(FENCED_FILE), &b)
     }
 
-    pub(crate) fn load(dir: &Path) -> Result<Option<Fenced>> {
+    pub fn load(dir: &Path) -> Result<Option<Fenced>> {
         let path = dir.join(FENCED_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -63,7 +63,7 @@ impl Fenced {
 }
 
 /// Replaces `path` durably with `bytes`.
-pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f =
@@ -107,7 +107,7 @@ fn unframe<'a>(magic: &[u8; 8], bytes: &'a [u8], what: &Path) -> Result<&'a [u8]
 }
 
 /// Reads `pair.state`, if it exists.
-pub(crate) fn load_state(dir: &Path) -> Result<Option<PersistedState>> {
+pub fn load_state(dir: &Path) -> Result<Option<PersistedState>> {
     let path = dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -191,25 +191,25 @@ mod v1 {
 }
 
 /// Writes `pair.state` durably.
-pub(crate) fn save_state(dir: &Path, st: &PersistedState) -> Result<()> {
+pub fn save_state(dir: &Path, st: &PersistedState) -> Result<()> {
     let payload = bincode::serialize(st).context("encoding the pair state")?;
     write_durably(&dir.join(STATE_FILE), &framed(STATE_MAGIC, &payload))
 }
 
 /// The difference bitmap: one bit per block of the volume.
-pub(crate) struct DiffBitmap {
+pub struct DiffBitmap {
     path: PathBuf,
     bits: BitVec<u64, Lsb0>,
 }
 
 impl DiffBitmap {
     /// Loads the bitmap of a volume of `blocks` blocks (empty if there is none yet).
-    pub(crate) fn load(dir: &Path, blocks: u64) -> Result<DiffBitmap> {
+    pub fn load(dir: &Path, blocks: u64) -> Result<DiffBitmap> {
         Self::load_at(dir.join(BITMAP_FILE), blocks)
     }
 
     /// [`DiffBitmap::load`] from another file of the same format.
-    pub(crate) fn load_at(path: PathBuf, blocks: u64) -> Result<DiffBitmap> {
+    pub fn load_at(path: PathBuf, blocks: u64) -> Result<DiffBitmap> {
         let mut bits = bitvec![u64, Lsb0; 0; blocks as usize];
         match std::fs::read(&path) {
             Ok(bytes) => {
@@ -240,7 +240,7 @@ impl DiffBitmap {
     }
 
     /// Marks blocks as changed.
-    pub(crate) fn mark(&mut self, blocks: impl IntoIterator<Item = u64>) {
+    pub fn mark(&mut self, blocks: impl IntoIterator<Item = u64>) {
         for b in blocks {
             if let Some(mut bit) = self.bits.get_mut(b as usize) {
                 *bit = true;
@@ -249,22 +249,22 @@ impl DiffBitmap {
     }
 
     /// Clears every mark.
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.bits.fill(false);
     }
 
     /// Marked blocks, in order.
-    pub(crate) fn marked(&self) -> Vec<u64> {
+    pub fn marked(&self) -> Vec<u64> {
         self.bits.iter_ones().map(|i| i as u64).collect()
     }
 
     /// The file exists.
-    pub(crate) fn exists(&self) -> bool {
+    pub fn exists(&self) -> bool {
         self.path.exists()
     }
 
     /// Removes the file (durably).
-    pub(crate) fn remove(&self) -> Result<()> {
+    pub fn remove(&self) -> Result<()> {
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(e).with_context(|| format!("removing {}", self.path.display()))
@@ -277,12 +277,12 @@ impl DiffBitmap {
     }
 
     /// Number of marked blocks.
-    pub(crate) fn count(&self) -> u64 {
+    pub fn count(&self) -> u64 {
         self.bits.count_ones() as u64
     }
 
     /// Writes the bitmap durably.
-    pub(crate) fn persist(&self) -> Result<()> {
+    pub fn persist(&self) -> Result<()> {
         let mut payload = Vec::with_capacity(8 + self.bits.len() / 8 + 8);
         payload.extend_from_slice(&(self.bits.len() as u64).to_le_bytes());
         let mut bytes: BitVec<u8, Lsb0> = BitVec::with_capacity(self.bits.len());
@@ -295,26 +295,26 @@ impl DiffBitmap {
 /// The table a taker persists at ready (FORMAT.md §5.2): the freeze point and the headers
 /// of the old primary's entries it had not applied then.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct TakeoverTable {
-    pub(crate) freeze: pairfs::Seq,
-    pub(crate) applied_at_ready: pairfs::Seq,
-    pub(crate) entries: Vec<pairfs::takeover::EntryHeader>,
-    pub(crate) bitmap: Option<Vec<u8>>,
+pub struct TakeoverTable {
+    pub freeze: pairfs::Seq,
+    pub applied_at_ready: pairfs::Seq,
+    pub entries: Vec<pairfs::takeover::EntryHeader>,
+    pub bitmap: Option<Vec<u8>>,
 }
 
 const DLT_MAGIC: &[u8; 8] = b"PFDLT001";
 /// File name of the takeover table.
-pub(crate) const DLT_FILE: &str = "takeover.dlt";
+pub const DLT_FILE: &str = "takeover.dlt";
 
 impl TakeoverTable {
     /// Writes the table durably.
-    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+    pub fn save(&self, dir: &Path) -> Result<()> {
         let payload = bincode::serialize(self).context("encoding the takeover table")?;
         write_durably(&dir.join(DLT_FILE), &framed(DLT_MAGIC, &payload))
     }
 
     /// Reads the table, if there is one.
-    pub(crate) fn load(dir: &Path) -> Result<Option<TakeoverTable>> {
+    pub fn load(dir: &Path) -> Result<Option<TakeoverTable>> {
         let path = dir.join(DLT_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -328,7 +328,7 @@ impl TakeoverTable {
     }
 
     /// The drain is complete: the table is no longer needed.
-    pub(crate) fn remove(dir: &Path) -> Result<()> {
+    pub fn remove(dir: &Path) -> Result<()> {
         let path = dir.join(DLT_FILE);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -12,10 +12,10 @@ use tokio::sync::oneshot;
 use super::{Event, Shared, StatusReport, TakeoverReport, VerifyUpdate};
 
 /// Control socket name in the data directory.
-pub(crate) const CONTROL_SOCKET: &str = "control.sock";
+pub const CONTROL_SOCKET: &str = "control.sock";
 
 /// Serves requests on `DIR/control.sock` until the runtime stops.
-pub(crate) async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
+pub async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
     let path = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
@@ -111,7 +111,7 @@ fn connect(dir: &Path) -> Result<std::os::unix::net::UnixStream> {
 
 /// Runs a verify on the node whose data directory is `dir`: calls `progress` with every
 /// update until the last, which it returns.
-pub(crate) fn run_verify(
+pub fn run_verify(
     dir: &Path,
     repair: bool,
     mut progress: impl FnMut(&VerifyUpdate),
@@ -136,7 +136,7 @@ pub(crate) fn run_verify(
 
 /// Asks a running node to take over (docs/PROTOCOL.md §7.3); returns once it accepts
 /// writes, or with the reason it cannot.
-pub(crate) fn run_takeover(dir: &Path, force: bool) -> Result<TakeoverReport> {
+pub fn run_takeover(dir: &Path, force: bool) -> Result<TakeoverReport> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = connect(dir)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -151,7 +151,7 @@ pub(crate) fn run_takeover(dir: &Path, force: bool) -> Result<TakeoverReport> {
 }
 
 /// Asks a running node for its status through its control socket.
-pub(crate) fn query_status(dir: &Path) -> Result<StatusReport> {
+pub fn query_status(dir: &Path) -> Result<StatusReport> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = connect(dir)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -43,7 +43,7 @@ enum After {
     Notify(std::sync::mpsc::Sender<()>),
 }
 
-pub(crate) struct Driver {
+pub struct Driver {
     pub(super) cfg: NodeConfig,
     pub(super) host: Arc<Host>,
     pub(super) shared: Arc<Shared>,
@@ -82,7 +82,7 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(
+    pub fn new(
         cfg: NodeConfig,
         host: Arc<Host>,
         shared: Arc<Shared>,
@@ -120,12 +120,12 @@ impl Driver {
     }
 
     /// A node rejoining after a divergence names its tail's blocks in its hellos.
-    pub(crate) fn rejoining(&mut self, tail: DiffBitmap) {
+    pub fn rejoining(&mut self, tail: DiffBitmap) {
         self.repl.set_rejoin(Some(tail.marked()));
         self.rejoin = Some(tail);
     }
 
-    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         // Entries that became sendable before the runtime started.
         self.take_entries();
         self.actions().await;

@@ -20,14 +20,14 @@ use pairfs::volume::PeerFetch;
 use pairfs_transport::Connection;
 
 /// Frame kind of the fetch streams.
-pub(crate) const KIND_FETCH: u8 = 3;
+pub const KIND_FETCH: u8 = 3;
 /// Pause before a failed fetch is tried again (on a new connection).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Fetches go before the drain's entries on the connection (docs/PROTOCOL.md §7.4).
 const FETCH_PRIORITY: i32 = 10;
 
 /// Reads blocks from the peer for a taking-over volume.
-pub(crate) struct FetchClient {
+pub struct FetchClient {
     conn: Mutex<Option<Connection>>,
     conn_cv: Condvar,
     rt: tokio::runtime::Handle,
@@ -36,7 +36,7 @@ pub(crate) struct FetchClient {
 }
 
 impl FetchClient {
-    pub(crate) fn new(rt: tokio::runtime::Handle, timeout: Duration, epoch: Epoch) -> Self {
+    pub fn new(rt: tokio::runtime::Handle, timeout: Duration, epoch: Epoch) -> Self {
         FetchClient {
             conn: Mutex::new(None),
             conn_cv: Condvar::new(),
@@ -47,13 +47,13 @@ impl FetchClient {
     }
 
     /// The link: the connection to the peer now (`None`: none).
-    pub(crate) fn set_connection(&self, c: Option<Connection>) {
+    pub fn set_connection(&self, c: Option<Connection>) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = c;
         self.conn_cv.notify_all();
     }
 
     /// The link: `c` ended; forgotten unless a newer connection replaced it already.
-    pub(crate) fn forget_connection(&self, c: &Connection) {
+    pub fn forget_connection(&self, c: &Connection) {
         let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if g.as_ref().is_some_and(|cur| cur.same_as(c)) {
             *g = None;
@@ -146,11 +146,11 @@ async fn fetch_once(
 
 /// What a node answers fetches from: the content of blocks as it holds them, or why it
 /// cannot serve them now.
-pub(crate) type FetchSource = dyn Fn(&[BlockNo]) -> Result<Vec<Vec<u8>>, String> + Send + Sync;
+pub type FetchSource = dyn Fn(&[BlockNo]) -> Result<Vec<Vec<u8>>, String> + Send + Sync;
 
 /// Answers the peer's fetch streams on `conn` until it closes. Each stream is served on a
 /// task of its own (reads on a blocking thread), so one slow read delays no other.
-pub(crate) async fn serve(conn: Connection, source: Arc<FetchSource>) {
+pub async fn serve(conn: Connection, source: Arc<FetchSource>) {
     loop {
         let Ok((mut s, mut r)) = conn.accept_bi().await else {
             return;

@@ -28,7 +28,7 @@ use crate::state::write_durably;
 /// The last forced takeover's report in the data directory (for `status`).
 pub(super) const FORCED_FILE: &str = "forced.json";
 /// Where what a forced takeover (or a rejoin) could not keep goes, one directory each.
-pub(crate) const PRESERVED_DIR: &str = "preserved";
+pub const PRESERVED_DIR: &str = "preserved";
 /// Files named in a report at most (the counts cover the rest).
 const MAX_FILES: usize = 1000;
 /// Files and metadata kinds the command prints (the report has them all).
@@ -36,53 +36,53 @@ const SHOWN: usize = 20;
 
 /// What a forced takeover could not have, or had to set aside.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct LossReport {
+pub struct LossReport {
     /// When (ns since the Unix epoch).
-    pub(crate) at_ns: u64,
+    pub at_ns: u64,
     /// The new generation's id (hex) and the seq it continues from.
-    pub(crate) generation: String,
-    pub(crate) base_seq: u64,
+    pub generation: String,
+    pub base_seq: u64,
     /// The old primary's entries after `base_seq` whose headers this node received and
     /// never applied.
-    pub(crate) lost: EntriesReport,
+    pub lost: EntriesReport,
     /// The headers may not name everything (the backlog had outgrown them, or this node
     /// restarted after it last heard the primary): more may have been lost.
-    pub(crate) partial: bool,
+    pub partial: bool,
     /// A taker whose drain was cut short: its own writes, exported.
-    pub(crate) preserved: Option<Preserved>,
+    pub preserved: Option<Preserved>,
     /// The report's directory (`DATA/preserved/…`).
-    pub(crate) dir: String,
+    pub dir: String,
 }
 
 /// Entries summed up, with the files their blocks belong to.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct EntriesReport {
-    pub(crate) entries: u64,
-    pub(crate) first_seq: Option<u64>,
-    pub(crate) last_seq: Option<u64>,
+pub struct EntriesReport {
+    pub entries: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
     /// Host times of the first and the last entry (ns since the Unix epoch).
-    pub(crate) first_ns: Option<u64>,
-    pub(crate) last_ns: Option<u64>,
-    pub(crate) bytes: u64,
+    pub first_ns: Option<u64>,
+    pub last_ns: Option<u64>,
+    pub bytes: u64,
     /// Distinct blocks.
-    pub(crate) blocks: u64,
+    pub blocks: u64,
     /// Paths of the files whose data blocks are among them, in the state this node
     /// continues from (at most [`MAX_FILES`]), and the kinds of metadata (with their
     /// blocks when more than one).
-    pub(crate) files: Vec<String>,
-    pub(crate) metadata: Vec<String>,
+    pub files: Vec<String>,
+    pub metadata: Vec<String>,
     /// Blocks no file uses in that state (new files, or data appended after it).
-    pub(crate) unreferenced_blocks: u64,
+    pub unreferenced_blocks: u64,
 }
 
 /// The local-unreflected entries a forced takeover set aside.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct Preserved {
+pub struct Preserved {
     /// The old primary's freeze point these entries followed.
-    pub(crate) freeze_seq: u64,
+    pub freeze_seq: u64,
     /// The copy of the area (FORMAT.md §5.1: a journal of images).
-    pub(crate) file: String,
-    pub(crate) entries: EntriesReport,
+    pub file: String,
+    pub entries: EntriesReport,
 }
 
 /// A `pairfs takeover --force` waiting for the connection to a silent peer to time out.
@@ -266,7 +266,7 @@ impl Driver {
 }
 
 /// Counts, time span and files of `entries`.
-pub(crate) fn summarize(
+pub fn summarize(
     entries: &[EntryHeader],
     owners: &BTreeMap<BlockNo, Owner>,
 ) -> EntriesReport {
@@ -322,7 +322,7 @@ fn preserve_lu(data: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(to)
 }
 
-pub(crate) fn write_report(path: &Path, r: &impl Serialize) -> Result<()> {
+pub fn write_report(path: &Path, r: &impl Serialize) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(r).context("encoding the loss report")?;
     bytes.push(b'\n');
     write_durably(path, &bytes)
@@ -336,7 +336,7 @@ pub(super) fn load_last(data: &Path) -> Option<LossReport> {
 
 impl LossReport {
     /// The report for a person: what was lost, what was set aside, where the details are.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
         let _ = writeln!(

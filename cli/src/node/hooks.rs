@@ -23,47 +23,47 @@ const DEGRADED_PERSIST_WAIT: Duration = Duration::from_secs(1);
 
 /// The peer's progress as last acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct PeerProgress {
-    pub(crate) received: Seq,
-    pub(crate) durable: Seq,
+pub struct PeerProgress {
+    pub received: Seq,
+    pub durable: Seq,
 }
 
 /// What the driver publishes for the writers after every event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Gate {
+pub struct Gate {
     /// The filesystem may write (not while a primary reconciles after a crash).
-    pub(crate) admits: bool,
+    pub admits: bool,
     /// Sync mode, not degraded: writes and fsyncs wait for the peer.
-    pub(crate) sync_waits: bool,
+    pub sync_waits: bool,
     /// Async mode: the backlog writers are held to.
-    pub(crate) backpressure: Option<Backpressure>,
+    pub backpressure: Option<Backpressure>,
 }
 
 /// Shared between the driver, the FUSE threads and the control socket.
-pub(crate) struct Shared {
-    pub(crate) events: mpsc::UnboundedSender<Event>,
+pub struct Shared {
+    pub events: mpsc::UnboundedSender<Event>,
     peer: Mutex<PeerProgress>,
     peer_cv: Condvar,
     gate: Mutex<Gate>,
     gate_cv: Condvar,
-    pub(crate) wire_sent: AtomicU64,
-    pub(crate) wire_received: AtomicU64,
+    pub wire_sent: AtomicU64,
+    pub wire_received: AtomicU64,
     /// A writer gave up waiting for the backlog to shrink (logged once per episode).
     lag_warned: AtomicBool,
     sync_timeout: Duration,
     /// What the peer's fetches are answered from ([`Serving`] as a number).
     serving: AtomicU8,
     /// This node's role just changed: the dialler reconnects without its backoff.
-    pub(crate) role_changed: AtomicBool,
+    pub role_changed: AtomicBool,
     /// What fetches are answered from (set once the node's volume is known).
-    pub(crate) fetch_source: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchSource>>,
+    pub fetch_source: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchSource>>,
     /// What this node's reads of blocks on the peer go through; the link publishes each
     /// connection to it directly, so that a reader never waits for the driver.
-    pub(crate) fetch_client: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchClient>>,
+    pub fetch_client: std::sync::OnceLock<std::sync::Arc<super::fetch::FetchClient>>,
 }
 
 impl Shared {
-    pub(crate) fn new(events: mpsc::UnboundedSender<Event>, sync_timeout: Duration) -> Shared {
+    pub fn new(events: mpsc::UnboundedSender<Event>, sync_timeout: Duration) -> Shared {
         Shared {
             events,
             peer: Mutex::new(PeerProgress::default()),
@@ -87,12 +87,12 @@ impl Shared {
 
     /// Driver: the peer acknowledged this progress.
     /// The role change under way is now `t`: what the peer's fetches are answered from.
-    pub(crate) fn set_serving(&self, t: Option<Takeover>) {
+    pub fn set_serving(&self, t: Option<Takeover>) {
         self.serving.store(Serving::of(t) as u8, Ordering::Release);
     }
 
     /// What the peer's fetches are answered from.
-    pub(crate) fn serving(&self) -> Serving {
+    pub fn serving(&self) -> Serving {
         match self.serving.load(Ordering::Acquire) {
             1 => Serving::Newest,
             2 => Serving::Applied,
@@ -100,7 +100,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn set_peer(&self, p: PeerProgress) {
+    pub fn set_peer(&self, p: PeerProgress) {
         let mut g = lock(&self.peer);
         if *g != p {
             *g = p;
@@ -109,7 +109,7 @@ impl Shared {
     }
 
     /// Driver: what the writers may do now.
-    pub(crate) fn publish(&self, gate: Gate) {
+    pub fn publish(&self, gate: Gate) {
         let mut g = lock(&self.gate);
         if *g == gate {
             return;
@@ -223,7 +223,7 @@ impl FsHooks for Shared {
 
 /// What a node answers its peer's fetches from (docs/PROTOCOL.md §7.4, §7.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Serving {
+pub enum Serving {
     /// Not frozen: it serves no fetches.
     Nothing = 0,
     /// A frozen node (an old primary, or a taker frozen by a failback): the newest version

@@ -18,8 +18,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use super::{Event, Shared};
 
 /// Frame kinds on the wire (the transport carries them, the node reads them).
-pub(crate) const KIND_CONTROL: u8 = 1;
-pub(crate) const KIND_REPLICATION: u8 = 2;
+pub const KIND_CONTROL: u8 = 1;
+pub const KIND_REPLICATION: u8 = 2;
 /// Replication messages queued per connection for the sender task before the driver waits.
 const REPL_QUEUE: usize = 32;
 /// Bytes of the peer's messages held at once between the readers and the driver: two of
@@ -34,23 +34,23 @@ const MIN_PERMIT: usize = 4096;
 const STABLE_CONNECTION: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A message from the peer and the share of the receive budget it holds until dropped.
-pub(crate) struct Received {
-    pub(crate) message: Message,
-    pub(crate) permit: OwnedSemaphorePermit,
+pub struct Received {
+    pub message: Message,
+    pub permit: OwnedSemaphorePermit,
 }
 
 /// The driver's handle on a connection.
-pub(crate) struct ConnHandle {
-    pub(crate) id: u64,
-    pub(crate) conn: Connection,
-    pub(crate) ctrl: mpsc::UnboundedSender<Message>,
-    pub(crate) repl: mpsc::Sender<Message>,
+pub struct ConnHandle {
+    pub id: u64,
+    pub conn: Connection,
+    pub ctrl: mpsc::UnboundedSender<Message>,
+    pub repl: mpsc::Sender<Message>,
 }
 
 /// Keeps one connection to the peer: dials (with backoff) if this node's name sorts first.
 /// Every node also accepts: the peer dials the other way, and strangers must be answered
 /// (and refused by the certificate pin, with a log line) rather than ignored.
-pub(crate) async fn connection_manager(
+pub async fn connection_manager(
     ep: Arc<Endpoint>,
     peer: SocketAddr,
     dial: bool,

@@ -15,14 +15,14 @@
 //! - `verify.rs`: the online verify job (docs/PROTOCOL.md §5.5);
 //! - `takeover.rs`, `fetch.rs`, `force.rs`: planned and forced takeovers (§7).
 
-mod control;
-mod driver;
-mod fetch;
-pub(crate) mod force;
-mod hooks;
-mod link;
-mod takeover;
-mod verify;
+pub mod control;
+pub mod driver;
+pub mod fetch;
+pub mod force;
+pub mod hooks;
+pub mod link;
+pub mod takeover;
+pub mod verify;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -38,23 +38,23 @@ use pairfs_transport::{Endpoint, Identity, TransportConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) use control::{query_status, run_takeover, run_verify};
-pub(crate) use hooks::Shared;
-pub(crate) use verify::{VerifyReport, VerifyUpdate};
+pub use control::{query_status, run_takeover, run_verify};
+pub use hooks::Shared;
+pub use verify::{VerifyReport, VerifyUpdate};
 
 use crate::config::NodeConfig;
 use crate::state::{DiffBitmap, load_state, save_state};
 
 /// The mount's read-only flag, shared by the maintenance loop (which makes it follow the
 /// filesystem's mode) and a role change (which must not wait for that loop).
-pub(crate) type MountFlag = Arc<Mutex<Option<pairfs_fs::fuse::ReadOnlyFlag>>>;
+pub type MountFlag = Arc<Mutex<Option<pairfs_fs::fuse::ReadOnlyFlag>>>;
 
 /// Opens the node's volume again (after an I/O error poisoned it).
-pub(crate) type Reopen = Box<dyn Fn() -> Result<Volume> + Send + Sync>;
+pub type Reopen = Box<dyn Fn() -> Result<Volume> + Send + Sync>;
 
 /// Where the node's volume lives: alone (`serve`, or a secondary waiting for its first
 /// copy) or inside the mounted filesystem.
-pub(crate) struct Host {
+pub struct Host {
     bare: Mutex<Option<Volume>>,
     fs: OnceLock<Arc<Fs>>,
     notifier: Mutex<Option<fuser::Notifier>>,
@@ -64,7 +64,7 @@ pub(crate) struct Host {
 }
 
 impl Host {
-    pub(crate) fn bare(v: Volume, reopen: Reopen) -> Arc<Host> {
+    pub fn bare(v: Volume, reopen: Reopen) -> Arc<Host> {
         Arc::new(Host {
             bare: Mutex::new(Some(v)),
             fs: OnceLock::new(),
@@ -75,7 +75,7 @@ impl Host {
         })
     }
 
-    pub(crate) fn with_fs(fs: Arc<Fs>, reopen: Reopen) -> Arc<Host> {
+    pub fn with_fs(fs: Arc<Fs>, reopen: Reopen) -> Arc<Host> {
         let h = Host {
             bare: Mutex::new(None),
             fs: OnceLock::new(),
@@ -88,14 +88,14 @@ impl Host {
         Arc::new(h)
     }
 
-    pub(crate) fn set_mount_flag(&self, f: MountFlag) {
+    pub fn set_mount_flag(&self, f: MountFlag) {
         let _ = self.mount_flag.set(f);
     }
 
     /// Makes the mount's read-only flag match the filesystem's mode now (turning writable
     /// always succeeds; turning read-only is refused while files are open for writing, and
     /// the maintenance loop retries it).
-    pub(crate) fn follow_mode_now(&self) {
+    pub fn follow_mode_now(&self) {
         let (Some(fs), Some(flag)) = (self.fs.get(), self.mount_flag.get()) else {
             return;
         };
@@ -108,7 +108,7 @@ impl Host {
         }
     }
 
-    pub(crate) fn set_notifier(&self, n: fuser::Notifier) {
+    pub fn set_notifier(&self, n: fuser::Notifier) {
         *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
     }
 
@@ -117,12 +117,12 @@ impl Host {
     }
 
     /// The mounted filesystem, if any.
-    pub(crate) fn fs_arc(&self) -> Option<Arc<Fs>> {
+    pub fn fs_arc(&self) -> Option<Arc<Fs>> {
         self.fs.get().cloned()
     }
 
     /// Opens the filesystem on the bare volume (atomically for the driver).
-    pub(crate) fn promote(
+    pub fn promote(
         &self,
         open: impl FnOnce(Volume) -> pairfs_fs::FsResult<Fs>,
     ) -> Result<()> {
@@ -135,7 +135,7 @@ impl Host {
     }
 
     /// Group commit and checkpoints of a bare volume (a mounted one has its own thread).
-    pub(crate) fn maintain(&self) {
+    pub fn maintain(&self) {
         if self.fs.get().is_some() {
             return;
         }
@@ -153,7 +153,7 @@ impl Host {
     }
 
     /// Flushes everything at shutdown.
-    pub(crate) fn close(&self) -> Result<()> {
+    pub fn close(&self) -> Result<()> {
         match self.fs.get() {
             Some(fs) => fs.close().context("flushing at shutdown"),
             None => self.vol_mut(|v| v.close()).context("flushing at shutdown"),
@@ -260,102 +260,102 @@ impl Host {
 
 /// The status a node reports (`pairfs status`, control socket).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct StatusReport {
-    pub(crate) node: String,
-    pub(crate) role: String,
-    pub(crate) state: String,
-    pub(crate) mode: String,
-    pub(crate) epoch: u64,
-    pub(crate) peer: Option<String>,
-    pub(crate) peer_address: Option<String>,
-    pub(crate) connected: bool,
-    pub(crate) committed_seq: u64,
-    pub(crate) durable_seq: u64,
-    pub(crate) sent_seq: u64,
+pub struct StatusReport {
+    pub node: String,
+    pub role: String,
+    pub state: String,
+    pub mode: String,
+    pub epoch: u64,
+    pub peer: Option<String>,
+    pub peer_address: Option<String>,
+    pub connected: bool,
+    pub committed_seq: u64,
+    pub durable_seq: u64,
+    pub sent_seq: u64,
     /// The secondary's newest received seq (applied, visible on its mount).
-    pub(crate) replica_received_seq: u64,
+    pub replica_received_seq: u64,
     /// The secondary's newest durable seq.
-    pub(crate) replica_durable_seq: u64,
-    pub(crate) lag_entries: u64,
-    pub(crate) lag_bytes: u64,
-    pub(crate) lag_seconds: f64,
+    pub replica_durable_seq: u64,
+    pub lag_entries: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
     /// The peer's apply rate as last measured while it had a backlog (bytes/s).
-    pub(crate) peer_apply_rate_bps: Option<f64>,
-    pub(crate) backlog: String,
-    pub(crate) bitmap_blocks: u64,
-    pub(crate) copy_sent: Option<u64>,
-    pub(crate) copy_total: Option<u64>,
-    pub(crate) copy_rate_bps: Option<f64>,
-    pub(crate) inconsistent: bool,
-    pub(crate) journal_used: u64,
-    pub(crate) journal_capacity: u64,
-    pub(crate) refused: Option<String>,
-    pub(crate) wire_bytes_sent: u64,
-    pub(crate) wire_bytes_received: u64,
+    pub peer_apply_rate_bps: Option<f64>,
+    pub backlog: String,
+    pub bitmap_blocks: u64,
+    pub copy_sent: Option<u64>,
+    pub copy_total: Option<u64>,
+    pub copy_rate_bps: Option<f64>,
+    pub inconsistent: bool,
+    pub journal_used: u64,
+    pub journal_capacity: u64,
+    pub refused: Option<String>,
+    pub wire_bytes_sent: u64,
+    pub wire_bytes_received: u64,
     /// Sync mode: writes acknowledged without the peer since this seq.
-    pub(crate) degraded_since_seq: Option<u64>,
+    pub degraded_since_seq: Option<u64>,
     /// … and since this time (ns since the Unix epoch).
-    pub(crate) degraded_since_ns: Option<u64>,
+    pub degraded_since_ns: Option<u64>,
     /// The last failed apply (secondary), until one succeeds.
-    pub(crate) apply_error: Option<String>,
+    pub apply_error: Option<String>,
     /// The filesystem admits writes (a primary not reconciling).
-    pub(crate) writable: bool,
+    pub writable: bool,
     /// The last `pairfs verify` (persisted), and whether one is running.
-    pub(crate) last_verify: Option<VerifyReport>,
-    pub(crate) verify_running: bool,
+    pub last_verify: Option<VerifyReport>,
+    pub verify_running: bool,
     /// A takeover under way here (docs/PROTOCOL.md §7), with its progress.
-    pub(crate) takeover: Option<TakeoverStatus>,
+    pub takeover: Option<TakeoverStatus>,
     /// Secondary: the newest seq whose header arrived from the primary.
-    pub(crate) headers_seq: u64,
+    pub headers_seq: u64,
     /// The last forced takeover of this node: what it could not have (§7.7).
-    pub(crate) last_forced: Option<force::LossReport>,
+    pub last_forced: Option<force::LossReport>,
 }
 
 /// A takeover in `pairfs status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct TakeoverStatus {
+pub struct TakeoverStatus {
     /// `draining out` (the old primary), `draining` (the new one, old primary's entries
     /// still arriving), `merging`.
-    pub(crate) phase: String,
+    pub phase: String,
     /// The old primary's newest seq when it froze.
-    pub(crate) freeze_seq: u64,
+    pub freeze_seq: u64,
     /// The old primary's entries not applied here yet, their distinct blocks and bytes.
-    pub(crate) backlog_entries: u64,
-    pub(crate) backlog_blocks: u64,
-    pub(crate) backlog_bytes: u64,
+    pub backlog_entries: u64,
+    pub backlog_blocks: u64,
+    pub backlog_bytes: u64,
     /// Entries and blocks in the local-unreflected area, and its bytes in use / capacity.
-    pub(crate) lu_entries: u64,
-    pub(crate) lu_blocks: u64,
-    pub(crate) lu_used: u64,
-    pub(crate) lu_capacity: u64,
+    pub lu_entries: u64,
+    pub lu_blocks: u64,
+    pub lu_used: u64,
+    pub lu_capacity: u64,
     /// Reads served by the old primary: requests, blocks, mean latency, failures.
-    pub(crate) remote_reads: u64,
-    pub(crate) remote_read_blocks: u64,
-    pub(crate) remote_read_mean_ms: Option<f64>,
-    pub(crate) fetch_errors: u64,
+    pub remote_reads: u64,
+    pub remote_read_blocks: u64,
+    pub remote_read_mean_ms: Option<f64>,
+    pub fetch_errors: u64,
     /// Writers waiting for room in the local-unreflected area (full until the merge).
-    pub(crate) writers_waiting: u64,
+    pub writers_waiting: u64,
 }
 
 /// The answer to `pairfs takeover`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct TakeoverReport {
-    pub(crate) ok: bool,
-    pub(crate) error: Option<String>,
+pub struct TakeoverReport {
+    pub ok: bool,
+    pub error: Option<String>,
     /// From the request to the node accepting writes.
-    pub(crate) seconds: f64,
+    pub seconds: f64,
     /// The old primary's newest seq.
-    pub(crate) freeze_seq: u64,
+    pub freeze_seq: u64,
     /// What the old primary still holds that this node has not applied.
-    pub(crate) backlog_entries: u64,
-    pub(crate) backlog_blocks: u64,
-    pub(crate) backlog_bytes: u64,
+    pub backlog_entries: u64,
+    pub backlog_blocks: u64,
+    pub backlog_bytes: u64,
     /// A forced takeover: what this node could not have, and what it set aside.
-    pub(crate) forced: Option<force::LossReport>,
+    pub forced: Option<force::LossReport>,
 }
 
 /// What the driver hears about.
-pub(crate) enum Event {
+pub enum Event {
     Connected(link::ConnHandle),
     Disconnected(u64),
     Message(u64, link::Received),
@@ -394,8 +394,8 @@ pub(crate) enum Event {
 }
 
 /// A running node; dropping it stops the runtime.
-pub(crate) struct NodeHandle {
-    pub(crate) shared: Arc<Shared>,
+pub struct NodeHandle {
+    pub shared: Arc<Shared>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -408,7 +408,7 @@ impl Drop for NodeHandle {
 }
 
 /// The pair state at startup: from `pair.state`, or new for the configured role.
-pub(crate) fn initial_state(cfg: &NodeConfig) -> Result<PersistedState> {
+pub fn initial_state(cfg: &NodeConfig) -> Result<PersistedState> {
     if let Some(st) = load_state(&cfg.data)? {
         if st.role != cfg.role {
             tracing::info!(
@@ -438,7 +438,7 @@ fn random_u64() -> Result<u64> {
 }
 
 /// Starts the node's runtime.
-pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<NodeHandle> {
+pub fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<NodeHandle> {
     let identity = Identity::load(&cfg.data).with_context(|| {
         format!(
             "loading the identity of {} (created by `pairfs init`)",
@@ -578,6 +578,6 @@ pub(crate) fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Res
 }
 
 /// True when a secondary's volume holds a consistent filesystem (it can be mounted).
-pub(crate) fn mountable(st: &PersistedState) -> bool {
+pub fn mountable(st: &PersistedState) -> bool {
     !(st.empty || st.inconsistent_until.is_some())
 }

@@ -24,7 +24,7 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(15);
 const MERGE_SLICE: Duration = Duration::from_millis(20);
 
 /// A `pairfs takeover` waiting for its answer.
-pub(crate) struct PendingTakeover {
+pub struct PendingTakeover {
     id: u64,
     started: Instant,
     reply: oneshot::Sender<TakeoverReport>,

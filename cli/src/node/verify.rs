@@ -42,7 +42,7 @@ const MAX_LISTED: usize = 1000;
 /// What the job tells the command that started it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub(crate) enum VerifyUpdate {
+pub enum VerifyUpdate {
     /// Progress: blocks compared so far out of those in use (an estimate that follows
     /// the volume), differences so far.
     Progress {
@@ -59,22 +59,22 @@ pub(crate) enum VerifyUpdate {
 
 /// The result of a verify (also the last one, in `status`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct VerifyReport {
+pub struct VerifyReport {
     /// When it finished (ns since the Unix epoch).
-    pub(crate) finished_ns: u64,
-    pub(crate) seconds: f64,
-    pub(crate) blocks_compared: u64,
-    pub(crate) bytes_compared: u64,
+    pub finished_ns: u64,
+    pub seconds: f64,
+    pub blocks_compared: u64,
+    pub bytes_compared: u64,
     /// Blocks whose content differed (visible content only).
-    pub(crate) differing: u64,
+    pub differing: u64,
     /// The first of them, with what they belong to.
-    pub(crate) listed: Vec<(u64, String)>,
+    pub listed: Vec<(u64, String)>,
     /// Blocks that differed but whose content no reader sees (free, never written).
-    pub(crate) invisible: u64,
+    pub invisible: u64,
     /// `--repair` ran: blocks written again from the primary and found equal afterwards.
-    pub(crate) repaired: Option<u64>,
+    pub repaired: Option<u64>,
     /// Blocks still different after the repair.
-    pub(crate) unrepaired: u64,
+    pub unrepaired: u64,
 }
 
 enum Window {
@@ -91,7 +91,7 @@ enum Phase {
 }
 
 /// A running verify.
-pub(crate) struct VerifyJob {
+pub struct VerifyJob {
     repair: bool,
     updates: mpsc::UnboundedSender<VerifyUpdate>,
     todo: VecDeque<Window>,
@@ -111,7 +111,7 @@ pub(crate) struct VerifyJob {
 }
 
 /// What the driver does next for the job.
-pub(crate) enum Step {
+pub enum Step {
     /// Send this batch: the replicator compares `blocks` in the state after `at`.
     Batch {
         id: u64,
@@ -126,7 +126,7 @@ pub(crate) enum Step {
 
 impl VerifyJob {
     /// A job over every block of a volume of `blocks` blocks, `used` of them in use.
-    pub(crate) fn new(
+    pub fn new(
         repair: bool,
         updates: mpsc::UnboundedSender<VerifyUpdate>,
         blocks: u64,
@@ -157,14 +157,14 @@ impl VerifyJob {
     }
 
     /// The ids of this job's batches start here (the replicator's answers carry them).
-    pub(crate) fn owns(&self, id: u64) -> bool {
+    pub fn owns(&self, id: u64) -> bool {
         self.out.contains_key(&id)
     }
 
     /// The next thing to do: a batch to send (computed with the volume in `host`, whose
     /// state after the sealed seq `at` it describes; `hand_entries` gives the replicator
     /// the entries up to it first), waiting, or the end.
-    pub(crate) fn step(&mut self, host: &Host, hand_entries: &mut dyn FnMut()) -> Result<Step> {
+    pub fn step(&mut self, host: &Host, hand_entries: &mut dyn FnMut()) -> Result<Step> {
         if self.misses > MAX_MISSES {
             bail!(
                 "the secondary could not compare {MAX_MISSES} batches in a row: the pair must \
@@ -219,7 +219,7 @@ impl VerifyJob {
     }
 
     /// The replicator's answer to batch `id`.
-    pub(crate) fn answer(&mut self, id: u64, differ: Option<Vec<u64>>) {
+    pub fn answer(&mut self, id: u64, differ: Option<Vec<u64>>) {
         let Some((w, _, n)) = self.out.remove(&id) else {
             return;
         };
@@ -237,7 +237,7 @@ impl VerifyJob {
     }
 
     /// Sends a progress update now and then.
-    pub(crate) fn report_progress(&mut self) {
+    pub fn report_progress(&mut self) {
         if self.last_progress.elapsed() < Duration::from_millis(500) {
             return;
         }
@@ -314,7 +314,7 @@ impl VerifyJob {
     }
 
     /// The job could not finish.
-    pub(crate) fn fail(&self, error: &str) {
+    pub fn fail(&self, error: &str) {
         let _ = self.updates.send(VerifyUpdate::Failed {
             error: error.to_string(),
         });
