@@ -137,14 +137,12 @@ fn a_takeover_serves_everything_at_once_while_a_large_backlog_drains() {
     stop_and_fsck(p);
 }
 
-#[test]
-fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothing() {
-    // b takes over while a's backlog drains over a limited link, writes, and a takes over
-    // again before the drain is complete (docs/PROTOCOL.md §7.6): a serves at once every
-    // file as b acknowledged it (b's writes fetched from b), b freezes and still drains and
-    // merges, then a drains b's writes back, merges its own, and the pair streams a → b.
-    let net = Netns::new("fb");
-    let p = pair_across("tkfb", &net, "128M");
+/// b takes over from a while a's backlog drains over `net`'s link limited to 20 Mbit/s,
+/// writes with ordinary tools, and a takes over again before the drain is complete
+/// (docs/PROTOCOL.md §7.6). Checked at once: a serves every file as b acknowledged it (b's
+/// writes fetched from b), and b, frozen, refuses writes and still drains.
+fn failed_back_mid_drain(net: &Netns, tag: &str) -> common::pair::Pair {
+    let p = pair_across(tag, net, "128M");
     let (ma, mb) = (p.a.mnt.display().to_string(), p.b.mnt.display().to_string());
     net.link(false);
     sh(&format!(
@@ -152,7 +150,7 @@ fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothin
     ));
     p.fsync_a();
     sh(&format!(
-        "tc qdisc add dev {} root tbf rate 20mbit burst 128kb latency 200ms",
+        "tc qdisc add dev {} root tbf rate 20mbit burst 64kb latency 20ms",
         net.host_if
     ));
     net.link(true);
@@ -178,39 +176,100 @@ fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothin
     let (ja, jb) = (p.a.json(), p.b.json());
     assert_eq!(jb["takeover"]["phase"], "frozen, draining", "{jb}");
     assert_eq!(ja["role"], "primary", "{ja}");
-    // a serves at once every file as b acknowledged it.
     assert_eq!(
         checksums(&p.a.mnt),
         want,
         "after the failback a's files differ from what b acknowledged"
     );
-    // b is frozen: its mount refuses writes, and still reads.
+    assert_read_only(&p.b.mnt, "the frozen taker");
+    p
+}
+
+/// A write on `m` fails with "Read-only".
+fn assert_read_only(m: &Path, what: &str) {
     let out = run(Command::new("sh")
         .arg("-c")
-        .arg(format!("echo x > {mb}/refused")));
+        .arg(format!("echo x > {}/refused", m.display())));
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Read-only"),
-        "the frozen taker accepted a write: {}",
+        "{what} accepted a write: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Writes on a with ordinary tools, over b's files too, while b still drains.
+}
+
+/// b's drain is still running (else the test would not check what it says).
+fn still_frozen_draining(p: &common::pair::Pair, when: &str) {
+    let jb = p.b.json();
+    assert_eq!(
+        jb["takeover"]["phase"], "frozen, draining",
+        "b's drain ended before {when}: the test checked nothing of the failback mid-drain: {jb}"
+    );
+}
+
+#[test]
+fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothing() {
+    // Then writes on a while b still drains, and the rest of the chain: b merges, a drains
+    // b's writes back, merges its own, and the pair streams a → b.
+    let net = Netns::new("fb");
+    let p = failed_back_mid_drain(&net, "tkfb");
+    let ma = p.a.mnt.display().to_string();
     sh(&format!(
         "echo from-a > {ma}/a-note && mv {ma}/b-nf {ma}/a-nf && rm -f {ma}/b-note \
          && cp -a {ma}/b-copy/can {ma}/a-can && truncate -s 5000 {ma}/big && sync {ma}/a-note"
     ));
-    let (ja, jb) = (p.a.json(), p.b.json());
-    assert_eq!(
-        jb["takeover"]["phase"], "frozen, draining",
-        "b's drain ended before a's writes: the test checked nothing of the failback's \
-         local-unreflected area: {jb}"
-    );
+    still_frozen_draining(&p, "a's writes");
+    let ja = p.a.json();
     assert!(
         ja["takeover"]["lu_entries"].as_u64() > Some(0),
         "a's writes did not go to its local-unreflected area: {ja}"
     );
     let want = checksums(&p.a.mnt);
-    // Once b has drained and merged, a drains b's writes, merges its own, and the pair
-    // streams a → b again.
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    settled(&p, Duration::from_secs(300));
+    assert_eq!(
+        checksums(&p.a.mnt),
+        want,
+        "a's files changed while it settled"
+    );
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}
+
+#[test]
+fn both_nodes_killed_during_a_failback_mid_drain_resume_it_and_lose_nothing() {
+    // a (taking over again) and then b (frozen, draining) are killed with SIGKILL and
+    // restarted: each resumes its part from what it persisted.
+    let net = Netns::new("fk");
+    let mut p = failed_back_mid_drain(&net, "tkfk");
+    let ma = p.a.mnt.display().to_string();
+    sh(&format!("echo from-a > {ma}/a-note && sync {ma}/a-note"));
+    let want = checksums(&p.a.mnt);
+    still_frozen_draining(&p, "a was killed");
+    p.a.kill9();
+    p.a.start(&[]);
+    p.a.wait_mounted();
+    assert_eq!(
+        checksums(&p.a.mnt),
+        want,
+        "after its restart a's files differ"
+    );
+    sh(&format!("echo again > {ma}/a-again && sync {ma}/a-again"));
+    let want = checksums(&p.a.mnt);
+    still_frozen_draining(&p, "b was killed");
+    p.b.kill9();
+    p.b.start(&[]);
+    p.b.wait_mounted();
+    assert_read_only(&p.b.mnt, "the frozen taker, restarted,");
+    let jb = p.b.json();
+    assert!(
+        jb["takeover"]["phase"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("frozen")),
+        "b did not come back frozen: {jb}"
+    );
     sh(&format!("tc qdisc del dev {} root", net.host_if));
     settled(&p, Duration::from_secs(300));
     assert_eq!(

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pairfs::datadir::{CreateParams, DataDir};
 use pairfs::{Volume, VolumeOptions};
-use pairfs_fs::{FormatOptions, Fs, FsOptions};
 use pairfs_fs::fsck::fsck;
+use pairfs_fs::{FormatOptions, Fs, FsOptions};
 use pairfs_transport::Identity;
 
 use pairfs_cli::config::NodeConfig;
@@ -300,7 +300,6 @@ fn init(
     );
     Ok(())
 }
-
 
 fn verify(config: &Path, repair: bool, json: bool) -> Result<ExitCode> {
     use std::io::{IsTerminal, Write};

@@ -266,10 +266,7 @@ impl Driver {
 }
 
 /// Counts, time span and files of `entries`.
-pub fn summarize(
-    entries: &[EntryHeader],
-    owners: &BTreeMap<BlockNo, Owner>,
-) -> EntriesReport {
+pub fn summarize(entries: &[EntryHeader], owners: &BTreeMap<BlockNo, Owner>) -> EntriesReport {
     let blocks: BTreeSet<BlockNo> = entries
         .iter()
         .flat_map(|h| h.blocks.iter().copied())

@@ -122,10 +122,7 @@ impl Host {
     }
 
     /// Opens the filesystem on the bare volume (atomically for the driver).
-    pub fn promote(
-        &self,
-        open: impl FnOnce(Volume) -> pairfs_fs::FsResult<Fs>,
-    ) -> Result<()> {
+    pub fn promote(&self, open: impl FnOnce(Volume) -> pairfs_fs::FsResult<Fs>) -> Result<()> {
         let mut g = self.bare.lock().unwrap_or_else(|e| e.into_inner());
         let v = g.take().context("the volume is already in a filesystem")?;
         let fs = Arc::new(open(v)?);
