@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use pairfs::repl::{DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, Mode, Role};
-use pairfs_transport::Fingerprint;
 use pairfs_transport::conn::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE};
+use pairfs_transport::{Congestion, Fingerprint};
 use serde::Deserialize;
 
 use crate::size::parse_size;
@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub max_lag: Option<Duration>,
     /// Sync mode: how long writers wait for the peer before the pair is degraded.
     pub sync_timeout: Duration,
+    /// The link's congestion controller (`replication.congestion`).
+    pub congestion: Congestion,
     /// Keep-alive interval.
     pub keepalive: Duration,
     /// A silent peer is declared gone after this long.
@@ -96,6 +98,7 @@ struct RawReplication {
     journal_limit: Option<String>,
     max_lag: Option<String>,
     sync_timeout: Option<String>,
+    congestion: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -211,6 +214,16 @@ impl NodeConfig {
             None => DEFAULT_SYNC_TIMEOUT,
             Some(s) => field("replication.sync_timeout", parse_duration(&s))?,
         };
+        let congestion = field(
+            "replication.congestion",
+            match raw.replication.congestion.as_deref().map(str::trim) {
+                None | Some("cubic") => Ok(Congestion::Cubic),
+                Some("bbr") => Ok(Congestion::Bbr),
+                Some(other) => Err(format!(
+                    "'{other}' is not a congestion controller: cubic (the default) or bbr"
+                )),
+            },
+        )?;
         let keepalive = match raw.timeouts.keepalive {
             None => DEFAULT_KEEPALIVE,
             Some(s) => field("timeouts.keepalive", parse_duration(&s))?,
@@ -238,6 +251,7 @@ impl NodeConfig {
             journal_limit,
             max_lag,
             sync_timeout,
+            congestion,
             keepalive,
             idle_timeout,
             fetch_timeout,
@@ -291,6 +305,10 @@ mod tests {
         let one =
             NodeConfig::parse(&format!("{}[replication]\nmax_lag = \"1s\"\n", base())).unwrap();
         assert_eq!(one.max_lag, Some(Duration::from_secs(1)));
+        assert_eq!(c.congestion, Congestion::Cubic);
+        let bbr =
+            NodeConfig::parse(&format!("{}[replication]\ncongestion = \"bbr\"\n", base())).unwrap();
+        assert_eq!(bbr.congestion, Congestion::Bbr);
     }
 
     #[test]
@@ -320,6 +338,10 @@ mod tests {
             (
                 format!("{}[replication]\nmax_lag = \"never\"\n", base()),
                 "field `replication.max_lag`",
+            ),
+            (
+                format!("{}[replication]\ncongestion = \"vegas\"\n", base()),
+                "field `replication.congestion`",
             ),
             (
                 format!("{}[timeouts]\nidle = \"soon\"\n", base()),

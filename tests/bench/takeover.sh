@@ -75,6 +75,7 @@ RATE=${RATE:-200mbit}                           # tc tbf rate of the link once i
 TBF_BURST=${TBF_BURST:-256kb}                   # tbf burst and latency (the queue: as the tests)
 TBF_LATENCY=${TBF_LATENCY:-200ms}
 MODE=${MODE:-async}                             # [replication] mode of both nodes
+CONGESTION=${CONGESTION:-cubic}                 # [replication] congestion of both nodes (cubic, bbr)
 WRITE_MIB=${WRITE_MIB:-64}                      # part 4: file written during and after the drain
 PEER_MIB=${PEER_MIB:-64}                        # part 3: file read from the old primary
 READ_SAMPLES=${READ_SAMPLES:-50}                # part 2: 4 KiB reads (rand.bin: 2 MiB per sample)
@@ -238,6 +239,7 @@ fingerprint = "$7"
 mode = "$MODE"
 max_lag = "off"
 journal_limit = "$JOURNAL_LIMIT"
+congestion = "$CONGESTION"
 
 [timeouts]
 keepalive = "500ms"
@@ -859,7 +861,7 @@ main() {
     ((MEASURE_BACKLOG > 0)) || die "parts 2-4 need a backlog > 0"
     local cmd k
     cmd=
-    for k in REPS BACKLOGS MEASURE_BACKLOG RATE TBF_BURST TBF_LATENCY MODE WRITE_MIB PEER_MIB READ_SAMPLES SEED \
+    for k in REPS BACKLOGS MEASURE_BACKLOG RATE TBF_BURST TBF_LATENCY MODE CONGESTION WRITE_MIB PEER_MIB READ_SAMPLES SEED \
         VOLUME_SIZE JOURNAL_SIZE JOURNAL_LIMIT LU_SIZE BENCH_DIR PAIRFS; do
         cmd="$cmd$k=$(printf '%q' "${!k}") "
     done

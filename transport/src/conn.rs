@@ -66,6 +66,20 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// Largest frame payload sent or accepted, in bytes.
     pub max_frame: u32,
+    /// The congestion controller.
+    pub congestion: Congestion,
+}
+
+/// The congestion controller of a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 8312), quinn's default: on a saturated link it keeps the bottleneck's
+    /// queue full, so a small message sent meanwhile waits for the whole queue.
+    #[default]
+    Cubic,
+    /// BBR (experimental in quinn): paces at the measured bottleneck rate and keeps the
+    /// queue short, so that a fetch sent during a drain does not wait behind the drain.
+    Bbr,
 }
 
 impl Default for TransportConfig {
@@ -74,6 +88,7 @@ impl Default for TransportConfig {
             keepalive: DEFAULT_KEEPALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_frame: frame::DEFAULT_MAX_FRAME,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -100,6 +115,9 @@ impl TransportConfig {
         config
             .keep_alive_interval(Some(self.keepalive))
             .max_idle_timeout(Some(idle));
+        if self.congestion == Congestion::Bbr {
+            config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         Ok(config)
     }
 }

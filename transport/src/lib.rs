@@ -49,8 +49,8 @@ pub mod tls;
 
 pub use backoff::Backoff;
 pub use conn::{
-    CLOSE_FRAME_ERROR, CLOSE_NORMAL, CLOSE_ROLE_CHANGE, ConnStats, Connection, Endpoint,
-    FrameReceiver, FrameSender, TransportConfig,
+    CLOSE_FRAME_ERROR, CLOSE_NORMAL, CLOSE_ROLE_CHANGE, Congestion, ConnStats, Connection,
+    Endpoint, FrameReceiver, FrameSender, TransportConfig,
 };
 pub use error::TransportError;
 pub use frame::{DEFAULT_MAX_FRAME, FrameError, Header};

@@ -520,6 +520,7 @@ pub fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<Nod
                     keepalive: cfg.keepalive,
                     idle_timeout: cfg.idle_timeout,
                     max_frame: pairfs::repl::MAX_FRAME,
+                    congestion: cfg.congestion,
                 },
             )
             .with_context(|| format!("listening on {}", cfg.listen))?,
