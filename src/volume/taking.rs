@@ -442,6 +442,13 @@ impl Volume {
         Ok(out)
     }
 
+    /// Seals the LU's open entry and makes the LU durable — only the LU: what a taker frozen
+    /// by a failback needs before its peer serves what it wrote (the drain's entries in the
+    /// journal and normal area are the peer's own, which it holds; docs/PROTOCOL.md §7.6).
+    pub fn sync_local_unreflected(&mut self) -> Result<(), VolumeError> {
+        self.sync_taking()
+    }
+
     /// A forced takeover cut the drain short (docs/PROTOCOL.md §7.7): makes the LU's
     /// entries durable and leaves the takeover mode, returning the area for the caller to
     /// export and then empty ([`LuArea::discard`]). The volume is then what its journal and

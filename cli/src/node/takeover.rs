@@ -141,8 +141,8 @@ impl Driver {
     }
 
     /// A taker frozen by a failback (docs/PROTOCOL.md §7.6): writes refused from the next
-    /// transaction on, the local-unreflected area's open entry sealed and everything
-    /// durable; then the replicator moves the epoch and answers with the headers of this
+    /// transaction on, the local-unreflected area's open entry sealed and the area durable;
+    /// then the replicator moves the epoch and answers with the headers of this
     /// node's entries after its drain point (merged ones from the journal, the rest from
     /// the area).
     pub(super) fn freeze_taker(&mut self, id: u64) -> Result<()> {
@@ -158,7 +158,11 @@ impl Driver {
                     .context("turning the filesystem read-only")?;
                 self.host.follow_mode_now();
             }
-            self.host.sync().context("making everything durable")?;
+            // Only the LU: the drain's entries are the peer's own (a full sync would wait
+            // for everything the drain wrote since the last one).
+            self.host
+                .vol_mut(|v| v.sync_local_unreflected())
+                .context("making the local-unreflected area durable")?;
             let headers = self
                 .host
                 .vol(|v| v.headers_after(drain))
