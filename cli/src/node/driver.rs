@@ -50,6 +50,11 @@ pub struct Driver {
     pub(super) repl: Replicator,
     bitmap: DiffBitmap,
     conn: Option<ConnHandle>,
+    /// Replication-stream messages of this connection waiting for room in the link's
+    /// queue, oldest first. The driver never waits for that room: meanwhile it would not
+    /// hear the peer (a takeover request, a freeze) nor serve status. Bounded by what the
+    /// replicator has in flight (its window).
+    outbox: std::collections::VecDeque<Message>,
     copy_cancel: Option<Arc<AtomicBool>>,
     copy_started: Option<Instant>,
     /// The volume is poisoned: try to reopen it at this instant.
@@ -99,6 +104,7 @@ impl Driver {
             repl,
             bitmap,
             conn: None,
+            outbox: std::collections::VecDeque::new(),
             copy_cancel: None,
             copy_started: None,
             reopen_at: None,
@@ -150,7 +156,26 @@ impl Driver {
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(idle)
                 .min(idle);
-            let after = match tokio::time::timeout(timeout, rx.recv()).await {
+            let recv = tokio::time::timeout(timeout, rx.recv());
+            let room = self
+                .conn
+                .as_ref()
+                .filter(|_| !self.outbox.is_empty())
+                .map(|c| c.repl.clone());
+            let received = match room {
+                Some(tx) => tokio::select! {
+                    r = recv => Some(r),
+                    permit = tx.reserve_owned() => {
+                        self.send_queued(permit.ok());
+                        None
+                    }
+                },
+                None => Some(recv.await),
+            };
+            let Some(received) = received else {
+                continue;
+            };
+            let after = match received {
                 Ok(Some(ev)) => self.on_event(ev),
                 Ok(None) => return,
                 Err(_) => {
@@ -203,6 +228,7 @@ impl Driver {
         let now = Instant::now();
         match ev {
             Event::Connected(h) => {
+                self.outbox.clear();
                 if let Some(old) = self.conn.take() {
                     old.conn.close(1, "replaced");
                     self.repl.handle_disconnected();
@@ -218,6 +244,7 @@ impl Driver {
             Event::Disconnected(id) => {
                 if self.conn.as_ref().is_some_and(|c| c.id == id) {
                     self.conn = None;
+                    self.outbox.clear();
                     self.repl.handle_disconnected();
                 }
             }
@@ -246,6 +273,7 @@ impl Driver {
                 if let Some(c) = self.conn.take() {
                     c.conn.close(1, "copy failed");
                 }
+                self.outbox.clear();
                 self.repl.handle_disconnected();
             }
             Event::Status(reply) => {
@@ -383,8 +411,50 @@ impl Driver {
                 let _ = c.ctrl.send(m);
             }
             Stream::Replication => {
-                let tx = c.repl.clone();
-                let _ = tx.send(m).await;
+                self.outbox.push_back(m);
+                self.send_queued(None);
+            }
+        }
+    }
+
+    /// Hands the link the queued replication messages it has room for (`permit`: room
+    /// for the first, reserved; `None` when the link went away with the reservation).
+    fn send_queued(&mut self, permit: Option<mpsc::OwnedPermit<Message>>) {
+        let Some(c) = self.conn.as_ref() else {
+            self.outbox.clear();
+            return;
+        };
+        if let Some(p) = permit {
+            if let Some(m) = self.outbox.pop_front() {
+                p.send(m);
+            }
+        }
+        while let Some(m) = self.outbox.pop_front() {
+            match c.repl.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    self.outbox.push_front(m);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.outbox.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until every queued replication message is with the link (before a copy,
+    /// whose blocks go to the link from a thread of their own, after them).
+    async fn flush_queued(&mut self) {
+        let Some(tx) = self.conn.as_ref().map(|c| c.repl.clone()) else {
+            self.outbox.clear();
+            return;
+        };
+        while let Some(m) = self.outbox.pop_front() {
+            if tx.send(m).await.is_err() {
+                self.outbox.clear();
+                return;
             }
         }
     }
@@ -407,7 +477,10 @@ impl Driver {
                 }
             }
             Action::SendOwnEntries { after, upto } => self.send_own_entries(after, upto).await,
-            Action::StartCopy { kind, id } => self.start_copy(kind, id),
+            Action::StartCopy { kind, id } => {
+                self.flush_queued().await;
+                self.start_copy(kind, id)
+            }
             Action::StopCopy => {
                 if let Some(c) = self.copy_cancel.take() {
                     c.store(true, Ordering::Release);
@@ -496,6 +569,7 @@ impl Driver {
                 reason,
                 role_change,
             } => {
+                self.outbox.clear();
                 if let Some(c) = self.conn.take() {
                     let code = if role_change {
                         pairfs_transport::CLOSE_ROLE_CHANGE
