@@ -249,7 +249,7 @@ fn a_failed_apply_on_the_secondary_is_reported_and_the_pair_recovers() {
     common::require_fuse();
     let mut a = node("fap", "a");
     let mut b = node("fap", "b");
-    let _disk = Tmpfs::mount(&b.data, "96M");
+    let disk = Tmpfs::mount(&b.data, "96M");
     for (n, extra) in [
         (&a, vec!["--name", "a"]),
         (&b, vec!["--name", "b", "--secondary"]),
@@ -325,4 +325,6 @@ fn a_failed_apply_on_the_secondary_is_reported_and_the_pair_recovers() {
     p.assert_same_files();
     p.b.stop();
     p.a.stop();
+    // The small disk goes before the nodes' directories are removed (it is mounted on one).
+    drop(disk);
 }
