@@ -206,6 +206,24 @@ fn still_frozen_draining(p: &common::pair::Pair, when: &str) {
     );
 }
 
+/// After a failback mid-drain: the link's limit removed, the rest of the chain waited for
+/// (a primary, b its secondary), a's files still `want`; then the two nodes compared
+/// (`pairfs verify`, every file's checksum on both mounts) and checked with fsck.
+fn settle_back_and_compare(p: common::pair::Pair, net: &Netns, want: &str) {
+    sh(&format!("tc qdisc del dev {} root", net.host_if));
+    settled(&p, Duration::from_secs(300));
+    assert_eq!(
+        checksums(&p.a.mnt),
+        want,
+        "a's files changed while it settled"
+    );
+    p.fsync_a();
+    p.caught_up_durably(Duration::from_secs(120));
+    p.assert_verified();
+    p.assert_same_files();
+    stop_and_fsck(p);
+}
+
 #[test]
 fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothing() {
     // Then writes on a while b still drains, and the rest of the chain: b merges, a drains
@@ -224,18 +242,7 @@ fn a_failback_during_the_drain_serves_both_nodes_writes_at_once_and_loses_nothin
         "a's writes did not go to its local-unreflected area: {ja}"
     );
     let want = checksums(&p.a.mnt);
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    settled(&p, Duration::from_secs(300));
-    assert_eq!(
-        checksums(&p.a.mnt),
-        want,
-        "a's files changed while it settled"
-    );
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
-    stop_and_fsck(p);
+    settle_back_and_compare(p, &net, &want);
 }
 
 #[test]
@@ -270,18 +277,7 @@ fn both_nodes_killed_during_a_failback_mid_drain_resume_it_and_lose_nothing() {
             .is_some_and(|s| s.starts_with("frozen")),
         "b did not come back frozen: {jb}"
     );
-    sh(&format!("tc qdisc del dev {} root", net.host_if));
-    settled(&p, Duration::from_secs(300));
-    assert_eq!(
-        checksums(&p.a.mnt),
-        want,
-        "a's files changed while it settled"
-    );
-    p.fsync_a();
-    p.caught_up_durably(Duration::from_secs(120));
-    p.assert_verified();
-    p.assert_same_files();
-    stop_and_fsck(p);
+    settle_back_and_compare(p, &net, &want);
 }
 
 #[test]

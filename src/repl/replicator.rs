@@ -371,15 +371,7 @@ impl Replicator {
     /// A frozen old primary meets the new primary: it steps down (persisted) and
     /// reconnects as secondary.
     fn step_down(&mut self, durable: Seq, now: Instant) {
-        self.ctx.persisted.takeover = None;
-        let journal = LocalJournal {
-            retained: Vec::new(),
-            durable,
-            unclean: false,
-        };
-        self.set_role(Role::Secondary, journal, now);
-        self.ctx.persist();
-        self.ctx.out.push_back(Action::RoleChanged(Role::Secondary));
+        self.become_secondary(None, durable, now);
         tracing::info!(seq = %durable, "the new primary is up: this node is now its secondary");
         self.drop_connection("role change: this node is now the secondary".into(), true);
     }
@@ -388,7 +380,15 @@ impl Replicator {
     /// which took over again meanwhile (its writes in its local-unreflected area), becomes
     /// a taker of it: it drains the peer's entries after its own `durable`, then merges.
     fn become_taker(&mut self, freeze: Seq, durable: Seq, now: Instant) {
-        self.ctx.persisted.takeover = Some(Takeover::Taker { freeze });
+        self.become_secondary(Some(Takeover::Taker { freeze }), durable, now);
+        tracing::info!(%freeze, seq = %durable, "failback: the peer has merged; this node drains its entries");
+        self.drop_connection("role change: this node now drains the peer".into(), true);
+    }
+
+    /// This node becomes secondary, with `takeover` under way and its journal durable up to
+    /// `durable`: persisted, and the driver told.
+    fn become_secondary(&mut self, takeover: Option<Takeover>, durable: Seq, now: Instant) {
+        self.ctx.persisted.takeover = takeover;
         let journal = LocalJournal {
             retained: Vec::new(),
             durable,
@@ -397,8 +397,6 @@ impl Replicator {
         self.set_role(Role::Secondary, journal, now);
         self.ctx.persist();
         self.ctx.out.push_back(Action::RoleChanged(Role::Secondary));
-        tracing::info!(%freeze, seq = %durable, "failback: the peer has merged; this node drains its entries");
-        self.drop_connection("role change: this node now drains the peer".into(), true);
     }
 
     /// True when a sync-mode writer must wait for the peer to have its entry (received),
