@@ -680,6 +680,12 @@ impl Journal {
         }
     }
 
+    /// Whether an entry of `len` bytes fits now: contiguous room, at the head or after
+    /// the ring's wrap ([`Journal::free_bytes`] counts both parts together).
+    pub fn fits(&self, len: u64) -> bool {
+        self.place(len).is_ok()
+    }
+
     /// The offset where an entry of `len` bytes goes, if it fits.
     fn place(&self, len: u64) -> Result<u64, JournalError> {
         let bs = self.hdr.bs();

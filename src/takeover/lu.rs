@@ -279,9 +279,11 @@ impl LuArea {
         )
     }
 
-    /// Whether an entry of `n_blocks` images would fit now.
+    /// Whether an entry of `n_blocks` images would fit now (in one piece: room split by
+    /// the end of the ring does not count as one).
     pub fn fits(&self, n_blocks: usize) -> bool {
-        self.journal.entry_len(n_blocks, n_blocks) <= self.journal.free_bytes()
+        self.journal
+            .fits(self.journal.entry_len(n_blocks, n_blocks))
     }
 
     /// Closes cleanly.
@@ -385,6 +387,42 @@ mod tests {
         assert!(lu.fits(1), "merged entries make room");
         lu.append(Seq(seq), 1, 1, false, &[(seq, &block(9))])
             .unwrap();
+    }
+
+    /// Free room split by the end of the ring (some after the head, some before the oldest
+    /// entry) is no room for an entry larger than either part: `fits` says what `append`
+    /// does (the LU seals its open entry at a sync, and a sync that found no room would stop
+    /// the volume).
+    #[test]
+    fn room_split_at_the_end_of_the_ring_does_not_fit_an_entry_larger_than_either_part() {
+        let mut lu = fresh(16 * BS as u64);
+        lu.begin(Seq(0)).unwrap();
+        let blocks = |n: u64, fill: u8| -> Vec<(u64, Vec<u8>)> {
+            (0..n).map(|b| (b, block(fill))).collect()
+        };
+        let append = |lu: &mut LuArea, seq: u64, n: u64| {
+            let bl = blocks(n, seq as u8);
+            let list: Vec<(u64, &[u8])> = bl.iter().map(|(b, d)| (*b, &d[..])).collect();
+            lu.append(Seq(seq), seq, 1, false, &list)
+        };
+        // Four entries of two images (three blocks each with the descriptor block) after
+        // the header leave the ring's last three blocks free; merging the first frees three
+        // at its start: six blocks free, three in a row at most.
+        for seq in 1..=4 {
+            append(&mut lu, seq, 2).unwrap();
+        }
+        lu.release_through(Seq(1)).unwrap();
+        let (used, cap) = lu.usage();
+        assert!(cap - used >= 6 * BS as u64, "{used} of {cap}");
+        let mut n = 1;
+        while lu.fits(n + 1) {
+            n += 1;
+        }
+        // The largest entry `fits` admits is one `append` takes (it admitted five images,
+        // six blocks, counting both parts together).
+        assert!(n < 5, "fits admits {n} images");
+        append(&mut lu, 5, n as u64).unwrap();
+        assert!(!lu.fits(1) || append(&mut lu, 6, 1).is_ok());
     }
 
     #[test]
