@@ -100,7 +100,10 @@ pub(super) struct PrimaryState {
 impl PrimaryState {
     /// A node becomes primary with `journal` (retained entries, oldest first): it keeps
     /// them for a peer it has been paired with (else releases them), and reconciles first
-    /// if it ran in sync mode and did not close cleanly.
+    /// if it ran in sync mode and did not close cleanly — unless a role change is under
+    /// way: a frozen primary (or one taking over again) made its journal durable up to its
+    /// freeze point before it recorded the freeze, so it lost nothing, and the entries its
+    /// peer holds beyond that point are the peer's own writes, not this node's lost ones.
     pub(super) fn start(ctx: &mut Ctx, journal: LocalJournal, now: Instant) -> Self {
         let LocalJournal {
             retained,
@@ -108,7 +111,9 @@ impl PrimaryState {
             unclean,
         } = journal;
         let persisted = &ctx.persisted;
-        let reconcile = (unclean && persisted.sync_mode && persisted.paired).then(|| Reconcile {
+        let lost_some =
+            unclean && persisted.sync_mode && persisted.paired && persisted.takeover.is_none();
+        let reconcile = lost_some.then(|| Reconcile {
             deadline: now + ctx.cfg.sync_timeout,
             target: None,
         });

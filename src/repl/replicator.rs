@@ -643,6 +643,23 @@ impl Replicator {
                     self.step_down(durable, now);
                     return;
                 }
+                // This node asked for a failback; the peer froze for it, answered, merged and
+                // is now a frozen source one epoch on — the answer was lost before this node
+                // recorded it, so it never wrote after its freeze (and holds no table of the
+                // peer's entries). It steps down: the peer streams it its entries, and a
+                // takeover asked again (`pairfs takeover`) is answered with the same freeze
+                // point (§7.6).
+                if let Some(Takeover::Source { freeze: f }) = h.takeover {
+                    if h.epoch.0 == ctx.persisted.epoch.0 + 1 && f >= freeze {
+                        tracing::warn!(
+                            peer_freeze = %f,
+                            "the peer froze for this node's failback, but the answer was lost:                              this node becomes its secondary; take over again to finish"
+                        );
+                        ctx.persisted.epoch = h.epoch;
+                        self.step_down(durable, now);
+                        return;
+                    }
+                }
             } else if matches!(h.takeover, Some(Takeover::Source { .. }))
                 && h.epoch == ctx.persisted.epoch
             {

@@ -78,6 +78,9 @@ impl SecondaryState {
             Some(Takeover::FrozenTaker { drain, freeze }) => (Some(drain), Some(freeze)),
             _ => (None, None),
         };
+        // A taker restarted during its merge holds its own merged entries after the drain
+        // point in its journal: of the old primary's chain it has the drain point at most.
+        let durable = taking.map_or(durable, |f| durable.min(f));
         let mut s = SecondaryState {
             received: durable,
             durable,
