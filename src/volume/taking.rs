@@ -256,6 +256,16 @@ impl Volume {
         self.taking.is_some()
     }
 
+    /// The newest seq sealed here: while taking over, the local-unreflected area's (its
+    /// entries follow the freeze point; merged ones are in the journal with the same seqs),
+    /// else the journal's.
+    pub fn newest_seq(&self) -> Seq {
+        let journal = self.journal.last_seq();
+        self.taking
+            .as_ref()
+            .map_or(journal, |t| t.lu.last_seq().max(journal))
+    }
+
     /// The headers of the entries still on the peer (for persisting the table).
     pub fn takeover_remote(&self) -> Option<&RemoteIndex> {
         self.taking.as_ref().map(|t| &t.remote)
