@@ -920,6 +920,9 @@ impl Volume {
     pub fn sync(&mut self) -> Result<(), VolumeError> {
         self.check_writable()?;
         self.seal()?;
+        // Taking over: the LU first, whatever the journal's state (a checkpoint counts
+        // every transaction as durable, the LU's included, so the test below would skip it).
+        self.sync_taking()?;
         if !self.normal_dirty
             && self.durable_tx == self.sealed_tx
             && self.journal.durable_seq() == self.journal.last_seq()
@@ -928,7 +931,6 @@ impl Volume {
             return Ok(());
         }
         self.make_durable()?;
-        self.sync_taking()?;
         self.durable_tx = self.sealed_tx;
         self.unsynced_since = None;
         Ok(())

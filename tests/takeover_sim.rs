@@ -31,8 +31,8 @@
 //! Not simulated yet: in-place writes (a frozen primary whose backlog falls back to the
 //! bitmap never completes the copy that follows: an open bug, PROTOCOL.md §7.6), forced
 //! takeovers (`tests/forced.rs` has them on real processes), power losses (the pair
-//! simulation, `tests/repl_sim.rs`, has them outside role changes). Seeds that end in a bug
-//! found here and still open ([`OPEN_BUGS`]) are reported by name, not counted as passing.
+//! simulation, `tests/repl_sim.rs`, has them outside role changes). The bugs this
+//! simulation found are listed in docs/PROTOCOL.md §7.6.
 
 #![allow(clippy::unwrap_used)]
 
@@ -59,7 +59,9 @@ const BS: usize = 4096;
 const BLOCKS: u64 = 40;
 /// Blocks `0..META` are metadata (always journaled).
 const META: u64 = 4;
-const JOURNAL_BLOCKS: u64 = 256;
+/// The journal: the smallest whose entries a primary accepts from its peer (a quarter of it,
+/// `MIN_PEER_ENTRY_BYTES`).
+const JOURNAL_BLOCKS: u64 = 2112;
 /// The local-unreflected area: small, so that writers sometimes find it full.
 const LU_BLOCKS: u64 = 96;
 const VOL: VolumeId = VolumeId([9; 16]);
@@ -79,6 +81,8 @@ struct Coverage {
     fetch_failures: u64,
     lu_writes: u64,
     lu_full: u64,
+    merge_full: u64,
+    merges_to_bitmap: u64,
     reads: u64,
     copies: u64,
     asks_refused: u64,
@@ -102,6 +106,8 @@ impl Coverage {
             (&mut self.fetch_failures, c.fetch_failures),
             (&mut self.lu_writes, c.lu_writes),
             (&mut self.lu_full, c.lu_full),
+            (&mut self.merge_full, c.merge_full),
+            (&mut self.merges_to_bitmap, c.merges_to_bitmap),
             (&mut self.reads, c.reads),
             (&mut self.copies, c.copies),
             (&mut self.asks_refused, c.asks_refused),
@@ -256,8 +262,10 @@ fn open_volume(n: &Arc<CrashDevice>, j: &Arc<CrashDevice>) -> Volume {
         .unwrap_or_else(|e| panic!("recovery failed: {e}"))
 }
 
-fn config(name: &str, mode: Mode, id: VolumeId) -> ReplConfig {
-    let mut c = ReplConfig::new(name, id, BS as u32, BLOCKS);
+/// The replicator's settings, as the node daemon makes them from its volume.
+fn config(name: &str, mode: Mode, v: &Volume) -> ReplConfig {
+    let mut c = ReplConfig::new(name, v.id(), BS as u32, BLOCKS);
+    c.max_entry_bytes = v.max_replicated_entry_bytes();
     c.mode = mode;
     c.journal_limit = 100 * BS as u64;
     c.window_bytes = 24 * BS as u64;
@@ -283,7 +291,7 @@ impl Node {
             PersistedState::new_secondary()
         };
         let repl = Replicator::new(
-            config(name, mode, id),
+            config(name, mode, &vol),
             persisted.clone(),
             vec![],
             Seq::NONE,
@@ -485,6 +493,18 @@ impl Sim {
 
     fn act_inner(&mut self, i: usize, a: Action) {
         let name = self.nodes[i].name;
+        if matches!(
+            a,
+            Action::BeginTakeover { .. }
+                | Action::Freeze { .. }
+                | Action::Merge
+                | Action::RoleChanged(_)
+                | Action::SendOwnEntries { .. }
+        ) {
+            // The driver carries out actions in order: the applies queued on the disk
+            // come first.
+            self.flush_disk(i);
+        }
         self.log(|| format!("{name} action {}", short(&a)));
         let now = self.now;
         match a {
@@ -583,6 +603,18 @@ impl Sim {
                 self.nodes[i].bitmap.extend(blocks);
             }
             Action::ClearBitmap => self.nodes[i].bitmap.clear(),
+            Action::MarkBitmapAfter { after, upto } => {
+                self.cov.merges_to_bitmap += 1;
+                let blocks = {
+                    let mut v = self.nodes[i].v();
+                    let b = v
+                        .retained_blocks_after(after, upto)
+                        .expect("retained blocks");
+                    v.force_release(upto).expect("force release");
+                    b
+                };
+                self.nodes[i].bitmap.extend(blocks);
+            }
             Action::Persist(st) => {
                 self.nodes[i].persisted = st;
                 self.publish();
@@ -630,8 +662,7 @@ impl Sim {
             a @ (Action::VerifyBlocks { .. }
             | Action::VerifyAnswer { .. }
             | Action::Fenced { .. }
-            | Action::MarkBlocks(_)
-            | Action::MarkBitmapAfter { .. }) => panic!("{name}: not simulated here: {a:?}"),
+            | Action::MarkBlocks(_)) => panic!("{name}: not simulated here: {a:?}"),
         }
     }
 
@@ -859,10 +890,16 @@ impl Sim {
         if !self.nodes[i].up {
             return;
         }
+        self.disk_op(i);
+        self.run_actions();
+    }
+
+    /// One queued disk operation of node `i` (its actions are handled by the caller).
+    fn disk_op(&mut self, i: usize) {
         let now = self.now;
         let name = self.nodes[i].name;
         match self.nodes[i].disk.pop_front() {
-            None => return,
+            None => {}
             Some(DiskOp::Copy(blocks)) => {
                 self.nodes[i].v().write_copy_blocks(&blocks).expect("copy")
             }
@@ -881,7 +918,13 @@ impl Sim {
                 self.nodes[i].repl.handle_applied(meta, now);
             }
         }
-        self.run_actions();
+    }
+
+    /// Carries out everything queued on node `i`'s disk, in order.
+    fn flush_disk(&mut self, i: usize) {
+        while !self.nodes[i].disk.is_empty() {
+            self.disk_op(i);
+        }
     }
 
     /// A secondary's group commit.
@@ -958,7 +1001,30 @@ impl Sim {
         // The merge's last step moves the LU's open entry into the journal: sealed.
         self.sealed_maybe(i, before);
         match r {
-            Ok(MergeStep::Merged(_) | MergeStep::Draining) => {}
+            Ok(MergeStep::Draining) => {}
+            Ok(MergeStep::Merged(_)) => {
+                self.merge_progress(i, false);
+                self.run_actions();
+            }
+            Ok(MergeStep::NoRoom) => {
+                self.cov.merge_full += 1;
+                self.log(|| {
+                    let v = self.nodes[i].v();
+                    let r: Vec<(u64, u64)> = v
+                        .retained_entries()
+                        .iter()
+                        .map(|e| (e.seq.0, e.journal_bytes))
+                        .collect();
+                    format!(
+                        "{}: no room to merge: journal {} of {}, retained {r:?}",
+                        self.nodes[i].name,
+                        v.journal().used_bytes(),
+                        v.journal().capacity_for_entries()
+                    )
+                });
+                self.merge_progress(i, true);
+                self.run_actions();
+            }
             Ok(MergeStep::Done) => {
                 self.cov.merges += 1;
                 self.nodes[i].merging = false;
@@ -973,6 +1039,29 @@ impl Sim {
             }
             Err(e) => panic!("{}: merge: {e}", self.nodes[i].name),
         }
+    }
+
+    /// What the journal holds of node `i`'s merged entries (as the driver reports it).
+    fn merge_progress(&mut self, i: usize, no_room: bool) {
+        let drain = match self.nodes[i].repl.takeover() {
+            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
+                freeze
+            }
+            _ => return,
+        };
+        let (newest, merged) = {
+            let v = self.nodes[i].v();
+            let merged: u64 = v
+                .retained_entries()
+                .iter()
+                .filter(|e| e.seq > drain)
+                .map(|e| e.journal_bytes)
+                .sum();
+            (v.journal().last_seq(), merged)
+        };
+        self.nodes[i]
+            .repl
+            .handle_merge_progress(newest, merged, no_room);
     }
 
     /// `pairfs takeover` on node `i` (asked again on a new connection while unanswered, as
@@ -1074,18 +1163,18 @@ impl Sim {
     fn restart(&mut self, i: usize, sealed: Seq) {
         let now = self.now;
         let n = &mut self.nodes[i];
-        let (retained, durable, unclean, id) = {
+        let (retained, durable, unclean, cfg) = {
             let v = n.v();
             (
                 v.retained_entries(),
                 v.journal().durable_seq(),
                 v.recovery().unclean,
-                v.id(),
+                config(n.name, self.mode, &v),
             )
         };
         let role = n.persisted.role;
         n.repl = Replicator::new(
-            config(n.name, self.mode, id),
+            cfg,
             n.persisted.clone(),
             if role == Role::Primary {
                 retained
@@ -1423,28 +1512,6 @@ fn short_msg(m: &Message) -> String {
     }
 }
 
-/// Bugs this simulation found that are not fixed yet (docs/PROTOCOL.md §7.6), by a part of
-/// the failure's message. A seed that ends in one is reported as such, by name, and not
-/// counted as passing; any other failure fails the test.
-const OPEN_BUGS: &[(&str, &str)] = &[
-    (
-        "but the headers received end at",
-        "a frozen primary restarted after a seq jump freezes beyond the headers it sent",
-    ),
-    (
-        "merge: journal full",
-        "the merge's apply finds the journal full and stops the taker's volume",
-    ),
-    (
-        "journal full: entry of",
-        "an apply on a secondary after a role change finds the journal full",
-    ),
-    (
-        "the table chains",
-        "a takeover table whose headers do not chain after a restart",
-    ),
-];
-
 fn run_seed(seed: u64, steps: u64, trace: bool) -> Coverage {
     let mut sim = Sim::new(seed, trace);
     // The pair starts streaming (the first copy done).
@@ -1486,39 +1553,14 @@ fn takeovers_failbacks_and_kills_keep_every_write_and_one_writer() {
         .unwrap_or(300);
     let mut total = Coverage::default();
     let started = Instant::now();
-    let mut open: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for seed in 0..seeds {
         let r = std::panic::catch_unwind(|| run_seed(seed, 3000, false));
         match r {
             Ok(c) => total.add(&c),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                match OPEN_BUGS.iter().find(|(pat, _)| msg.contains(pat)) {
-                    Some((_, bug)) => open.entry(bug).or_default().push(seed),
-                    None => panic!(
-                        "seed {seed} failed: {msg}\nreplay with PAIRFS_TAKEOVER_SIM_SEED={seed}"
-                    ),
-                }
-            }
+            Err(_) => panic!("seed {seed} failed: replay with PAIRFS_TAKEOVER_SIM_SEED={seed}"),
         }
     }
     eprintln!("{seeds} seeds in {:?}: {total:?}", started.elapsed());
-    // Reported, not passed: every seed that ends in a bug already known and still open.
-    for (bug, list) in &open {
-        eprintln!(
-            "KNOWN OPEN BUG, {} of {seeds} seeds: {bug}: seeds {list:?}",
-            list.len()
-        );
-    }
-    let known: usize = open.values().map(Vec::len).sum();
-    assert!(
-        known * 10 <= seeds as usize,
-        "{known} of {seeds} seeds end in known open bugs: more than a tenth"
-    );
     // The paths this simulation is for ran, and often.
     let c = total;
     let floor = seeds / 2;
@@ -1537,4 +1579,8 @@ fn takeovers_failbacks_and_kills_keep_every_write_and_one_writer() {
         assert!(n >= floor, "too few {what}: {n} over {seeds} seeds ({c:?})");
     }
     assert!(c.fetch_failures > 0 && c.lu_full > 0, "{c:?}");
+    assert!(
+        c.merges_to_bitmap >= seeds / 20,
+        "too few merges past the journal limit: {c:?}"
+    );
 }

@@ -225,7 +225,8 @@ pub enum Action {
     AdoptVolume(VolumeId),
     /// Make everything applied durable now, then call
     /// [`Replicator::handle_local_durable`] (a secondary asked to flush; a primary that took
-    /// entries back from its peer, before it writes).
+    /// entries back from its peer, before it writes; a sync-mode primary whose entries sent
+    /// and not durable here reached half the peer's journal, before it sends more).
     SyncLocal,
     /// Journal entries up to this seq are no longer needed by the peer (primary: the peer
     /// has them durably; secondary: the primary has them durably).

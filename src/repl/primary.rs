@@ -88,6 +88,13 @@ pub(super) struct PrimaryState {
     /// Frozen for a takeover at this seq (docs/PROTOCOL.md §7.3): no writes, the entries up
     /// to it drain to the taker, then this node becomes secondary.
     frozen: Option<Seq>,
+    /// A freeze is under way (the driver seals and hands in the last entries): those entries
+    /// stay entries, whatever the journal limit — the taker drains them in order, and a
+    /// frozen node's backlog cannot grow.
+    freezing: bool,
+    /// An [`Action::SyncLocal`] is out: entries sent and not durable here reached what the
+    /// peer's journal keeps.
+    local_sync_asked: bool,
     /// Frozen, and taking over again from the peer frozen at this seq (failback while the
     /// peer drains, §7.6): writes go to the local-unreflected area.
     retaking: Option<Seq>,
@@ -153,6 +160,8 @@ impl PrimaryState {
                 _ => None,
             },
             retake_ask: None,
+            freezing: false,
+            local_sync_asked: false,
             headers_sent: Seq::NONE,
         };
         if !ctx.persisted.paired && !p.retained.is_empty() {
@@ -226,6 +235,7 @@ impl PrimaryState {
             return;
         }
         tracing::info!(request = id, "the peer takes over: freezing");
+        self.freezing = true;
         ctx.out.push_back(Action::Freeze { id });
     }
 
@@ -563,7 +573,8 @@ impl PrimaryState {
         }
         self.retained.push_back(e);
         self.retained_bytes += e.journal_bytes;
-        if self.retained_bytes > ctx.cfg.journal_limit {
+        let frozen = self.freezing || self.frozen.is_some();
+        if self.retained_bytes > ctx.cfg.journal_limit && !frozen {
             self.enter_bitmap(ctx);
             return;
         }
@@ -585,9 +596,12 @@ impl PrimaryState {
             return;
         }
         self.local_durable = seq;
+        self.local_sync_asked = false;
         if ctx.connected && ctx.state == PairState::Pair && ctx.peer.is_some() {
             let epoch = ctx.persisted.epoch;
             ctx.send(Message::Durable { epoch, seq });
+            // Entries held back for it may go now.
+            self.pump(ctx);
         }
     }
 
@@ -717,10 +731,29 @@ impl PrimaryState {
             return;
         }
         let window = ctx.cfg.window_bytes;
+        // Sync mode sends entries before they are durable here, and the peer keeps each one
+        // until this node has it durably (it may have to hand it back, §4): what is sent
+        // and not durable here is held to half the peer's journal (four times its largest
+        // entry), and past that this node syncs first.
+        let peer_room = 2 * limit;
+        let mut unsynced: u64 = self
+            .retained
+            .iter()
+            .filter(|e| e.seq > self.local_durable && e.seq <= self.sent_upto)
+            .map(|e| e.journal_bytes)
+            .sum();
+        let mut needs_sync = false;
         let mut to_send = Vec::new();
         for e in &self.retained {
             if e.seq <= self.sent_upto {
                 continue;
+            }
+            if e.seq > self.local_durable {
+                if unsynced > 0 && unsynced + e.journal_bytes > peer_room {
+                    needs_sync = true;
+                    break;
+                }
+                unsynced += e.journal_bytes;
             }
             if e.bytes > limit {
                 // Sealed before the peer said what it takes: it goes by bitmap instead.
@@ -734,6 +767,9 @@ impl PrimaryState {
             }
             self.in_flight += e.bytes;
             to_send.push(*e);
+        }
+        if needs_sync && !std::mem::replace(&mut self.local_sync_asked, true) {
+            ctx.out.push_back(Action::SyncLocal);
         }
         self.send_verifies(ctx); // those whose entry went out before
         for e in to_send {

@@ -304,6 +304,53 @@ impl Replicator {
         self.drop_connection("role change: this node is now the primary".into(), true);
     }
 
+    /// Taker, merging: the journal holds `merged_bytes` of this node's own merged entries
+    /// (up to `newest`), kept for the stream back to the old primary, which cannot start
+    /// before the merge ends; `no_room`: it has no room for the next local-unreflected
+    /// entry ([`crate::volume::MergeStep::NoRoom`]). Past the journal limit (a primary's
+    /// backlog rule), or without room, those entries go into the difference bitmap
+    /// ([`Action::Persist`] of a bitmap backlog from the drain point, then
+    /// [`Action::MarkBitmapAfter`]), and the stream back becomes a bitmap copy. A taker
+    /// frozen by a failback cannot do that (its peer drains those entries in order): past
+    /// the limit it goes on, and without room its merge waits, logged once.
+    pub fn handle_merge_progress(&mut self, newest: Seq, merged_bytes: u64, no_room: bool) {
+        let limit = self.ctx.cfg.journal_limit;
+        let RoleState::Secondary(s) = &mut self.role else {
+            return;
+        };
+        let Some(drain) = s.taking_over() else {
+            return;
+        };
+        let bitmap = matches!(self.ctx.persisted.backlog, super::Backlog::Bitmap { .. });
+        if !no_room && (merged_bytes <= limit || bitmap) {
+            return;
+        }
+        if s.frozen().is_some() {
+            if !no_room {
+                return;
+            }
+            if !std::mem::replace(&mut s.merge_full_logged, true) {
+                tracing::error!(
+                    %drain,
+                    %newest,
+                    "frozen by a failback, this node's journal has no room for the rest of                      its local-unreflected area: the merge waits (the journal is too small                      for the area: re-create the node with a larger journal or smaller area)"
+                );
+            }
+            return;
+        }
+        tracing::warn!(
+            %drain,
+            %newest,
+            "takeover: the journal is full of merged entries: they go into the difference              bitmap, and the old primary will be resynced by a bitmap copy"
+        );
+        self.ctx.persisted.backlog = super::Backlog::Bitmap { base: drain };
+        self.ctx.persist();
+        self.ctx.out.push_back(Action::MarkBitmapAfter {
+            after: drain,
+            upto: newest,
+        });
+    }
+
     /// `pairfs takeover --force` (docs/PROTOCOL.md §7.7): what this node cannot have from
     /// the old primary, or why a takeover cannot be forced now. Changes nothing.
     pub fn force_plan(&self) -> Result<ForcePlan, String> {

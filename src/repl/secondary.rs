@@ -64,6 +64,8 @@ pub(super) struct SecondaryState {
     primary_has: Seq,
     /// Rejoining after a divergence: the blocks of this node's own tail (§7.8).
     rejoin: Option<Vec<crate::types::BlockNo>>,
+    /// Frozen by a failback, the merge found the journal full (logged once).
+    pub(super) merge_full_logged: bool,
     /// A primary's hello was accepted since this node started: the headers held are those
     /// of its last connection (before, a forced takeover cannot know what it lacks).
     heard_primary: bool,
@@ -133,6 +135,16 @@ impl SecondaryState {
             ctx.refuse(
                 "a takeover asked of a secondary that is not taking over: this node is not \
                  the primary"
+                    .into(),
+            );
+            return;
+        }
+        if matches!(ctx.persisted.backlog, super::Backlog::Bitmap { .. }) {
+            // Its merged entries went into the difference bitmap: the peer could not drain
+            // them in order.
+            ctx.refuse(
+                "this node's merged entries overflowed its journal into the difference \
+                 bitmap: take over again once its merge is complete"
                     .into(),
             );
             return;

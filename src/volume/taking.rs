@@ -194,6 +194,11 @@ pub enum MergeStep {
     Merged(Seq),
     /// The LU is empty: the volume left the takeover mode.
     Done,
+    /// The journal has no room for the next LU entry, even after a checkpoint: the
+    /// merged entries it retains (this node's own, kept for the stream back to the old
+    /// primary) fill it. They must leave it — their blocks into the difference bitmap,
+    /// `Replicator::handle_merge_full` — before the merge goes on.
+    NoRoom,
 }
 
 impl Volume {
@@ -506,6 +511,9 @@ impl Volume {
                 )));
             }
             let w = t.lu.wire_entry(seq)?;
+            if !self.journal_room_for(w.blocks.len())? {
+                return Ok(MergeStep::NoRoom);
+            }
             self.apply_replicated(&w)?;
             self.release_merged()?;
             return Ok(MergeStep::Merged(seq));
@@ -513,6 +521,10 @@ impl Volume {
         // Everything sealed is in the journal. The open entry goes there too, under this
         // lock (no writer in between): then everything is made durable, released, and the
         // volume cuts over — so the merge ends while writes go on.
+        let open = self.taking.as_ref().map_or(0, |t| t.open.blocks.len());
+        if open > 0 && !self.journal_room_for(open)? {
+            return Ok(MergeStep::NoRoom);
+        }
         if let Some(w) = self.taking.as_mut().and_then(|t| t.take_open(last)) {
             self.apply_replicated(&w)?;
         }
@@ -525,6 +537,17 @@ impl Volume {
             return Ok(MergeStep::Done);
         }
         Ok(MergeStep::Merged(last))
+    }
+
+    /// Whether the journal takes an entry of `n` images now, after a checkpoint if need be
+    /// (the merge's entries are all images).
+    fn journal_room_for(&mut self, n: usize) -> Result<bool, VolumeError> {
+        let len = self.journal.entry_len(n, n);
+        if self.journal.fits(len) {
+            return Ok(true);
+        }
+        self.checkpoint_sealed()?;
+        Ok(self.journal.fits(len))
     }
 
     /// Releases LU entries the journal holds durably.
@@ -971,6 +994,44 @@ mod tests {
         while b.merge_step().unwrap() != MergeStep::Done {}
         write(&mut b, &[30], 1);
         assert_eq!(b.read_block(20 + u64::from((n - 1) % 8)).unwrap()[0], n - 1);
+    }
+
+    /// Merged entries stay in the journal for the stream back (the release limit is the
+    /// old primary's freeze point): a local-unreflected area larger than the journal's room
+    /// makes the merge stop with `NoRoom` — not fail, not stop the volume — until the
+    /// driver releases them (into the bitmap); then it goes on to the end.
+    #[test]
+    fn a_merge_that_fills_the_journal_stops_for_room_and_goes_on_once_released() {
+        let (frozen, _db, mut b) = pair_taking_over(512);
+        b.set_release_limit(Seq(5));
+        // 60 synced transactions of 4 blocks each: 300 journal blocks merged, the journal
+        // holding 127.
+        for n in 0..60u8 {
+            let first = 10 + u64::from(n % 12) * 4;
+            write(&mut b, &[first, first + 1, first + 2, first + 3], n);
+        }
+        drain(&frozen, &mut b, 5);
+        let mut no_room = 0;
+        loop {
+            match b.merge_step().unwrap() {
+                MergeStep::Done => break,
+                MergeStep::NoRoom => {
+                    no_room += 1;
+                    assert!(no_room < 100);
+                    let newest = b.journal().last_seq();
+                    b.force_release(newest).unwrap();
+                }
+                MergeStep::Merged(_) => {}
+                MergeStep::Draining => panic!("drained"),
+            }
+        }
+        assert!(no_room > 0, "the journal never filled");
+        assert!(!b.is_taking_over());
+        for n in 48..60u8 {
+            let first = 10 + u64::from(n % 12) * 4;
+            assert_eq!(b.read_block(first + 3).unwrap()[0], n, "the newest write");
+        }
+        write(&mut b, &[9], 1);
     }
 
     #[test]

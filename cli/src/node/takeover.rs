@@ -247,7 +247,9 @@ impl Driver {
         loop {
             match block_in_place(|| self.host.vol_mut(|v| v.merge_step())) {
                 Ok(MergeStep::Merged(_)) if Instant::now() < until => {}
-                Ok(MergeStep::Merged(_) | MergeStep::Draining) => return,
+                Ok(MergeStep::Merged(_)) => return self.merge_progress(false),
+                Ok(MergeStep::Draining) => return,
+                Ok(MergeStep::NoRoom) => return self.merge_progress(true),
                 Ok(MergeStep::Done) => {
                     self.merging = false;
                     let (retained, durable) = self
@@ -265,6 +267,26 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// What the journal holds of this node's merged entries, for the replicator's limit.
+    fn merge_progress(&mut self, no_room: bool) {
+        let drain = match self.repl.takeover() {
+            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
+                freeze
+            }
+            _ => return,
+        };
+        let (newest, merged) = self.host.vol(|v| {
+            let merged: u64 = v
+                .retained_entries()
+                .iter()
+                .filter(|e| e.seq > drain)
+                .map(|e| e.journal_bytes)
+                .sum();
+            (v.journal().last_seq(), merged)
+        });
+        self.repl.handle_merge_progress(newest, merged, no_room);
     }
 
     /// The role changed here.
