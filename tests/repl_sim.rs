@@ -552,8 +552,10 @@ impl Sim {
             }
             // Forced takeovers and rejoins are not simulated (tests/forced.rs has them on
             // real processes).
-            a
-            @ (Action::Fenced { .. } | Action::MarkBlocks(_) | Action::MarkBitmapAfter { .. }) => {
+            a @ (Action::Fenced { .. }
+            | Action::MarkBlocks(_)
+            | Action::MarkBitmapAfter { .. }
+            | Action::SendCatchUp { .. }) => {
                 panic!("not simulated: {a:?}")
             }
         }

@@ -198,6 +198,25 @@ pub enum Action {
         /// The newest seq to send.
         upto: Seq,
     },
+    /// Frozen primary (docs/PROTOCOL.md §7.3): the peer lacks entries after `after` that can
+    /// no longer all be sent as they were written. Send one entry instead, seq `upto` (the
+    /// freeze point) following `after`, whose blocks are every block the retained entries
+    /// after `after` write (with `bitmap`, and every block marked in the difference
+    /// bitmap), each as this node holds it now — its state at `upto` (a node taking over
+    /// again reads its journal and normal area, never its local-unreflected area). Applied
+    /// atomically, it takes the peer from the state after `after` to the state at `upto`.
+    /// If its blocks exceed `max_bytes` (what the peer's journal takes), call
+    /// [`super::Replicator::handle_catch_up_failed`] instead.
+    SendCatchUp {
+        /// The peer's newest seq of this lineage.
+        after: Seq,
+        /// The freeze point.
+        upto: Seq,
+        /// The difference bitmap's blocks too.
+        bitmap: bool,
+        /// The largest entry the peer takes (bytes of block data).
+        max_bytes: u64,
+    },
     /// Primary: stream copy data with [`Message::CopyBlocks`], then seal and sync the open
     /// entry and call [`Replicator::handle_copy_sent`] with this copy's id and the newest
     /// durable seq. A later `StartCopy` or `StopCopy` supersedes it.

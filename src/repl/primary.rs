@@ -543,6 +543,24 @@ impl PrimaryState {
             Some(copy_kind_for_peer(ctx))
         };
         self.crashed = false;
+        if let (Some(kind), Some(_)) = (plan, self.frozen) {
+            // Frozen: never a copy (its end would be an entry after the freeze point). A
+            // consistent peer is caught up by one entry; any other cannot take over.
+            let bitmap = kind == CopyKind::Bitmap;
+            if inconsistent || kind == CopyKind::Full {
+                ctx.refuse(
+                    "this node is frozen for a takeover and its peer would need a full copy: \
+                     it cannot hand over in order (force the takeover, or take over again here)"
+                        .into(),
+                );
+                return;
+            }
+            ctx.state = PairState::Pair;
+            self.sent_upto = received;
+            self.release_through(ctx, durable);
+            self.catch_up(ctx, received, bitmap);
+            return;
+        }
         match plan {
             None => {
                 ctx.state = PairState::Pair;

@@ -304,6 +304,16 @@ impl Replicator {
         self.drop_connection("role change: this node is now the primary".into(), true);
     }
 
+    /// Frozen primary: the entry of an [`Action::SendCatchUp`] could not be made (`why`):
+    /// the peer cannot drain this node in order. Refused, with the reason, for the
+    /// operator (a forced takeover on the peer).
+    pub fn handle_catch_up_failed(&mut self, why: &str) {
+        self.ctx.refuse(format!(
+            "frozen, this node cannot catch its peer up in order ({why}): force the takeover \
+             on the peer (`pairfs takeover --force`)"
+        ));
+    }
+
     /// Taker, merging: the journal holds `merged_bytes` of this node's own merged entries
     /// (up to `newest`), kept for the stream back to the old primary, which cannot start
     /// before the merge ends; `no_room`: it has no room for the next local-unreflected

@@ -261,6 +261,52 @@ impl Volume {
         self.taking.is_some()
     }
 
+    /// A frozen old primary's catch-up entry (docs/PROTOCOL.md §7.3, `Action::SendCatchUp`):
+    /// seq `upto` following `after`, with every block the retained entries after `after`
+    /// write and every block of `extra` (the difference bitmap's), each as this volume holds
+    /// it now — its journal and normal area only (`read_applied`: a node taking over again
+    /// never hands out its local-unreflected area). Fails when the blocks exceed
+    /// `max_bytes`.
+    pub fn catch_up_entry(
+        &self,
+        after: Seq,
+        upto: Seq,
+        extra: &[BlockNo],
+        max_bytes: u64,
+    ) -> Result<WireEntry, VolumeError> {
+        let mut blocks: std::collections::BTreeSet<BlockNo> = self
+            .retained_blocks_after(after, upto)?
+            .into_iter()
+            .collect();
+        blocks.extend(extra.iter().copied());
+        let bytes = blocks.len() as u64 * self.bs as u64;
+        if bytes > max_bytes {
+            return Err(VolumeError::InvalidParams(format!(
+                "the {} blocks changed after seq {after} ({bytes} bytes) exceed the {max_bytes} \
+                 bytes of one entry of the peer's",
+                blocks.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            let mut data = vec![0u8; self.bs];
+            self.read_applied(block, &mut data)?;
+            out.push(WireBlock {
+                block,
+                data,
+                fresh: false,
+            });
+        }
+        Ok(WireEntry {
+            seq: upto,
+            prev_seq: after,
+            timestamp_ns: now_ns(),
+            blocks: out,
+            // Conservative: the blocks may include frees' bitmaps.
+            frees: true,
+        })
+    }
+
     /// The newest seq sealed here: while taking over, the local-unreflected area's (its
     /// entries follow the freeze point; merged ones are in the journal with the same seqs),
     /// else the journal's.

@@ -477,6 +477,29 @@ impl Driver {
                 }
             }
             Action::SendOwnEntries { after, upto } => self.send_own_entries(after, upto).await,
+            Action::SendCatchUp {
+                after,
+                upto,
+                bitmap,
+                max_bytes,
+            } => {
+                let extra = if bitmap {
+                    self.bitmap.marked()
+                } else {
+                    Vec::new()
+                };
+                let r = block_in_place(|| {
+                    self.host
+                        .vol(|v| v.catch_up_entry(after, upto, &extra, max_bytes))
+                });
+                match r {
+                    Ok(entry) => {
+                        let epoch = self.repl.persisted().epoch;
+                        self.send(Message::Entry { epoch, entry }).await;
+                    }
+                    Err(e) => self.repl.handle_catch_up_failed(&e.to_string()),
+                }
+            }
             Action::StartCopy { kind, id } => {
                 self.flush_queued().await;
                 self.start_copy(kind, id)

@@ -114,8 +114,48 @@ impl PrimaryState {
     /// Entry `seq` cannot be sent as it was: what the peer lacks goes through the
     /// difference bitmap instead.
     pub(in crate::repl) fn on_entry_unavailable(&mut self, ctx: &mut Ctx, seq: Seq) {
+        if self.frozen().is_some() {
+            // The peer drains this node in order: no copy (it would add an entry after the
+            // freeze point), but one entry that catches it up.
+            let after = self
+                .retained
+                .iter()
+                .find(|e| e.seq == seq)
+                .map_or(ctx.peer_received(), |e| e.prev_seq);
+            self.catch_up(ctx, after, false);
+            return;
+        }
         tracing::warn!(%seq, "entry can no longer be sent as written: resync by bitmap");
         self.enter_bitmap(ctx);
+    }
+
+    /// Frozen: the peer, at `after`, gets the rest up to the freeze point as one entry
+    /// ([`Action::SendCatchUp`]).
+    pub(super) fn catch_up(&mut self, ctx: &mut Ctx, after: Seq, bitmap: bool) {
+        let (Some(upto), Some(peer)) = (self.frozen(), ctx.peer.as_ref()) else {
+            return;
+        };
+        let max_bytes = peer.hello.max_entry_bytes;
+        tracing::warn!(
+            %after,
+            %upto,
+            "frozen: the peer's missing entries can no longer all be sent as written; one \
+             entry with the state at the freeze point of every block they change catches it up"
+        );
+        let bytes: u64 = self
+            .retained
+            .iter()
+            .filter(|e| e.seq > after && e.seq > self.sent_upto)
+            .map(|e| e.bytes)
+            .sum();
+        self.sent_upto = upto;
+        self.in_flight += bytes;
+        ctx.out.push_back(Action::SendCatchUp {
+            after,
+            upto,
+            bitmap,
+            max_bytes,
+        });
     }
 
     /// The backlog outgrew the journal limit: keep it as a bitmap instead.
