@@ -302,14 +302,78 @@ pub struct TakeoverTable {
     pub bitmap: Option<Vec<u8>>,
 }
 
-const DLT_MAGIC: &[u8; 8] = b"PFDLT001";
+/// Version 1: every header's blocks one `u64` each. Read, never written.
+const DLT_MAGIC_V1: &[u8; 8] = b"PFDLT001";
+/// Version 2: every header's blocks as runs of consecutive blocks (FORMAT.md §5.2).
+const DLT_MAGIC: &[u8; 8] = b"PFDLT002";
 /// File name of the takeover table.
 pub const DLT_FILE: &str = "takeover.dlt";
+
+/// A header as version 2 stores it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredHeader {
+    seq: pairfs::Seq,
+    prev_seq: pairfs::Seq,
+    timestamp_ns: u64,
+    bytes: u64,
+    /// `(first block, blocks)`, in the header's order.
+    runs: Vec<(u64, u32)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredTable {
+    freeze: pairfs::Seq,
+    applied_at_ready: pairfs::Seq,
+    entries: Vec<StoredHeader>,
+    bitmap: Option<Vec<u8>>,
+}
+
+/// Blocks as runs of consecutive ones (a backlog of file data is mostly extents: its table
+/// is a few bytes per run, not eight per block, and is written at ready).
+fn runs(blocks: &[u64]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((start, n)) if *n < u32::MAX && start.checked_add(u64::from(*n)) == Some(b) => {
+                *n += 1
+            }
+            _ => out.push((b, 1)),
+        }
+    }
+    out
+}
+
+fn unruns(runs: &[(u64, u32)], what: &Path) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for &(start, n) in runs {
+        let end = start
+            .checked_add(u64::from(n))
+            .with_context(|| format!("{} names a run past the largest block", what.display()))?;
+        out.extend(start..end);
+    }
+    Ok(out)
+}
 
 impl TakeoverTable {
     /// Writes the table durably.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let payload = bincode::serialize(self).context("encoding the takeover table")?;
+        let stored = StoredTable {
+            freeze: self.freeze,
+            applied_at_ready: self.applied_at_ready,
+            entries: self
+                .entries
+                .iter()
+                .map(|h| StoredHeader {
+                    seq: h.seq,
+                    prev_seq: h.prev_seq,
+                    timestamp_ns: h.timestamp_ns,
+                    bytes: h.bytes,
+                    runs: runs(&h.blocks),
+                })
+                .collect(),
+            bitmap: self.bitmap.clone(),
+        };
+        let payload = bincode::serialize(&stored).context("encoding the takeover table")?;
         write_durably(&dir.join(DLT_FILE), &framed(DLT_MAGIC, &payload))
     }
 
@@ -321,10 +385,31 @@ impl TakeoverTable {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
+        let not_a_table = || format!("{} is not a takeover table", path.display());
+        if bytes.starts_with(DLT_MAGIC_V1) {
+            let payload = unframe(DLT_MAGIC_V1, &bytes, &path)?;
+            return Ok(Some(
+                bincode::deserialize(payload).with_context(not_a_table)?,
+            ));
+        }
         let payload = unframe(DLT_MAGIC, &bytes, &path)?;
-        let t = bincode::deserialize(payload)
-            .with_context(|| format!("{} is not a takeover table", path.display()))?;
-        Ok(Some(t))
+        let t: StoredTable = bincode::deserialize(payload).with_context(not_a_table)?;
+        let mut entries = Vec::with_capacity(t.entries.len());
+        for h in t.entries {
+            entries.push(pairfs::takeover::EntryHeader {
+                seq: h.seq,
+                prev_seq: h.prev_seq,
+                timestamp_ns: h.timestamp_ns,
+                bytes: h.bytes,
+                blocks: unruns(&h.runs, &path)?,
+            });
+        }
+        Ok(Some(TakeoverTable {
+            freeze: t.freeze,
+            applied_at_ready: t.applied_at_ready,
+            entries,
+            bitmap: t.bitmap,
+        }))
     }
 
     /// The drain is complete: the table is no longer needed.
@@ -375,6 +460,32 @@ mod tests {
         assert!(format!("{:#}", TakeoverTable::load(&d).unwrap_err()).contains("corrupt"));
         TakeoverTable::remove(&d).unwrap();
         assert!(TakeoverTable::load(&d).unwrap().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_table_stores_runs_of_blocks_in_their_order_and_a_version_1_table_still_reads() {
+        let d = tmp("dlt-runs");
+        let blocks: Vec<u64> = (100..20_100).chain([7, 3, 4, 5, 1_000_000]).collect();
+        let t = TakeoverTable {
+            freeze: pairfs::Seq(2),
+            applied_at_ready: pairfs::Seq(1),
+            entries: vec![pairfs::takeover::EntryHeader {
+                seq: pairfs::Seq(2),
+                prev_seq: pairfs::Seq(1),
+                timestamp_ns: 5,
+                bytes: blocks.len() as u64 * 4096,
+                blocks,
+            }],
+            bitmap: None,
+        };
+        t.save(&d).unwrap();
+        let size = std::fs::metadata(d.join(DLT_FILE)).unwrap().len();
+        assert!(size < 200, "20,005 blocks in four runs take {size} bytes");
+        assert_eq!(TakeoverTable::load(&d).unwrap().as_ref(), Some(&t));
+        let v1 = bincode::serialize(&t).unwrap();
+        std::fs::write(d.join(DLT_FILE), framed(DLT_MAGIC_V1, &v1)).unwrap();
+        assert_eq!(TakeoverTable::load(&d).unwrap(), Some(t));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
