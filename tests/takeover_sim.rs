@@ -701,11 +701,8 @@ impl Sim {
     /// A taker frozen by a failback: the LU sealed and durable, the headers of its own
     /// entries after the drain point handed to the replicator.
     fn freeze_taker(&mut self, i: usize, id: u64) {
-        let drain = match self.nodes[i].repl.takeover() {
-            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
-                freeze
-            }
-            _ => return,
+        let Some(drain) = self.nodes[i].repl.takeover().and_then(|t| t.drain_point()) else {
+            return;
         };
         let before = self.nodes[i].newest();
         let headers = {
@@ -1075,11 +1072,8 @@ impl Sim {
 
     /// What the journal holds of node `i`'s merged entries (as the driver reports it).
     fn merge_progress(&mut self, i: usize, no_room: bool) {
-        let drain = match self.nodes[i].repl.takeover() {
-            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
-                freeze
-            }
-            _ => return,
+        let Some(drain) = self.nodes[i].repl.takeover().and_then(|t| t.drain_point()) else {
+            return;
         };
         let (newest, merged) = {
             let v = self.nodes[i].v();

@@ -199,6 +199,19 @@ pub enum Takeover {
     },
 }
 
+impl Takeover {
+    /// A secondary taking over (a taker, frozen or not): the old primary's freeze point,
+    /// up to which it drains; its own entries follow it.
+    pub fn drain_point(&self) -> Option<Seq> {
+        match *self {
+            Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. } => {
+                Some(freeze)
+            }
+            Takeover::Source { .. } | Takeover::Retaker { .. } => None,
+        }
+    }
+}
+
 impl PersistedState {
     /// A new primary with a first generation.
     pub fn new_primary(generation_id: u64) -> Self {

@@ -146,11 +146,8 @@ impl Driver {
     /// node's entries after its drain point (merged ones from the journal, the rest from
     /// the area).
     pub(super) fn freeze_taker(&mut self, id: u64) -> Result<()> {
-        let drain = match self.repl.takeover() {
-            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
-                freeze
-            }
-            _ => return Ok(()),
+        let Some(drain) = self.repl.takeover().and_then(|t| t.drain_point()) else {
+            return Ok(());
         };
         let (newest, headers) = block_in_place(|| -> Result<(Seq, Vec<EntryHeader>)> {
             if let Some(fs) = self.host.fs() {
@@ -271,11 +268,8 @@ impl Driver {
 
     /// What the journal holds of this node's merged entries, for the replicator's limit.
     fn merge_progress(&mut self, no_room: bool) {
-        let drain = match self.repl.takeover() {
-            Some(Takeover::Taker { freeze } | Takeover::FrozenTaker { drain: freeze, .. }) => {
-                freeze
-            }
-            _ => return,
+        let Some(drain) = self.repl.takeover().and_then(|t| t.drain_point()) else {
+            return;
         };
         let (newest, merged) = self.host.vol(|v| {
             let merged: u64 = v
