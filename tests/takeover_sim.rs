@@ -678,10 +678,10 @@ impl Sim {
             }
             Action::BeginTakeover {
                 freeze,
-                headers,
+                index,
                 state,
                 ..
-            } => self.begin_takeover(i, freeze, headers, state),
+            } => self.begin_takeover(i, freeze, index, state),
             Action::Merge => self.nodes[i].merging = true,
             Action::RoleChanged(role) => {
                 if role == Role::Primary {
@@ -720,7 +720,7 @@ impl Sim {
         &mut self,
         i: usize,
         freeze: Seq,
-        headers: Vec<EntryHeader>,
+        index: RemoteIndex,
         state: PersistedState,
     ) {
         let applied = self.nodes[i].v().journal().last_seq();
@@ -736,14 +736,16 @@ impl Sim {
         self.nodes[i].table = Some(Table {
             freeze,
             applied_at_ready: applied,
-            entries: headers,
+            entries: index.entries().cloned().collect(),
         });
         self.nodes[i].persisted = state;
-        self.start_volume_takeover(i);
+        self.start_volume_takeover(i, Some(index));
     }
 
-    /// Starts (or after a restart resumes) node `i`'s volume takeover from its table.
-    fn start_volume_takeover(&mut self, i: usize) {
+    /// Starts (or after a restart resumes) node `i`'s volume takeover from its table —
+    /// from `index` when the replicator hands one over, which must then be exactly what the
+    /// table rebuilds (the driver skips that rebuild at ready).
+    fn start_volume_takeover(&mut self, i: usize, index: Option<RemoteIndex>) {
         let t = self.nodes[i].table.clone().expect("a takeover table");
         let node = &self.nodes[i];
         let mut v = node.v();
@@ -753,6 +755,14 @@ impl Sim {
             remote.add(h, BLOCKS).expect("the table chains");
         }
         remote.applied(applied.min(t.freeze));
+        if let Some(mut index) = index {
+            index.applied(applied.min(t.freeze));
+            assert_eq!(
+                index, remote,
+                "{}: the handed-over index differs from the table's",
+                node.name
+            );
+        }
         let lu = LuArea::open(Box::new(node.lu.clone()), expect(), Seq::NONE).expect("open LU");
         let fetch = Arc::new(SimFetch {
             me: i,
@@ -1216,7 +1226,7 @@ impl Sim {
             .takeover()
             .is_some_and(|t| !matches!(t, Takeover::Source { .. }));
         if resumes {
-            self.start_volume_takeover(i);
+            self.start_volume_takeover(i, None);
         }
         let recovered = self.nodes[i].newest();
         self.log(|| {

@@ -309,7 +309,8 @@ pub enum Action {
         id: u64,
     },
     /// Secondary: the old primary froze at `freeze` and this node takes over. In this
-    /// order: write the takeover table (`headers`: the entries not applied here) durably,
+    /// order: write the takeover table (the headers of `index`: the entries not applied
+    /// here) durably,
     /// then `state`, then start the volume's takeover and make the filesystem writable;
     /// then call [`super::Replicator::handle_taken_over`] (or report the failure with
     /// [`super::Replicator::handle_takeover_failed`]).
@@ -318,8 +319,11 @@ pub enum Action {
         id: u64,
         /// The freeze point.
         freeze: Seq,
-        /// Headers of the old primary's entries after this node's newest seq.
-        headers: Vec<crate::takeover::EntryHeader>,
+        /// The headers of the old primary's entries after this node's newest seq, indexed
+        /// as they arrived (the table is written from them, and the volume's takeover
+        /// starts from this index: nothing proportional to the backlog is rebuilt at
+        /// ready).
+        index: crate::takeover::RemoteIndex,
         /// The pair state to persist (role change under way).
         state: PersistedState,
     },

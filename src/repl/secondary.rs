@@ -271,14 +271,14 @@ impl SecondaryState {
             ));
             return;
         }
-        let headers: Vec<EntryHeader> = self.remote.entries().cloned().collect();
+        let index = self.remote.clone();
         ctx.persisted.epoch = epoch;
         ctx.persisted.takeover = Some(Takeover::Taker { freeze });
         self.taking = Some(freeze);
         ctx.out.push_back(Action::BeginTakeover {
             id,
             freeze,
-            headers,
+            index,
             state: ctx.persisted.clone(),
         });
         self.maybe_merge(ctx);

@@ -94,7 +94,7 @@ pub enum HeaderError {
 /// Headers of the entries after the applied seq, in chain order, and for each block the
 /// newest seq among them. Memory grows with the backlog (one `u64` per block per entry,
 /// plus the map), capped at [`MAX_HEADER_BLOCKS`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RemoteIndex {
     /// Newest seq applied locally: headers up to it are dropped.
     applied: Seq,

@@ -612,9 +612,9 @@ impl Driver {
             Action::BeginTakeover {
                 id,
                 freeze,
-                headers,
+                index,
                 state,
-            } => self.begin_takeover(id, freeze, headers, &state),
+            } => self.begin_takeover(id, freeze, index, &state),
             Action::Merge => self.merging = true,
             Action::RoleChanged(role) => self.role_changed(role),
             Action::VerifyAnswer { id, differ } => {

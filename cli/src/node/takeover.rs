@@ -176,10 +176,10 @@ impl Driver {
         &mut self,
         id: u64,
         freeze: Seq,
-        headers: Vec<EntryHeader>,
+        index: RemoteIndex,
         state: &pairfs::repl::PersistedState,
     ) {
-        let r = block_in_place(|| self.start_taking_over(freeze, headers, state));
+        let r = block_in_place(|| self.start_taking_over(freeze, index, state));
         let report = match r {
             Ok(()) => {
                 let p = self.host.vol(|v| v.takeover_progress());
@@ -222,20 +222,37 @@ impl Driver {
     fn start_taking_over(
         &mut self,
         freeze: Seq,
-        headers: Vec<EntryHeader>,
+        index: RemoteIndex,
         state: &pairfs::repl::PersistedState,
     ) -> Result<()> {
+        let t0 = Instant::now();
+        let asked_ms = self
+            .takeover_req
+            .as_ref()
+            .map(|p| p.started.elapsed().as_secs_f64() * 1e3);
         let applied = self.host.vol(|v| v.journal().last_seq());
         let table = TakeoverTable {
             freeze,
             applied_at_ready: applied,
-            entries: headers,
+            entries: index.entries().cloned().collect(),
             bitmap: None,
         };
         table.save(&self.cfg.data)?;
+        let t1 = Instant::now();
         save_state(&self.cfg.data, state)?;
+        let t2 = Instant::now();
         self.shared.set_serving(state.takeover);
-        start_volume_takeover(&self.cfg.data, &self.host, self.fetch.clone(), table, true)
+        let (data, fetch) = (&self.cfg.data, self.fetch.clone());
+        start_volume_takeover(data, &self.host, fetch, table, Some(index), true)?;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        tracing::info!(
+            answer_after_ms = asked_ms,
+            table_ms = ms(t0, t1),
+            state_ms = ms(t1, t2),
+            volume_and_fs_ms = ms(t2, Instant::now()),
+            "takeover: where the time to ready went"
+        );
+        Ok(())
     }
 
     /// A slice of the merge; at its end the node becomes primary.
@@ -345,13 +362,15 @@ impl Driver {
     }
 }
 
-/// Starts (or, after a restart, resumes) the volume's takeover from `table`, then turns
-/// the filesystem writable and drops what the kernel cached.
+/// Starts (or, after a restart, resumes) the volume's takeover from `table` — from `index`
+/// when the replicator hands one over (the headers of `table`, already indexed) — then
+/// turns the filesystem writable and drops what the kernel cached.
 pub(super) fn start_volume_takeover(
     data: &std::path::Path,
     host: &super::Host,
     fetch: std::sync::Arc<super::fetch::FetchClient>,
     table: TakeoverTable,
+    index: Option<RemoteIndex>,
     writable: bool,
 ) -> Result<()> {
     let (applied, blocks, bs, id) = host.vol(|v| {
@@ -362,23 +381,33 @@ pub(super) fn start_volume_takeover(
             v.id(),
         )
     });
-    let mut remote = RemoteIndex::new(table.applied_at_ready.min(applied));
-    for h in table.entries {
-        remote
-            .add(h, blocks)
-            .context("the takeover table does not chain")?;
-    }
+    let t0 = Instant::now();
+    let mut remote = match index {
+        Some(index) => index,
+        None => {
+            let mut remote = RemoteIndex::new(table.applied_at_ready.min(applied));
+            for h in table.entries {
+                remote
+                    .add(h, blocks)
+                    .context("the takeover table does not chain")?;
+            }
+            remote
+        }
+    };
     // The journal may hold merged LU entries beyond the freeze point (restarted during the
     // merge): of the old primary's chain, it holds up to the freeze point at most.
     remote.applied(applied.min(table.freeze));
+    let t_index = Instant::now();
     let expect = JournalExpect {
         block_size: bs,
         normal_blocks: blocks,
     };
     let lu = pairfs::datadir::open_lu(data, id, expect, Seq::NONE)
         .context("opening the local-unreflected area")?;
+    let t1 = Instant::now();
     host.vol_mut(|v| v.begin_takeover(table.freeze, lu, remote, fetch))
         .context("starting the takeover")?;
+    let t2 = Instant::now();
     if let Some(fs) = host.fs().filter(|_| writable) {
         fs.set_mode(FsMode::Writable)
             .context("turning the filesystem writable")?;
@@ -386,6 +415,14 @@ pub(super) fn start_volume_takeover(
         // Everything the kernel cached may be older than what the old primary holds.
         host.invalidate_all(fs);
     }
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    tracing::debug!(
+        index_ms = ms(t0, t_index),
+        lu_ms = ms(t_index, t1),
+        begin_ms = ms(t1, t2),
+        fs_ms = ms(t2, Instant::now()),
+        "takeover: the volume's part"
+    );
     Ok(())
 }
 
@@ -405,7 +442,7 @@ pub(super) fn resume(
         )
     })?;
     tracing::info!(freeze = %table.freeze, "resuming the takeover");
-    start_volume_takeover(data, host, fetch, table, writable)
+    start_volume_takeover(data, host, fetch, table, None, writable)
 }
 
 /// Whether a node in role change `t` has its volume taking over (a table and a

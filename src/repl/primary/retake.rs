@@ -137,7 +137,7 @@ impl PrimaryState {
             ));
             return;
         }
-        let headers: Vec<EntryHeader> = ask.headers.entries().cloned().collect();
+        let index = ask.headers;
         ctx.persisted.epoch = epoch;
         ctx.persisted.takeover = Some(Takeover::Retaker { source, freeze });
         self.retaking = Some(freeze);
@@ -149,7 +149,7 @@ impl PrimaryState {
         ctx.out.push_back(Action::BeginTakeover {
             id,
             freeze,
-            headers,
+            index,
             state: ctx.persisted.clone(),
         });
     }
@@ -297,9 +297,9 @@ mod tests {
         );
         let (acts_a, _) = exchange(&mut a, &mut b);
         let begin = acts_a.iter().find_map(|x| match x {
-            Action::BeginTakeover {
-                freeze, headers, ..
-            } => Some((*freeze, headers.len())),
+            Action::BeginTakeover { freeze, index, .. } => {
+                Some((*freeze, index.entries().count()))
+            }
             _ => None,
         });
         assert_eq!(begin, Some((Seq(12), 2)), "{acts_a:?}");
