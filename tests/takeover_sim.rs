@@ -21,16 +21,24 @@
 //!   applied;
 //! - T4: every block the peer served is the version the table named (the seq that wrote
 //!   it);
-//! - T5: a kill loses no sealed entry (every seq the lineage holds survives on some node);
+//! - T5: a kill loses no entry the node had sealed (it recovers up to its newest seq);
+//! - T6: a forced takeover's report names exactly entries of the lineage after the seq it
+//!   continues from, chained, with their blocks, and the writes it sets aside are the
+//!   node's own;
 //! - at the end, with the network healed and no more role changes asked, the pair
 //!   converges: one primary, nothing under way, both volumes equal to the lineage's state.
 //!
 //! `PAIRFS_TAKEOVER_SIM_SEEDS` (default 300) seeds run; a failure prints its seed, and
 //! `PAIRFS_TAKEOVER_SIM_SEED=n` replays exactly that one with a trace of every step.
 //!
-//! Not simulated yet: forced takeovers (`tests/forced.rs` has them on real processes), power losses (the pair
-//! simulation, `tests/repl_sim.rs`, has them outside role changes). The bugs this
-//! simulation found are listed in docs/PROTOCOL.md §7.6.
+//! Forced takeovers: with its peer killed, a node forces the takeover (a taker whose drain
+//! is cut short sets its local-unreflected entries aside); the report of what it cannot
+//! have is checked entry by entry against the lineage, which then ends at the seq it
+//! continues from; the node it took over from comes back re-created as an empty
+//! secondary. Not simulated: that node's return with its divergent tail (`pairfs rejoin`:
+//! `tests/forced.rs`, on real processes), power losses (the pair simulation,
+//! `tests/repl_sim.rs`, has them outside role changes). The bugs this simulation found
+//! are listed in docs/PROTOCOL.md §7.6.
 
 #![allow(clippy::unwrap_used)]
 
@@ -81,6 +89,10 @@ struct Coverage {
     merge_full: u64,
     merges_to_bitmap: u64,
     catch_ups: u64,
+    forces: u64,
+    forces_cut_short: u64,
+    forces_refused: u64,
+    forced_lost_entries: u64,
     reads: u64,
     copies: u64,
     asks_refused: u64,
@@ -106,6 +118,10 @@ impl Coverage {
             (&mut self.merge_full, c.merge_full),
             (&mut self.merges_to_bitmap, c.merges_to_bitmap),
             (&mut self.catch_ups, c.catch_ups),
+            (&mut self.forces, c.forces),
+            (&mut self.forces_cut_short, c.forces_cut_short),
+            (&mut self.forces_refused, c.forces_refused),
+            (&mut self.forced_lost_entries, c.forced_lost_entries),
             (&mut self.reads, c.reads),
             (&mut self.copies, c.copies),
             (&mut self.asks_refused, c.asks_refused),
@@ -377,6 +393,8 @@ struct Sim {
     queues: [[VecDeque<Message>; 2]; 2],
     /// Steps a killed node stays down.
     down_for: [u64; 2],
+    /// The node's peer took over by force while it was down.
+    forced_away: [bool; 2],
     next_value: u64,
     next_ask: u64,
     trace: bool,
@@ -408,6 +426,7 @@ impl Sim {
             partitioned: false,
             queues: Default::default(),
             down_for: [0; 2],
+            forced_away: [false; 2],
             next_value: 1,
             next_ask: 1,
             trace,
@@ -716,13 +735,7 @@ impl Sim {
     }
 
     /// Table, then state, then the volume's takeover (as the driver, FORMAT.md §5.2).
-    fn begin_takeover(
-        &mut self,
-        i: usize,
-        freeze: Seq,
-        index: RemoteIndex,
-        state: PersistedState,
-    ) {
+    fn begin_takeover(&mut self, i: usize, freeze: Seq, index: RemoteIndex, state: PersistedState) {
         let applied = self.nodes[i].v().journal().last_seq();
         let retaking = matches!(state.takeover, Some(Takeover::Retaker { .. }));
         if retaking {
@@ -1250,9 +1263,104 @@ impl Sim {
         self.take_entries(i);
     }
 
+    /// `pairfs takeover --force` on node `i` while its peer is down (as the driver,
+    /// `cli/src/node/force.rs`): what it cannot have is reported — checked here against the
+    /// lineage — and a taker cut short sets its local-unreflected entries aside; the node
+    /// continues from the lineage's state at the seq it applied, as the primary of a new
+    /// generation; the lineage after that seq is gone.
+    fn force(&mut self, i: usize) {
+        let peer = 1 - i;
+        let n = &self.nodes[i];
+        if !n.up || self.nodes[peer].up || n.repl.role() != Role::Secondary {
+            return;
+        }
+        let name = self.nodes[i].name;
+        let plan = match self.nodes[i].repl.force_plan() {
+            Ok(p) => p,
+            Err(e) => {
+                self.log(|| format!("{name} cannot force: {e}"));
+                self.cov.forces_refused += 1;
+                return;
+            }
+        };
+        self.flush_disk(i);
+        self.log(|| format!("{name} FORCES a takeover at {} ({plan:?})", plan.base));
+        let (lost, lu_headers) = match plan.cut_short {
+            None => {
+                self.nodes[i].v().sync().expect("sync");
+                (plan.lost.clone(), Vec::new())
+            }
+            Some(_) => {
+                self.cov.forces_cut_short += 1;
+                let mut v = self.nodes[i].v();
+                let lost: Vec<EntryHeader> = v
+                    .takeover_remote()
+                    .map(|r| r.entries().cloned().collect())
+                    .unwrap_or_default();
+                let mut lu = v.abandon_takeover().expect("abandon the takeover");
+                v.sync().expect("sync");
+                let headers = lu.headers();
+                lu.discard().expect("empty the LU");
+                lu.close().expect("close the LU");
+                (lost, headers)
+            }
+        };
+        let newest = self.nodes[i].v().journal().durable_seq();
+        assert_eq!(
+            newest, plan.base,
+            "{name}: the volume is not at the plan's base"
+        );
+        // The report is exact: every entry it names is the lineage's, chained from the base.
+        let mut prev = plan.base;
+        for h in &lost {
+            let want: Option<Vec<u64>> = self
+                .lineage
+                .entries
+                .get(&h.seq)
+                .map(|e| e.keys().copied().collect());
+            let mut got = h.blocks.clone();
+            got.sort_unstable();
+            assert_eq!(Some(got), want, "{name}: lost entry {} misreported", h.seq);
+            assert_eq!(h.prev_seq, prev, "{name}: the lost entries do not chain");
+            prev = h.seq;
+        }
+        // The writes set aside are this node's own, as the lineage has them (the last one,
+        // sealed by the abandon, is what was pending).
+        let pending = std::mem::take(&mut self.nodes[i].pending);
+        for h in &lu_headers {
+            let mut got = h.blocks.clone();
+            got.sort_unstable();
+            let want: Vec<u64> = match self.lineage.entries.get(&h.seq) {
+                Some(e) => e.keys().copied().collect(),
+                None => pending.keys().copied().collect(),
+            };
+            assert_eq!(
+                got, want,
+                "{name}: LU entry {} set aside misreported",
+                h.seq
+            );
+        }
+        self.cov.forces += 1;
+        self.cov.forced_lost_entries += lost.len() as u64;
+        self.lineage.entries.retain(|s, _| *s <= plan.base);
+        let retained = self.nodes[i].v().retained_entries();
+        let now = self.now;
+        self.nodes[i]
+            .repl
+            .handle_forced(plan.base, retained, 1, now);
+        self.forced_away[peer] = true;
+        self.run_actions();
+    }
+
     fn come_back(&mut self, i: usize) {
         if self.nodes[i].up {
             return;
+        }
+        if std::mem::take(&mut self.forced_away[i]) {
+            // Its peer took over by force: the operator makes it a new, empty secondary
+            // (its divergent tail kept aside is `pairfs rejoin`'s, tests/forced.rs).
+            self.log(|| format!("{} is re-created as an empty secondary", self.nodes[i].name));
+            self.nodes[i] = Node::new(self.nodes[i].name, false, self.mode, self.now);
         }
         self.log(|| format!("{} is back ({})", self.nodes[i].name, self.nodes[i].phase()));
         self.nodes[i].up = true;
@@ -1397,7 +1505,14 @@ impl Sim {
                 self.log(|| "partitioned".into());
                 self.disconnect();
             }
-            903..=906 => self.kill(i),
+            903..=906 => {
+                self.kill(i);
+                // The operator, seeing the node gone, forces the takeover on its peer.
+                if self.rng.chance(10) {
+                    self.force(1 - i);
+                }
+            }
+            907..=909 => self.force(i),
             _ => {
                 self.now += Duration::from_millis(self.rng.below(400));
                 let now = self.now;
@@ -1614,6 +1729,10 @@ fn takeovers_failbacks_and_kills_keep_every_write_and_one_writer() {
         assert!(n >= floor, "too few {what}: {n} over {seeds} seeds ({c:?})");
     }
     assert!(c.fetch_failures > 0 && c.lu_full > 0, "{c:?}");
+    assert!(
+        c.forces >= seeds / 10 && c.forces_cut_short >= seeds / 30,
+        "too few forced takeovers: {c:?}"
+    );
     assert!(
         c.merges_to_bitmap >= seeds / 20 && c.catch_ups >= seeds / 20,
         "too few merges past the journal limit or catch-up entries: {c:?}"

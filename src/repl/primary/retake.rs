@@ -297,9 +297,7 @@ mod tests {
         );
         let (acts_a, _) = exchange(&mut a, &mut b);
         let begin = acts_a.iter().find_map(|x| match x {
-            Action::BeginTakeover { freeze, index, .. } => {
-                Some((*freeze, index.entries().count()))
-            }
+            Action::BeginTakeover { freeze, index, .. } => Some((*freeze, index.entries().count())),
             _ => None,
         });
         assert_eq!(begin, Some((Seq(12), 2)), "{acts_a:?}");
