@@ -1021,6 +1021,94 @@ mod tests {
         }
     }
 
+    /// Delivers the messages of both until neither sends more; the other actions of `a`.
+    fn exchange(a: &mut Replicator, b: &mut Replicator) -> Vec<Action> {
+        let mut acts = Vec::new();
+        loop {
+            let mut to_b = Vec::new();
+            while let Some(x) = a.poll_action() {
+                match x {
+                    Action::Send(m) => to_b.push(m),
+                    x => acts.push(x),
+                }
+            }
+            let mut to_a = Vec::new();
+            while let Some(x) = b.poll_action() {
+                if let Action::Send(m) = x {
+                    to_a.push(m);
+                }
+            }
+            if to_a.is_empty() && to_b.is_empty() {
+                return acts;
+            }
+            for m in to_b {
+                b.handle_message(m, Instant::now());
+            }
+            for m in to_a {
+                a.handle_message(m, Instant::now());
+            }
+        }
+    }
+
+    /// Sync mode sends entries before they are durable here, and the peer keeps them until
+    /// they are: what is sent ahead is held to half the peer's journal (twice its largest
+    /// entry), and the primary syncs to send more.
+    #[test]
+    fn sync_mode_holds_what_it_sends_ahead_of_its_own_durability_to_half_the_peers_journal() {
+        let volume = crate::types::VolumeId([1; 16]);
+        let now = Instant::now();
+        let mut pc = ReplConfig::new("a", volume, 4096, 1024);
+        pc.mode = Mode::Sync;
+        let mut sc = ReplConfig::new("b", volume, 4096, 1024);
+        sc.mode = Mode::Sync;
+        sc.max_entry_bytes = crate::repl::MIN_PEER_ENTRY_BYTES;
+        let mut ps = PersistedState::new_primary(7);
+        ps.paired = true;
+        ps.sync_mode = true;
+        let mut ss = PersistedState::new_secondary();
+        ss.empty = false;
+        ss.epoch = ps.epoch;
+        ss.generations = ps.generations.clone();
+        let mut a = Replicator::new(pc, ps, vec![], Seq::NONE, false, now);
+        let mut b = Replicator::new(sc, ss, vec![], Seq::NONE, false, now);
+        a.handle_connected(now);
+        b.handle_connected(now);
+        exchange(&mut a, &mut b);
+        assert_eq!(a.status().state, PairState::Pair);
+        for s in 1..=10u64 {
+            a.handle_local_entry(EntryMeta {
+                seq: Seq(s),
+                prev_seq: Seq(s - 1),
+                bytes: 900 << 10,
+                journal_bytes: crate::repl::MIN_PEER_ENTRY_BYTES / 2,
+                timestamp_ns: s,
+            });
+        }
+        let sent = |acts: &[Action]| -> (Vec<u64>, usize) {
+            let seqs = acts
+                .iter()
+                .filter_map(|x| match x {
+                    Action::SendEntry(m) => Some(m.seq.0),
+                    _ => None,
+                })
+                .collect();
+            let syncs = acts.iter().filter(|x| **x == Action::SyncLocal).count();
+            (seqs, syncs)
+        };
+        let mut acts = Vec::new();
+        while let Some(x) = a.poll_action() {
+            acts.push(x);
+        }
+        // Four halves of the peer's largest entry: twice that entry.
+        assert_eq!(sent(&acts), (vec![1, 2, 3, 4], 1), "{acts:?}");
+        a.handle_local_durable(Seq(4), now);
+        let mut acts = Vec::new();
+        while let Some(x) = a.poll_action() {
+            acts.push(x);
+        }
+        assert_eq!(sent(&acts), (vec![5, 6, 7, 8], 1), "{acts:?}");
+    }
+
     #[test]
     fn a_primary_steps_down_only_before_a_forced_generation_branching_off_its_own_lineage() {
         let mut ours = PersistedState::new_primary(7);
