@@ -39,6 +39,12 @@
 #      the page cache) with conv=fsync on b during the drain (the writes go to the
 #      local-unreflected area), and again, to another file, once the merge has completed
 #      (the normal write path): MiB/s each and drain/after (goal >= 0.8).
+#   5. failback mid-drain (MEASURE_BACKLOG; FAILBACK=0 skips it): REPS more cases, each a
+#      fresh pair and backlog taken over by b as in part 1; b writes FAILBACK_MIB; then,
+#      with b's status still `draining`, `pairfs takeover` on a, timed to the first 4 KiB
+#      write + fsync on a's mount (fb_failback_ready), b checked `frozen, …` right after;
+#      then the chain to its end (a primary, b its secondary: fb_settle) and b's file
+#      checked on a.  No goal in the issue: reported.
 #
 # Also, with a backlog: both nodes' status every SAMPLE_INTERVAL from ready to the end of
 # the role change (logs-*/...samples.jsonl), giving the drain's time (ready -> b no longer
@@ -70,7 +76,9 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/pairfs-bench-takeover}  # work dir, on the disk 
 OUT=${OUT:-/tmp/pairfs-bench-takeover}          # results and logs
 REPS=${REPS:-3}                                 # repetitions of every case
 BACKLOGS=${BACKLOGS:-"0 64 512"}                # MiB written on a while the link is down
-MEASURE_BACKLOG=${MEASURE_BACKLOG:-}            # the backlog of parts 2-4 (default: the largest)
+MEASURE_BACKLOG=${MEASURE_BACKLOG:-}            # the backlog of parts 2-5 (default: the largest)
+FAILBACK=${FAILBACK:-1}                         # part 5 (1) or not (0)
+FAILBACK_MIB=${FAILBACK_MIB:-4}                 # written on b before the failback
 RATE=${RATE:-200mbit}                           # tc tbf rate of the link once it is back
 TBF_BURST=${TBF_BURST:-256kb}                   # tbf burst and latency (the queue: as the tests)
 TBF_LATENCY=${TBF_LATENCY:-200ms}
@@ -498,16 +506,20 @@ write_backlog() {
 # md5 of MIB MiB of SRC from SKIP MiB on
 src_md5() { dd if="$SRC" bs=1M skip="$2" count="$1" status=none | md5sum | cut -d' ' -f1; }
 
-run_case() {
-    local bl=$1 rep=$2 t0 t1 s sa sb r ph ph2 cut_t
-    CTX="backlog $bl MiB, rep $rep"
-    LOGP=$LOGS/b$bl-r$rep
+# A fresh pair, a backlog of $1 MiB written on a with the link cut, the link back limited,
+# then `pairfs takeover` on b timed to its first write (part 1, figures prefixed with $3).
+# Leaves the probe's JSON in READY_JSON and the time the takeover started in READY_T0;
+# false (the case recorded as failed and torn down) if something did not come up.
+takeover_with_backlog() {
+    local bl=$1 rep=$2 prefix=$3 t0 t1 sa r cut_t
+    CTX="backlog $bl MiB, rep $rep${prefix:+, $prefix}"
+    LOGP=$LOGS/$prefix${prefix:+-}b$bl-r$rep
     REP=$rep
     log "== $CTX"
     if ! setup_pair; then
         fail "$bl" "$rep" setup "the pair did not come up in sync (logs $LOGP.*)"
         teardown_pair "$bl" "$rep"
-        return
+        return 1
     fi
 
     # The backlog: written while the link is down.
@@ -519,10 +531,10 @@ run_case() {
         fail "$bl" "$rep" backlog "writing the backlog on a failed"
         ip link set "$HOST_IF" up || true
         teardown_pair "$bl" "$rep"
-        return
+        return 1
     fi
     t1=$(now)
-    ((bl > 0)) && fig "$bl" "$rep" backlog_write "$(mib_s "$bl" "$t0" "$t1")" MiB/s
+    ((bl > 0)) && fig "$bl" "$rep" "${prefix}backlog_write" "$(mib_s "$bl" "$t0" "$t1")" MiB/s
     sa=$(status "$CFG_A")
     echo "$sa" >"$LOGP.a-before-link-up.json"
     log "    backlog written in $(secs "$t0" "$t1") s; a: state $(jg "$sa" .state), backlog mode $(jg "$sa" .backlog), lag $(jg "$sa" .lag_bytes) B, journal $(jg "$sa" .journal_used)/$(jg "$sa" .journal_capacity)"
@@ -532,24 +544,33 @@ run_case() {
     if ! wait_until "$STREAM_TIMEOUT" "the pair streaming again" streaming_again; then
         fail "$bl" "$rep" ready "the pair did not stream again after the link came back: a $(status "$CFG_A")"
         teardown_pair "$bl" "$rep"
-        return
+        return 1
     fi
     sa=$(status "$CFG_A")
     echo "$sa" >"$LOGP.a-before-takeover.json"
-    fig "$bl" "$rep" lag_before_takeover "$(awk -v b="$(jg "$sa" '.lag_bytes // 0')" 'BEGIN { printf "%.1f", b / 1048576 }')" MiB
+    fig "$bl" "$rep" "${prefix}lag_before_takeover" "$(awk -v b="$(jg "$sa" '.lag_bytes // 0')" 'BEGIN { printf "%.1f", b / 1048576 }')" MiB
 
     # 1. ready
     t0=$(now)
     if ! r=$(python3 -c "$PY_READY" "$BIN" "$CFG_B" "$MNT_B/probe" 60); then
         fail "$bl" "$rep" ready "$(jg "$r" .error)"
         teardown_pair "$bl" "$rep"
-        return
+        return 1
     fi
     echo "$r" >"$LOGP.takeover.json"
-    fig "$bl" "$rep" ready "$(jg "$r" '.ready_ms * 1000 | round / 1000')" ms
-    fig "$bl" "$rep" pairfs_seconds "$(jg "$r" '.takeover.seconds * 1e6 | round / 1000')" ms
-    fig "$bl" "$rep" takeover_cmd "$(jg "$r" '.cmd_ms * 1000 | round / 1000')" ms
-    fig "$bl" "$rep" backlog_at_takeover "$(jg "$r" '.takeover.backlog_bytes / 1048576 * 10 | round / 10')" MiB
+    fig "$bl" "$rep" "${prefix}ready" "$(jg "$r" '.ready_ms * 1000 | round / 1000')" ms
+    fig "$bl" "$rep" "${prefix}pairfs_seconds" "$(jg "$r" '.takeover.seconds * 1e6 | round / 1000')" ms
+    fig "$bl" "$rep" "${prefix}takeover_cmd" "$(jg "$r" '.cmd_ms * 1000 | round / 1000')" ms
+    fig "$bl" "$rep" "${prefix}backlog_at_takeover" "$(jg "$r" '.takeover.backlog_bytes / 1048576 * 10 | round / 10')" MiB
+    READY_JSON=$r
+    READY_T0=$t0
+}
+
+run_case() {
+    local bl=$1 rep=$2 t0 s r
+    takeover_with_backlog "$bl" "$rep" "" || return
+    r=$READY_JSON
+    t0=$READY_T0
     if ((bl > 0)); then
         python3 -c "$PY_SAMPLER" "$BIN" "$CFG_A" "$CFG_B" "$SAMPLE_INTERVAL" "$LOGP.samples.jsonl" &
         HELPER_PID=$!
@@ -585,6 +606,65 @@ run_case() {
         verify_files "$bl" "$rep"
     fi
     teardown_pair "$bl" "$rep"
+}
+
+# 5. Failback while the drain runs (PROTOCOL.md §7.6): a fresh pair and backlog, the
+# takeover on b as in part 1, b writes FAILBACK_MIB (so that a drains some of b's entries
+# back), then — b's status still `draining` — `pairfs takeover` on a, timed to the first
+# write + fsync on a's mount (fb_failback_ready), b's phase checked `frozen, …` right
+# after; then the chain to its end (a primary, b its secondary: fb_settle) and b's file
+# checked on a's mount.
+run_failback_case() {
+    local bl=$1 rep=$2 t0 r ph
+    takeover_with_backlog "$bl" "$rep" fb_ || return
+    if ! dd if="$SRC" of="$MNT_B/fb-b.bin" bs=1M count="$FAILBACK_MIB" conv=fsync status=none 2>"$LOGP.fbwrite.err"; then
+        fail "$bl" "$rep" fb_failback_ready "writing on b failed: $(tail -n 2 "$LOGP.fbwrite.err" | tr '\n' ' ')"
+        teardown_pair "$bl" "$rep"
+        return
+    fi
+    ph=$(phase_b)
+    if [[ $ph != draining ]]; then
+        fail "$bl" "$rep" fb_failback_ready "b's phase was '$ph' before the failback, not draining (a larger backlog or a slower RATE)"
+        teardown_pair "$bl" "$rep"
+        return
+    fi
+    t0=$(now)
+    if ! r=$(python3 -c "$PY_READY" "$BIN" "$CFG_A" "$MNT_A/probe-back" 60); then
+        fail "$bl" "$rep" fb_failback_ready "$(jg "$r" .error)"
+        teardown_pair "$bl" "$rep"
+        return
+    fi
+    echo "$r" >"$LOGP.failback.json"
+    ph=$(phase_b)
+    if [[ $ph != frozen* ]]; then
+        fail "$bl" "$rep" fb_failback_ready "b's phase right after the failback was '$ph', not frozen"
+    else
+        fig "$bl" "$rep" fb_failback_ready "$(jg "$r" '.ready_ms * 1000 | round / 1000')" ms
+        fig "$bl" "$rep" fb_failback_pairfs_seconds "$(jg "$r" '.takeover.seconds * 1e6 | round / 1000')" ms
+        fig "$bl" "$rep" fb_failback_backlog "$(jg "$r" '.takeover.backlog_bytes / 1048576 * 10 | round / 10')" MiB
+    fi
+    if ! wait_until "$SETTLE_TIMEOUT" "the failback to complete" settled_back; then
+        fail "$bl" "$rep" fb_settle "the failback did not complete in $SETTLE_TIMEOUT s: a $(status "$CFG_A") b $(status "$CFG_B")"
+        teardown_pair "$bl" "$rep"
+        return
+    fi
+    fig "$bl" "$rep" fb_settle "$(secs "$t0" "$(now)" | awk '{ printf "%.2f", $1 }')" s
+    if [[ $(src_md5 "$FAILBACK_MIB" 0) != $(md5sum "$MNT_A/fb-b.bin" | cut -d' ' -f1) ]]; then
+        fail "$bl" "$rep" fb_verify "fb-b.bin, written on b during the drain, differs on a after the failback"
+    else
+        log "    b's file equals its source on a"
+    fi
+    teardown_pair "$bl" "$rep"
+}
+
+settled_back() {   # the failback is complete: a primary, b its secondary, in sync
+    local sa sb
+    sa=$(status "$CFG_A")
+    sb=$(status "$CFG_B")
+    [[ $(jg "$sa" .role) == primary && $(jg "$sb" .role) == secondary ]] || return 1
+    [[ $(jg "$sa" .takeover) == "" && $(jg "$sb" .takeover) == "" ]] || return 1
+    [[ $(jg "$sa" .state) == pair && $(jg "$sb" .state) == pair && $(jg "$sa" .connected) == true ]] || return 1
+    (($(jg "$sb" '.replica_received_seq // 0') >= $(jg "$sa" '.durable_seq // 1')))
 }
 
 stop_sampler() {
@@ -785,6 +865,9 @@ goals.append(["3  read peer / local", (lambda v: num(v) if v is not None else "-
                   (lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("read_peer", "read_local"))])
 goal("4  write during drain / after merge", ratio(med(measure, "write_drain"), med(measure, "write_after")), ">=", 0.8,
      "drain %s MiB/s, after %s MiB/s" % tuple((lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("write_drain", "write_after")))
+goals.append(["5  failback mid-drain: ready on a (ms)", (lambda v: num(v) if v is not None else "-")(med(measure, "fb_failback_ready")),
+              "(no goal)", "-", "pairfs's own %s ms; the chain's end after %s s" % tuple(
+                  (lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("fb_failback_pairfs_seconds", "fb_settle"))])
 p("")
 p("== goals (ratios: of the medians) ==")
 gh = ["goal", "value", "target", "met?", "note"]
@@ -861,7 +944,7 @@ main() {
     ((MEASURE_BACKLOG > 0)) || die "parts 2-4 need a backlog > 0"
     local cmd k
     cmd=
-    for k in REPS BACKLOGS MEASURE_BACKLOG RATE TBF_BURST TBF_LATENCY MODE CONGESTION WRITE_MIB PEER_MIB READ_SAMPLES SEED \
+    for k in REPS BACKLOGS MEASURE_BACKLOG FAILBACK FAILBACK_MIB RATE TBF_BURST TBF_LATENCY MODE CONGESTION WRITE_MIB PEER_MIB READ_SAMPLES SEED \
         VOLUME_SIZE JOURNAL_SIZE JOURNAL_LIMIT LU_SIZE BENCH_DIR PAIRFS; do
         cmd="$cmd$k=$(printf '%q' "${!k}") "
     done
@@ -895,6 +978,11 @@ main() {
             run_case "$b" "$rep"
         done
     done
+    if ((FAILBACK)); then
+        for ((rep = 1; rep <= REPS; rep++)); do
+            run_failback_case "$MEASURE_BACKLOG" "$rep"
+        done
+    fi
     echo
     summarize
     echo
