@@ -1175,6 +1175,17 @@ impl Volume {
         self.opts.max_entry_wire_bytes = bytes.max(self.bs as u64);
     }
 
+    /// Journal bytes of the retained entries after `seq` (a taker's merged entries, kept
+    /// for the stream back, after its drain point).
+    pub fn retained_bytes_after(&self, seq: Seq) -> u64 {
+        self.journal
+            .retained()
+            .iter()
+            .filter(|e| e.seq > seq)
+            .map(|e| e.total_len)
+            .sum()
+    }
+
     /// The blocks written by retained entries up to `seq` (to mark them in the bitmap).
     pub fn retained_blocks(&self, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
         self.retained_blocks_after(Seq::NONE, seq)

@@ -754,18 +754,20 @@ impl PrimaryState {
         // and not durable here is held to half the peer's journal (four times its largest
         // entry), and past that this node syncs first.
         let peer_room = 2 * limit;
+        // (The retained entries are in seq order: both ranges are found by bisection, so
+        // a pump costs what it sends, not the whole backlog.)
+        let unsent = self.retained.partition_point(|e| e.seq <= self.sent_upto);
+        let not_durable = self
+            .retained
+            .partition_point(|e| e.seq <= self.local_durable);
         let mut unsynced: u64 = self
             .retained
-            .iter()
-            .filter(|e| e.seq > self.local_durable && e.seq <= self.sent_upto)
+            .range(not_durable.min(unsent)..unsent)
             .map(|e| e.journal_bytes)
             .sum();
         let mut needs_sync = false;
         let mut to_send = Vec::new();
-        for e in &self.retained {
-            if e.seq <= self.sent_upto {
-                continue;
-            }
+        for e in self.retained.range(unsent..) {
             if e.seq > self.local_durable {
                 if unsynced > 0 && unsynced + e.journal_bytes > peer_room {
                     needs_sync = true;

@@ -197,7 +197,7 @@ pub enum MergeStep {
     /// The journal has no room for the next LU entry, even after a checkpoint: the
     /// merged entries it retains (this node's own, kept for the stream back to the old
     /// primary) fill it. They must leave it — their blocks into the difference bitmap,
-    /// `Replicator::handle_merge_full` — before the merge goes on.
+    /// `Replicator::handle_merge_progress` — before the merge goes on.
     NoRoom,
 }
 
@@ -549,17 +549,25 @@ impl Volume {
         if t.remote.last() > last {
             return Ok(MergeStep::Draining);
         }
-        let next = t.lu.oldest_after(last).map(|e| (e.seq, e.prev_seq));
-        if let Some((seq, prev)) = next {
+        let next =
+            t.lu.oldest_after(last)
+                .map(|e| (e.seq, e.prev_seq, e.descriptors.len()));
+        if let Some((seq, prev, n_blocks)) = next {
             if prev != last {
                 return Err(VolumeError::InvalidParams(format!(
                     "LU entry {seq} follows {prev}, but the journal's newest seq is {last}"
                 )));
             }
-            let w = t.lu.wire_entry(seq)?;
-            if !self.journal_room_for(w.blocks.len())? {
+            // (Room first: a merge waiting for it reads nothing meanwhile.)
+            if !self.journal_room_for(n_blocks)? {
                 return Ok(MergeStep::NoRoom);
             }
+            let w = self
+                .taking
+                .as_ref()
+                .map(|t| t.lu.wire_entry(seq))
+                .transpose()?
+                .ok_or_else(|| VolumeError::InvalidParams("not taking over".into()))?;
             self.apply_replicated(&w)?;
             self.release_merged()?;
             return Ok(MergeStep::Merged(seq));

@@ -288,15 +288,9 @@ impl Driver {
         let Some(drain) = self.repl.takeover().and_then(|t| t.drain_point()) else {
             return;
         };
-        let (newest, merged) = self.host.vol(|v| {
-            let merged: u64 = v
-                .retained_entries()
-                .iter()
-                .filter(|e| e.seq > drain)
-                .map(|e| e.journal_bytes)
-                .sum();
-            (v.journal().last_seq(), merged)
-        });
+        let (newest, merged) = self
+            .host
+            .vol(|v| (v.journal().last_seq(), v.retained_bytes_after(drain)));
         self.repl.handle_merge_progress(newest, merged, no_room);
     }
 
