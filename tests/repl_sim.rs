@@ -33,6 +33,7 @@ use pairfs::repl::{
 };
 use pairfs::types::crc32c;
 use pairfs::{Seq, VolumeId};
+use sim::rng::Rng;
 use sim::store::{BLOCKS, Crash, META, ModelStore, Store, VolumeStore, Write, value_of};
 
 /// How often each interesting path ran, over all seeds (so the test cannot pass without
@@ -88,22 +89,6 @@ impl Coverage {
         for (a, b) in fields {
             *a += b;
         }
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
     }
 }
 

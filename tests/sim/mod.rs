@@ -1,3 +1,4 @@
-//! Parts of the replication simulation (`tests/repl_sim.rs`).
+//! Parts of the simulations (`tests/repl_sim.rs`, `tests/takeover_sim/`).
 
+pub(crate) mod rng;
 pub(crate) mod store;

@@ -73,6 +73,7 @@ use pairfs::repl::{
 use pairfs::takeover::{EntryHeader, LuArea, RemoteIndex};
 use pairfs::volume::{MergeStep, PeerFetch};
 use pairfs::{BlockNo, Seq, Transaction, Volume, VolumeError, VolumeId, VolumeOptions};
+use sim::rng::Rng;
 use sim::store::{block_of, value_of};
 
 pub(crate) const BS: usize = 4096;

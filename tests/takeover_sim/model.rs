@@ -1,4 +1,4 @@
-//! The model: coverage counters, the seeded generator, the lineage.
+//! The model: coverage counters and the lineage.
 
 use super::*;
 
@@ -61,22 +61,6 @@ impl Coverage {
         for (a, b) in pairs {
             *a += b;
         }
-    }
-}
-
-pub(crate) struct Rng(pub(crate) u64);
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub(crate) fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
     }
 }
 

@@ -273,13 +273,7 @@ impl Sim {
         };
         let (newest, merged) = {
             let v = self.nodes[i].v();
-            let merged: u64 = v
-                .retained_entries()
-                .iter()
-                .filter(|e| e.seq > drain)
-                .map(|e| e.journal_bytes)
-                .sum();
-            (v.journal().last_seq(), merged)
+            (v.journal().last_seq(), v.retained_bytes_after(drain))
         };
         self.nodes[i]
             .repl
