@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use pairfs::repl::{DEFAULT_MAX_LAG, DEFAULT_SYNC_TIMEOUT, Mode, Role};
+use pairfs_transport::congestion::DEFAULT_QUEUE_TARGET;
 use pairfs_transport::conn::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE};
 use pairfs_transport::{Congestion, Fingerprint};
 use serde::Deserialize;
@@ -99,6 +100,7 @@ struct RawReplication {
     max_lag: Option<String>,
     sync_timeout: Option<String>,
     congestion: Option<String>,
+    queue_target: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -112,10 +114,12 @@ fn default_role() -> String {
     "primary".into()
 }
 
-/// Parses `250ms`, `1s`, `1.5s`, `2m`.
+/// Parses `500us`, `250ms`, `1s`, `1.5s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+    let (num, mult) = if let Some(n) = t.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = t.strip_suffix("ms") {
         (n, 0.001)
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1.0)
@@ -123,7 +127,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (n, 60.0)
     } else {
         return Err(format!(
-            "invalid duration '{s}': use a unit, e.g. 250ms, 1s, 2m"
+            "invalid duration '{s}': use a unit, e.g. 500us, 250ms, 1s, 2m"
         ));
     };
     let v: f64 = num
@@ -214,13 +218,18 @@ impl NodeConfig {
             None => DEFAULT_SYNC_TIMEOUT,
             Some(s) => field("replication.sync_timeout", parse_duration(&s))?,
         };
+        let queue_target = match raw.replication.queue_target {
+            None => DEFAULT_QUEUE_TARGET,
+            Some(s) => field("replication.queue_target", parse_duration(&s))?,
+        };
         let congestion = field(
             "replication.congestion",
             match raw.replication.congestion.as_deref().map(str::trim) {
-                None | Some("cubic") => Ok(Congestion::Cubic),
+                None | Some("queue-bound") => Ok(Congestion::QueueBound(queue_target)),
+                Some("cubic") => Ok(Congestion::Cubic),
                 Some("bbr") => Ok(Congestion::Bbr),
                 Some(other) => Err(format!(
-                    "'{other}' is not a congestion controller: cubic (the default) or bbr"
+                    "'{other}' is not a congestion controller: queue-bound (the default), cubic or bbr"
                 )),
             },
         )?;
@@ -305,7 +314,26 @@ mod tests {
         let one =
             NodeConfig::parse(&format!("{}[replication]\nmax_lag = \"1s\"\n", base())).unwrap();
         assert_eq!(one.max_lag, Some(Duration::from_secs(1)));
-        assert_eq!(c.congestion, Congestion::Cubic);
+        assert_eq!(c.congestion, Congestion::default());
+        assert_eq!(
+            Congestion::default(),
+            Congestion::QueueBound(Duration::from_micros(500))
+        );
+        let cubic = NodeConfig::parse(&format!(
+            "{}[replication]\ncongestion = \"cubic\"\n",
+            base()
+        ))
+        .unwrap();
+        assert_eq!(cubic.congestion, Congestion::Cubic);
+        let bound = NodeConfig::parse(&format!(
+            "{}[replication]\ncongestion = \"queue-bound\"\nqueue_target = \"2ms\"\n",
+            base()
+        ))
+        .unwrap();
+        assert_eq!(
+            bound.congestion,
+            Congestion::QueueBound(Duration::from_millis(2))
+        );
         let bbr =
             NodeConfig::parse(&format!("{}[replication]\ncongestion = \"bbr\"\n", base())).unwrap();
         assert_eq!(bbr.congestion, Congestion::Bbr);
@@ -344,6 +372,10 @@ mod tests {
                 "field `replication.congestion`",
             ),
             (
+                format!("{}[replication]\nqueue_target = \"short\"\n", base()),
+                "field `replication.queue_target`",
+            ),
+            (
                 format!("{}[timeouts]\nidle = \"soon\"\n", base()),
                 "field `timeouts.idle`",
             ),
@@ -379,6 +411,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
     }

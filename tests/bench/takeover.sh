@@ -83,7 +83,8 @@ RATE=${RATE:-200mbit}                           # tc tbf rate of the link once i
 TBF_BURST=${TBF_BURST:-256kb}                   # tbf burst and latency (the queue: as the tests)
 TBF_LATENCY=${TBF_LATENCY:-200ms}
 MODE=${MODE:-async}                             # [replication] mode of both nodes
-CONGESTION=${CONGESTION:-cubic}                 # [replication] congestion of both nodes (cubic, bbr)
+CONGESTION=${CONGESTION:-queue-bound}           # [replication] congestion of both nodes (queue-bound, cubic, bbr)
+QUEUE_TARGET=${QUEUE_TARGET:-}                   # [replication] queue_target (empty: the default)
 WRITE_MIB=${WRITE_MIB:-64}                      # part 4: file written during and after the drain
 PEER_MIB=${PEER_MIB:-64}                        # part 3: file read from the old primary
 READ_SAMPLES=${READ_SAMPLES:-50}                # part 2: 4 KiB reads (rand.bin: 2 MiB per sample)
@@ -247,7 +248,8 @@ fingerprint = "$7"
 mode = "$MODE"
 max_lag = "off"
 journal_limit = "$JOURNAL_LIMIT"
-congestion = "$CONGESTION"
+${QUEUE_TARGET:+queue_target = '$QUEUE_TARGET'}
+${QUEUE_TARGET:+queue_target = "$QUEUE_TARGET"}
 
 [timeouts]
 keepalive = "500ms"
@@ -944,7 +946,7 @@ main() {
     ((MEASURE_BACKLOG > 0)) || die "parts 2-4 need a backlog > 0"
     local cmd k
     cmd=
-    for k in REPS BACKLOGS MEASURE_BACKLOG FAILBACK FAILBACK_MIB RATE TBF_BURST TBF_LATENCY MODE CONGESTION WRITE_MIB PEER_MIB READ_SAMPLES SEED \
+    for k in REPS BACKLOGS MEASURE_BACKLOG FAILBACK FAILBACK_MIB RATE TBF_BURST TBF_LATENCY MODE CONGESTION QUEUE_TARGET WRITE_MIB PEER_MIB READ_SAMPLES SEED \
         VOLUME_SIZE JOURNAL_SIZE JOURNAL_LIMIT LU_SIZE BENCH_DIR PAIRFS; do
         cmd="$cmd$k=$(printf '%q' "${!k}") "
     done

@@ -71,15 +71,24 @@ pub struct TransportConfig {
 }
 
 /// The congestion controller of a connection.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Congestion {
     /// CUBIC (RFC 8312), quinn's default: on a saturated link it keeps the bottleneck's
     /// queue full, so a small message sent meanwhile waits for the whole queue.
-    #[default]
     Cubic,
     /// BBR (experimental in quinn): paces at the measured bottleneck rate and keeps the
     /// queue short, so that a fetch sent during a drain does not wait behind the drain.
     Bbr,
+    /// CUBIC with its window capped so that the bottleneck's queue holds about this
+    /// much delay ([`crate::congestion`]). The default, with
+    /// [`crate::congestion::DEFAULT_QUEUE_TARGET`].
+    QueueBound(Duration),
+}
+
+impl Default for Congestion {
+    fn default() -> Self {
+        Congestion::QueueBound(crate::congestion::DEFAULT_QUEUE_TARGET)
+    }
 }
 
 impl Default for TransportConfig {
@@ -115,8 +124,18 @@ impl TransportConfig {
         config
             .keep_alive_interval(Some(self.keepalive))
             .max_idle_timeout(Some(idle));
-        if self.congestion == Congestion::Bbr {
-            config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        match self.congestion {
+            Congestion::Cubic => {}
+            Congestion::Bbr => {
+                config.congestion_controller_factory(Arc::new(
+                    quinn::congestion::BbrConfig::default(),
+                ));
+            }
+            Congestion::QueueBound(target) => {
+                config.congestion_controller_factory(Arc::new(
+                    crate::congestion::QueueBoundConfig { target },
+                ));
+            }
         }
         Ok(config)
     }

@@ -41,6 +41,7 @@
 //! ```
 
 pub mod backoff;
+pub mod congestion;
 pub mod conn;
 mod error;
 pub mod frame;
