@@ -994,10 +994,30 @@ impl Fs {
             if self.mode() == mode {
                 return Ok(());
             }
+            let t0 = Instant::now();
             if mode == FsMode::Writable {
                 core.vol.sync()?;
             }
+            let t1 = Instant::now();
+            let mut prefetched = 0;
+            if mode == FsMode::Writable {
+                // Taking over: what is on the peer of the superblock and the bitmaps, in
+                // one request (their places are fixed at mkfs).
+                let sb = &core.sb;
+                let meta = std::iter::once(0)
+                    .chain(sb.bbm_start..sb.bbm_start + sb.bbm_blocks)
+                    .chain(sb.ibm_start..sb.ibm_start + sb.ibm_blocks);
+                prefetched = core.vol.prefetch(meta)?;
+            }
+            let t2 = Instant::now();
             (core.sb, core.alloc) = Self::derived(&core.vol)?;
+            tracing::debug!(
+                sync_ms = (t1 - t0).as_secs_f64() * 1e3,
+                prefetched,
+                prefetch_ms = (t2 - t1).as_secs_f64() * 1e3,
+                derive_ms = t1.elapsed().as_secs_f64() * 1e3,
+                "filesystem mode: where the time went"
+            );
             self.replica
                 .store(mode == FsMode::Replica, Ordering::Release);
         }

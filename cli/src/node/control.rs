@@ -46,7 +46,7 @@ pub async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
                 let repair = rest.trim() == "repair";
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 if shared
-                    .events
+                    .priority
                     .send(Event::Verify {
                         repair,
                         updates: tx,
@@ -68,7 +68,7 @@ pub async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
             let reply = match request {
                 "status" => {
                     let (tx, rx) = oneshot::channel();
-                    if shared.events.send(Event::Status(tx)).is_err() {
+                    if shared.priority.send(Event::Status(tx)).is_err() {
                         return;
                     }
                     match rx.await {
@@ -80,7 +80,7 @@ pub async fn control_socket(dir: PathBuf, shared: Arc<Shared>) {
                     let (tx, rx) = oneshot::channel();
                     let force = request == "takeover force";
                     if shared
-                        .events
+                        .priority
                         .send(Event::Takeover { force, reply: tx })
                         .is_err()
                     {

@@ -31,6 +31,8 @@ const VERIFY_FILE: &str = "verify.json";
 const COPY_BATCH: usize = 256;
 /// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
 /// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
+/// A step of the driver's loop longer than this is logged (debug).
+const SLOW_STEP: Duration = Duration::from_millis(2);
 const REOPEN_FIRST: Duration = Duration::from_millis(500);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 
@@ -131,7 +133,11 @@ impl Driver {
         self.rejoin = Some(tail);
     }
 
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+        mut priority: mpsc::UnboundedReceiver<Event>,
+    ) {
         // Entries that became sendable before the runtime started.
         self.take_entries();
         self.actions().await;
@@ -156,7 +162,14 @@ impl Driver {
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(idle)
                 .min(idle);
-            let recv = tokio::time::timeout(timeout, rx.recv());
+            let next_event = async {
+                tokio::select! {
+                    biased;
+                    Some(ev) = priority.recv() => Some(ev),
+                    ev = rx.recv() => ev,
+                }
+            };
+            let recv = tokio::time::timeout(timeout, next_event);
             let room = self
                 .conn
                 .as_ref()
@@ -175,8 +188,13 @@ impl Driver {
             let Some(received) = received else {
                 continue;
             };
+            let step = Instant::now();
+            let mut kind = "timeout";
             let after = match received {
-                Ok(Some(ev)) => self.on_event(ev),
+                Ok(Some(ev)) => {
+                    kind = ev.kind();
+                    self.on_event(ev)
+                }
                 Ok(None) => return,
                 Err(_) => {
                     // (Durability reached by a group commit nobody announced, too.)
@@ -195,6 +213,11 @@ impl Driver {
             self.drive_takeover_request();
             self.drive_force().await;
             self.publish();
+            if step.elapsed() > SLOW_STEP {
+                // What an operator's request or the peer's answer arriving meanwhile waited for.
+                let ms = step.elapsed().as_secs_f64() * 1e3;
+                tracing::debug!(event = kind, ms, "a long driver step");
+            }
             match after {
                 After::Nothing => {}
                 After::Release(permit) => drop(permit),
@@ -408,6 +431,9 @@ impl Driver {
         let Some(c) = self.conn.as_ref() else { return };
         match m.stream() {
             Stream::Control => {
+                if let Message::Frozen { seq, .. } = &m {
+                    tracing::debug!(%seq, "takeover: the freeze point handed to the link");
+                }
                 let _ = c.ctrl.send(m);
             }
             Stream::Replication => {
@@ -570,7 +596,9 @@ impl Driver {
                 }
             }
             Action::Persist(st) => {
+                let t = Instant::now();
                 save_state(&self.cfg.data, &st)?;
+                tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "state persisted");
                 self.shared.set_serving(st.takeover);
             }
             Action::Fenced { base, newest } => {

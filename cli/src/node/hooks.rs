@@ -42,6 +42,12 @@ pub struct Gate {
 /// Shared between the driver, the FUSE threads and the control socket.
 pub struct Shared {
     pub events: mpsc::UnboundedSender<Event>,
+    /// Events the driver takes before those waiting in `events`: the operator's requests
+    /// (status, verify, takeover), the peer's control-stream messages and the connections
+    /// they arrive on. None of them waits behind the replicated entries queued for apply
+    /// (up to two of the largest); the two streams are independent on the wire already
+    /// (docs/PROTOCOL.md §3), so this changes no order the protocol relies on.
+    pub priority: mpsc::UnboundedSender<Event>,
     peer: Mutex<PeerProgress>,
     peer_cv: Condvar,
     gate: Mutex<Gate>,
@@ -63,9 +69,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(events: mpsc::UnboundedSender<Event>, sync_timeout: Duration) -> Shared {
+    pub fn new(
+        events: mpsc::UnboundedSender<Event>,
+        priority: mpsc::UnboundedSender<Event>,
+        sync_timeout: Duration,
+    ) -> Shared {
         Shared {
             events,
+            priority,
             peer: Mutex::new(PeerProgress::default()),
             peer_cv: Condvar::new(),
             gate: Mutex::new(Gate {

@@ -22,9 +22,13 @@ pub const KIND_CONTROL: u8 = 1;
 pub const KIND_REPLICATION: u8 = 2;
 /// Replication messages queued per connection for the sender task before the driver waits.
 const REPL_QUEUE: usize = 32;
-/// Bytes of the peer's messages held at once between the readers and the driver: two of
-/// the largest frames, so that one is handled while the next is read.
+/// Bytes of the peer's replication messages held at once between the reader and the
+/// driver: two of the largest frames, so that one is handled while the next is read.
 const RECEIVE_BUDGET: usize = 2 * MAX_FRAME as usize;
+/// The same for the control stream, a budget of its own so that a control message never
+/// waits for the replication stream's permits (they are released only as entries are
+/// applied): one of the largest frames.
+const CONTROL_BUDGET: usize = MAX_FRAME as usize;
 /// The least a message counts against that budget: bounds how many small (control)
 /// messages can queue.
 const MIN_PERMIT: usize = 4096;
@@ -119,6 +123,7 @@ async fn run_connection(
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel::<Message>();
     let (repl_tx, mut repl_rx) = mpsc::channel::<Message>(REPL_QUEUE);
     let budget = Arc::new(Semaphore::new(RECEIVE_BUDGET));
+    let control_budget = Arc::new(Semaphore::new(CONTROL_BUDGET));
     let ended = Arc::new(AtomicBool::new(false));
     let end = {
         let (shared, closed, ended, conn) =
@@ -155,7 +160,9 @@ async fn run_connection(
     if let Some(client) = shared.fetch_client.get() {
         client.set_connection(Some(conn.clone()));
     }
-    let _ = shared.events.send(Event::Connected(ConnHandle {
+    // On the priority queue, as the control stream's messages are: the driver knows the
+    // connection before any of them.
+    let _ = shared.priority.send(Event::Connected(ConnHandle {
         id,
         conn: conn.clone(),
         ctrl: ctrl_tx,
@@ -173,9 +180,10 @@ async fn run_connection(
         });
     }
     {
-        let (end, shared, budget) = (end.clone(), shared.clone(), budget.clone());
+        let (end, shared) = (end.clone(), shared.clone());
         tokio::spawn(async move {
-            let why = read_messages(id, crecv, &shared, &budget, None).await;
+            let to = shared.priority.clone();
+            let why = read_messages(id, crecv, &shared, &to, &control_budget, None).await;
             end(format!("control stream: {why}"));
         });
     }
@@ -207,7 +215,8 @@ async fn run_connection(
                 Ok(r) => r,
                 Err(e) => return end(format!("replication stream: {e}")),
             };
-            let why = read_messages(id, r, &shared, &budget, Some(&conn2)).await;
+            let to = shared.events.clone();
+            let why = read_messages(id, r, &shared, &to, &budget, Some(&conn2)).await;
             end(format!("replication stream: {why}"));
         });
     }
@@ -221,13 +230,14 @@ async fn run_connection(
     closed
 }
 
-/// Reads the messages of one stream into the driver's queue, each once it holds its share
-/// of `budget`; returns why the stream ended. `stats`: the connection whose received bytes
-/// to publish.
+/// Reads the messages of one stream into the driver's queue `to`, each once it holds its
+/// share of `budget`; returns why the stream ended. `stats`: the connection whose received
+/// bytes to publish.
 async fn read_messages(
     id: u64,
     mut r: FrameReceiver,
     shared: &Shared,
+    to: &mpsc::UnboundedSender<Event>,
     budget: &Arc<Semaphore>,
     stats: Option<&Connection>,
 ) -> String {
@@ -242,7 +252,11 @@ async fn read_messages(
             Err(e) => return format!("bad frame: {e}"),
         };
         drop(payload);
-        let share = (header.len as usize).clamp(MIN_PERMIT, RECEIVE_BUDGET);
+        if let Message::Frozen { seq, .. } = &message {
+            tracing::debug!(%seq, "takeover: the freeze point received");
+        }
+        // (A frame is at most MAX_FRAME long: no share exceeds either budget.)
+        let share = (header.len as usize).clamp(MIN_PERMIT, MAX_FRAME as usize);
         let Ok(permit) = budget.clone().acquire_many_owned(share as u32).await else {
             return "receive budget closed".into();
         };
@@ -252,7 +266,7 @@ async fn read_messages(
                 .store(c.stats().bytes_received, Ordering::Relaxed);
         }
         let received = Received { message, permit };
-        if shared.events.send(Event::Message(id, received)).is_err() {
+        if to.send(Event::Message(id, received)).is_err() {
             return "the node stopped".into();
         }
     }

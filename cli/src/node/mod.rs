@@ -351,6 +351,26 @@ pub struct TakeoverReport {
     pub forced: Option<force::LossReport>,
 }
 
+impl Event {
+    /// A name for the logs.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Event::Message(_, r) => match &r.message {
+                pairfs::repl::Message::Entry { .. } => "entry",
+                pairfs::repl::Message::Headers { .. } => "headers",
+                pairfs::repl::Message::Frozen { .. } => "frozen",
+                _ => "message",
+            },
+            Event::Connected(_) => "connected",
+            Event::Entries => "entries",
+            Event::Flush(_) => "flush",
+            Event::Status(_) => "status",
+            Event::Takeover { .. } => "takeover",
+            _ => "other",
+        }
+    }
+}
+
 /// What the driver hears about.
 pub enum Event {
     Connected(link::ConnHandle),
@@ -449,7 +469,8 @@ pub fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<Nod
         .build()
         .context("starting the node runtime")?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared::new(tx, cfg.sync_timeout));
+    let (prio_tx, prio_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::new(tx, prio_tx, cfg.sync_timeout));
     let (block_size, blocks, volume, retained, durable, unclean, capacity, max_entry) =
         host.vol(|v| {
             (
@@ -566,7 +587,7 @@ pub fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<Nod
         );
         driver.rejoining(tail);
     }
-    rt.spawn(driver.run(rx));
+    rt.spawn(driver.run(rx, prio_rx));
     rt.spawn(control::control_socket(cfg.data.clone(), shared.clone()));
     drop(_guard);
     Ok(NodeHandle {
