@@ -248,8 +248,8 @@ fingerprint = "$7"
 mode = "$MODE"
 max_lag = "off"
 journal_limit = "$JOURNAL_LIMIT"
+congestion = "$CONGESTION"
 ${QUEUE_TARGET:+queue_target = '$QUEUE_TARGET'}
-${QUEUE_TARGET:+queue_target = "$QUEUE_TARGET"}
 
 [timeouts]
 keepalive = "500ms"
