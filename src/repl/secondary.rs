@@ -271,7 +271,7 @@ impl SecondaryState {
             ));
             return;
         }
-        let index = self.remote.clone();
+        let index = self.remote.hand_over();
         ctx.persisted.epoch = epoch;
         ctx.persisted.takeover = Some(Takeover::Taker { freeze });
         self.taking = Some(freeze);

@@ -526,6 +526,29 @@ impl FrameSender {
         Ok(())
     }
 
+    /// [`FrameSender::send`], with the encoding (bincode and CRC-32C: milliseconds for a
+    /// 32 MiB entry) on a blocking thread, so that it holds none of the runtime's workers
+    /// (which the other tasks of the node, its driver included, are waiting for).
+    pub async fn send_off_runtime<M: Serialize + Send + 'static>(
+        &mut self,
+        kind: u8,
+        msg: M,
+    ) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let max_frame = self.max_frame;
+        let (buf, encoded) = tokio::task::spawn_blocking(move || {
+            let r = frame::encode_into(kind, &msg, max_frame, &mut buf);
+            (buf, r)
+        })
+        .await
+        .map_err(|e| TransportError::Blocking(format!("encoding a frame: {e}")))?;
+        self.buf = buf;
+        encoded?;
+        self.send.write_all(&self.buf).await?;
+        tracing::trace!(parent: &self.span, stream = %self.send.id(), bytes = self.buf.len(), "frame sent");
+        Ok(())
+    }
+
     /// Writes a frame already made by [`frame::encode`] (to encode off the async path,
     /// or once for several streams). The peer refuses anything that is not a frame.
     pub async fn send_encoded(&mut self, frame_bytes: &[u8]) -> Result<()> {

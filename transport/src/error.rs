@@ -147,6 +147,11 @@ pub enum TransportError {
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
 
+    /// Encoding or decoding a frame on a blocking thread did not complete (the runtime is
+    /// shutting down).
+    #[error("{0}")]
+    Blocking(String),
+
     /// The connection has no peer certificate; cannot happen after a mutual TLS handshake.
     #[error("the peer presented no certificate")]
     NoPeerCertificate,

@@ -32,6 +32,10 @@ const CONTROL_BUDGET: usize = MAX_FRAME as usize;
 /// The least a message counts against that budget: bounds how many small (control)
 /// messages can queue.
 const MIN_PERMIT: usize = 4096;
+/// Frames larger than this are encoded and decoded on a blocking thread: a 32 MiB entry's
+/// bincode and CRC take milliseconds, during which a runtime worker would run nothing else
+/// (the driver, the other stream's reader).
+const OFF_RUNTIME: usize = 1 << 20;
 /// A connection that lasted this long resets the dialler's backoff: one that ends sooner
 /// (the peer refused it: diverged, another volume) is redialled ever more slowly, up to
 /// the backoff's maximum, instead of every 100 ms.
@@ -199,7 +203,12 @@ async fn run_connection(
                     }
                 }
                 let Some(s) = sender.as_mut() else { return };
-                if let Err(e) = s.send(KIND_REPLICATION, &m).await {
+                let sent = if m.data_bytes() as usize > OFF_RUNTIME {
+                    s.send_off_runtime(KIND_REPLICATION, m).await
+                } else {
+                    s.send(KIND_REPLICATION, &m).await
+                };
+                if let Err(e) = sent {
                     return end(format!("sending: {e}"));
                 }
                 shared
@@ -247,11 +256,24 @@ async fn read_messages(
             Ok(None) => return "closed by the peer".into(),
             Err(e) => return e.to_string(),
         };
-        let message: Message = match frame::decode_payload(&header, &payload) {
+        let decoded = if header.len as usize > OFF_RUNTIME {
+            match tokio::task::spawn_blocking(move || {
+                frame::decode_payload::<Message>(&header, &payload)
+            })
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => return format!("decoding a frame: {e}"),
+            }
+        } else {
+            let d = frame::decode_payload(&header, &payload);
+            drop(payload);
+            d
+        };
+        let message: Message = match decoded {
             Ok(m) => m,
             Err(e) => return format!("bad frame: {e}"),
         };
-        drop(payload);
         if let Message::Frozen { seq, .. } = &message {
             tracing::debug!(%seq, "takeover: the freeze point received");
         }
