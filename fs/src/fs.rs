@@ -1003,10 +1003,7 @@ impl Fs {
             if mode == FsMode::Writable {
                 // Taking over: what is on the peer of the superblock and the bitmaps, in
                 // one request (their places are fixed at mkfs).
-                let sb = &core.sb;
-                let meta = std::iter::once(0)
-                    .chain(sb.bbm_start..sb.bbm_start + sb.bbm_blocks)
-                    .chain(sb.ibm_start..sb.ibm_start + sb.ibm_blocks);
+                let meta = Self::allocation_blocks(&core.sb);
                 prefetched = core.vol.prefetch(meta)?;
             }
             let t2 = Instant::now();
@@ -1966,6 +1963,15 @@ impl Fs {
     /// Runs `f` with the volume (status, statistics).
     pub fn with_volume<T>(&self, f: impl FnOnce(&Volume) -> T) -> T {
         f(&self.read_core().vol)
+    }
+
+    /// The blocks a filesystem turning writable reads first: the superblock and the
+    /// allocation bitmaps (their places are fixed at mkfs).
+    pub fn allocation_blocks(sb: &Superblock) -> Vec<pairfs::BlockNo> {
+        std::iter::once(0)
+            .chain(sb.bbm_start..sb.bbm_start + sb.bbm_blocks)
+            .chain(sb.ibm_start..sb.ibm_start + sb.ibm_blocks)
+            .collect()
     }
 
     /// The superblock.

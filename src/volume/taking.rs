@@ -440,12 +440,24 @@ impl Volume {
         };
         for chunk in asked.chunks(FETCH_BLOCKS) {
             let data = fetch_from_peer(t, chunk, self.bs)?;
-            let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-            for (&(b, seq), d) in chunk.iter().zip(data) {
+            self.keep_prefetched(chunk.iter().zip(data).map(|(&(b, s), d)| (b, s, d)));
+        }
+        Ok(asked.len())
+    }
+
+    /// Keeps blocks fetched from the peer outside the volume (before the takeover began),
+    /// those of the right size whose newest version is still on the peer with that seq:
+    /// the reads that follow find them as they find [`Volume::prefetch`]'s.
+    pub fn keep_prefetched(&self, blocks: impl IntoIterator<Item = (BlockNo, Seq, Vec<u8>)>) {
+        let Some(t) = self.taking.as_ref() else {
+            return;
+        };
+        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        for (b, seq, d) in blocks {
+            if d.len() == self.bs && t.where_is(b) == Some(Location::Peer { seq }) {
                 pre.put(b, seq, Arc::from(d));
             }
         }
-        Ok(asked.len())
     }
 
     /// A transaction while taking over: into the LU's open entry (group commit: one LU

@@ -89,6 +89,7 @@ PAIRFS_JOURNAL=${PAIRFS_JOURNAL:-2G}                 # journal of every node (1 
 JOURNAL_LIMIT=${JOURNAL_LIMIT:-}                     # [replication] journal_limit (empty: the default,
                                                      # half the journal)
 CONGESTION=${CONGESTION:-}                           # [replication] congestion (empty: the default)
+QUEUE_TARGET=${QUEUE_TARGET:-}                       # [replication] queue_target (empty: the default)
 PAIRFS_INIT_ARGS=${PAIRFS_INIT_ARGS:-}               # e.g. "--block-size 16384"
 PAIRFS_MOUNT_ARGS=${PAIRFS_MOUNT_ARGS:-}             # e.g. "--threads 8 --noatime" (both nodes)
 PORT_A=${PORT_A:-17301}                              # QUIC ports of the pair on 127.0.0.1
@@ -399,6 +400,7 @@ EOF
     if [[ -n $JOURNAL_LIMIT ]]; then printf 'journal_limit = "%s"\n' "$JOURNAL_LIMIT" >>"$9"; fi
     if [[ -n $MAX_LAG ]]; then printf 'max_lag = "%s"\n' "$MAX_LAG" >>"$9"; fi
     if [[ -n $CONGESTION ]]; then printf 'congestion = "%s"\n' "$CONGESTION" >>"$9"; fi
+    if [[ -n $QUEUE_TARGET ]]; then printf 'queue_target = "%s"\n' "$QUEUE_TARGET" >>"$9"; fi
 }
 
 # setup_pair MODE: two fresh nodes (a primary with an empty filesystem, b a blank
@@ -892,8 +894,8 @@ run_one() {
 print_facts() {
     {
         machine_facts "$BIN"
-        printf 'pairfs_nodes\tvolume %s, journal %s, journal_limit %s, congestion %s, init args: %s, mount args: %s, ports %s/%s\n' \
-            "$PAIRFS_SIZE" "$PAIRFS_JOURNAL" "$JOURNAL_LIMIT" "${CONGESTION:-(default)}" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}" "$PORT_A" "$PORT_B"
+        printf 'pairfs_nodes\tvolume %s, journal %s, journal_limit %s, congestion %s %s, init args: %s, mount args: %s, ports %s/%s\n' \
+            "$PAIRFS_SIZE" "$PAIRFS_JOURNAL" "$JOURNAL_LIMIT" "${CONGESTION:-(default)}" "${QUEUE_TARGET:-(default target)}" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}" "$PORT_A" "$PORT_B"
         if [[ $GLUSTER_OK == 1 ]]; then
             printf 'gluster\t%s; replica 2, bricks %s:%s/b{1,2}, FUSE client\n' \
                 "$(gluster --version 2>/dev/null | head -n 1)" "$GLUSTER_HOST" "$GL_BRICKS"

@@ -9,8 +9,9 @@ use pairfs::journal::JournalExpect;
 use pairfs::repl::{Message, Role, Takeover};
 use pairfs::takeover::{EntryHeader, RemoteIndex};
 use pairfs::volume::MergeStep;
-use pairfs::{Seq, VolumeError};
-use pairfs_fs::FsMode;
+use pairfs::volume::PeerFetch;
+use pairfs::{BlockNo, Seq, VolumeError};
+use pairfs_fs::{Fs, FsMode};
 use tokio::sync::oneshot;
 use tokio::task::block_in_place;
 
@@ -237,13 +238,37 @@ impl Driver {
             entries: index.entries().cloned().collect(),
             bitmap: None,
         };
-        table.save(&self.cfg.data)?;
-        let t1 = Instant::now();
-        save_state(&self.cfg.data, state)?;
+        // The allocation blocks the filesystem reads as it turns writable, fetched while
+        // the table and the state are made durable (nothing orders the two; a failed
+        // fetch is retried there).
+        let wanted: Vec<(BlockNo, Seq)> = self
+            .host
+            .fs()
+            .map(|fs| Fs::allocation_blocks(&fs.superblock()))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|b| index.newest(b).map(|s| (b, s)))
+            .collect();
+        let fetch = self.fetch.clone();
+        let (saved, fetched) = std::thread::scope(|scope| {
+            let fetching = (!wanted.is_empty()).then(|| scope.spawn(|| fetch.fetch(&wanted)));
+            let saved = table
+                .save(&self.cfg.data)
+                .map(|()| Instant::now())
+                .and_then(|t1| save_state(&self.cfg.data, state).map(|()| t1));
+            let fetched = fetching.and_then(|h| h.join().ok()).and_then(Result::ok);
+            (saved, fetched)
+        });
+        let t1 = saved?;
         let t2 = Instant::now();
         self.shared.set_serving(state.takeover);
-        let (data, fetch) = (&self.cfg.data, self.fetch.clone());
-        start_volume_takeover(data, &self.host, fetch, table, Some(index), true)?;
+        let ahead: Vec<(BlockNo, Seq, Vec<u8>)> = wanted
+            .iter()
+            .zip(fetched.unwrap_or_default())
+            .map(|(&(b, s), d)| (b, s, d))
+            .collect();
+        let data = &self.cfg.data;
+        start_volume_takeover(data, &self.host, fetch, table, Some(index), ahead, true)?;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         tracing::info!(
             answer_after_ms = asked_ms,
@@ -365,6 +390,7 @@ pub(super) fn start_volume_takeover(
     fetch: std::sync::Arc<super::fetch::FetchClient>,
     table: TakeoverTable,
     index: Option<RemoteIndex>,
+    ahead: Vec<(BlockNo, Seq, Vec<u8>)>,
     writable: bool,
 ) -> Result<()> {
     let (applied, blocks, bs, id) = host.vol(|v| {
@@ -399,8 +425,12 @@ pub(super) fn start_volume_takeover(
     let lu = pairfs::datadir::open_lu(data, id, expect, Seq::NONE)
         .context("opening the local-unreflected area")?;
     let t1 = Instant::now();
-    host.vol_mut(|v| v.begin_takeover(table.freeze, lu, remote, fetch))
-        .context("starting the takeover")?;
+    host.vol_mut(|v| {
+        v.begin_takeover(table.freeze, lu, remote, fetch)?;
+        v.keep_prefetched(ahead);
+        Ok::<_, VolumeError>(())
+    })
+    .context("starting the takeover")?;
     let t2 = Instant::now();
     if let Some(fs) = host.fs().filter(|_| writable) {
         fs.set_mode(FsMode::Writable)
@@ -436,7 +466,7 @@ pub(super) fn resume(
         )
     })?;
     tracing::info!(freeze = %table.freeze, "resuming the takeover");
-    start_volume_takeover(data, host, fetch, table, None, writable)
+    start_volume_takeover(data, host, fetch, table, None, Vec::new(), writable)
 }
 
 /// Whether a node in role change `t` has its volume taking over (a table and a
