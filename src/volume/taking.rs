@@ -1229,4 +1229,25 @@ mod tests {
         let d = devs();
         assert_eq!(open(&d).prefetch(0..BLOCKS).unwrap(), 0);
     }
+
+    #[test]
+    fn blocks_fetched_before_the_takeover_are_kept_only_while_they_are_the_newest() {
+        let (frozen, _db, b) = pair_taking_over(64);
+        let a_block = |blk: u64| frozen.vol.lock().unwrap().read_block(blk).unwrap().to_vec();
+        b.keep_prefetched([
+            (4, Seq(3), a_block(4)),  // Peer{3}: kept
+            (6, Seq(3), a_block(6)),  // Peer{4}, not 3: an older version, dropped
+            (2, Seq(2), a_block(2)),  // local: dropped
+            (7, Seq(5), vec![0; 10]), // the wrong size: dropped
+        ]);
+        assert_eq!(b.read_block(4).unwrap()[0], a_block(4)[0]);
+        assert_eq!(
+            frozen.calls.load(Relaxed),
+            0,
+            "block 4 came from what was kept"
+        );
+        assert_eq!(b.read_block(6).unwrap()[0], a_block(6)[0]);
+        assert_eq!(b.read_block(7).unwrap()[0], a_block(7)[0]);
+        assert_eq!(frozen.calls.load(Relaxed), 2, "6 and 7 were fetched");
+    }
 }
