@@ -995,16 +995,13 @@ impl Fs {
                 return Ok(());
             }
             let t0 = Instant::now();
+            let (mut t1, mut prefetched) = (t0, 0);
             if mode == FsMode::Writable {
                 core.vol.sync()?;
-            }
-            let t1 = Instant::now();
-            let mut prefetched = 0;
-            if mode == FsMode::Writable {
+                t1 = Instant::now();
                 // Taking over: what is on the peer of the superblock and the bitmaps, in
                 // one request (their places are fixed at mkfs).
-                let meta = Self::allocation_blocks(&core.sb);
-                prefetched = core.vol.prefetch(meta)?;
+                prefetched = core.vol.prefetch(Self::allocation_blocks(&core.sb))?;
             }
             let t2 = Instant::now();
             (core.sb, core.alloc) = Self::derived(&core.vol)?;
@@ -1012,7 +1009,7 @@ impl Fs {
                 sync_ms = (t1 - t0).as_secs_f64() * 1e3,
                 prefetched,
                 prefetch_ms = (t2 - t1).as_secs_f64() * 1e3,
-                derive_ms = t1.elapsed().as_secs_f64() * 1e3,
+                derive_ms = t2.elapsed().as_secs_f64() * 1e3,
                 "filesystem mode: where the time went"
             );
             self.replica

@@ -298,7 +298,6 @@ mod tests {
         bound: Bound,
         rate: f64,
         base: Duration,
-        t0: Instant,
         now: Instant,
         busy_until: Instant,
         in_flight: u64,
@@ -316,7 +315,6 @@ mod tests {
                 bound: Bound::new(target, MTU),
                 rate,
                 base,
-                t0,
                 now: t0,
                 busy_until: t0,
                 in_flight: 0,
@@ -324,6 +322,11 @@ mod tests {
                 delivered: 0,
                 queued_us: Vec::new(),
             }
+        }
+
+        /// 200 Mbit/s, a LAN's round trip, the default target: the takeover benchmark's link.
+        fn lan() -> Path {
+            Path::new(25e6, Duration::from_micros(100), DEFAULT_QUEUE_TARGET)
         }
 
         /// Runs for `d` in steps of 20 µs.
@@ -363,7 +366,7 @@ mod tests {
             }
         }
 
-        /// Bytes per second delivered and the median queueing delay over `f`.
+        /// Bytes per second delivered and the median queueing delay over `d`.
         fn measure(&mut self, d: Duration) -> (f64, Duration) {
             let (bytes, sends) = (self.delivered, self.queued_us.len());
             self.run(d, false);
@@ -377,7 +380,7 @@ mod tests {
     #[test]
     fn the_queue_holds_about_the_target_and_the_link_stays_full() {
         // 200 Mbit/s, a LAN's round trip: the takeover benchmark's link.
-        let mut p = Path::new(25e6, Duration::from_micros(100), Duration::from_micros(500));
+        let mut p = Path::lan();
         p.run(Duration::from_secs(1), false);
         let (rate, queued) = p.measure(Duration::from_secs(1));
         assert!(rate > 0.95 * 25e6, "the link is not kept full: {rate} B/s");
@@ -411,7 +414,7 @@ mod tests {
     fn a_cap_that_does_not_limit_stays_near_what_is_in_flight() {
         // CUBIC's window (here 64 KB after a loss) below the cap: the cap probes to no more
         // than twice the window, so that when CUBIC grows again the queue is still bounded.
-        let mut p = Path::new(25e6, Duration::from_micros(100), Duration::from_micros(500));
+        let mut p = Path::lan();
         let mtu = u64::from(MTU);
         let mut sent_at: VecDeque<Instant> = VecDeque::new();
         for _ in 0..2000 {
@@ -431,7 +434,7 @@ mod tests {
 
     #[test]
     fn periods_with_nothing_to_send_leave_the_cap_alone() {
-        let mut p = Path::new(25e6, Duration::from_micros(100), Duration::from_micros(500));
+        let mut p = Path::lan();
         p.run(Duration::from_secs(1), false);
         let cap = p.bound.cap.expect("measured");
         p.run(Duration::from_secs(1), true);
@@ -440,7 +443,7 @@ mod tests {
 
     #[test]
     fn a_path_that_gets_longer_is_followed() {
-        let mut p = Path::new(25e6, Duration::from_micros(100), Duration::from_micros(500));
+        let mut p = Path::lan();
         p.run(Duration::from_secs(1), false);
         // The route changes: 20 ms round trip. Within the minimum's window (10 s) the old
         // minimum makes the longer round trip look like a queue; after it, the link is full.
@@ -455,10 +458,9 @@ mod tests {
     fn before_any_measurement_the_window_is_the_inner_one() {
         let b = Bound::new(Duration::from_micros(500), MTU);
         assert_eq!(b.window(123_456), 123_456);
-        let mut p = Path::new(25e6, Duration::from_micros(100), Duration::from_micros(500));
+        let mut p = Path::lan();
         p.run(Duration::from_millis(100), false);
         assert!(p.bound.window(INNER) >= FLOOR_DATAGRAMS * u64::from(MTU));
         assert!(p.bound.window(1) == 1, "never above the inner window");
-        let _ = p.t0;
     }
 }

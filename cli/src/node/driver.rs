@@ -29,10 +29,10 @@ const VERIFY_FILE: &str = "verify.json";
 
 /// Blocks per copy message: 256 × 4 KiB = 1 MiB frames, well under the frame limit.
 const COPY_BATCH: usize = 256;
-/// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
-/// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
 /// A step of the driver's loop longer than this is logged (debug).
 const SLOW_STEP: Duration = Duration::from_millis(2);
+/// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
+/// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
 const REOPEN_FIRST: Duration = Duration::from_millis(500);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 
