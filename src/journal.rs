@@ -659,6 +659,15 @@ impl Journal {
         &self.retained
     }
 
+    /// Retained entries with `after < seq <= upto`, oldest first, found by bisection (a
+    /// sync-mode primary asks after every entry, with thousands retained).
+    pub fn retained_between(&self, after: Seq, upto: Seq) -> impl Iterator<Item = &EntryLoc> {
+        let first = self.retained.partition_point(|e| e.seq <= after);
+        self.retained
+            .range(first..)
+            .take_while(move |e| e.seq <= upto)
+    }
+
     /// Bytes of the log in use by retained entries (including wrap waste).
     pub fn used_bytes(&self) -> u64 {
         self.capacity_for_entries() - self.free_bytes()

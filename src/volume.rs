@@ -1153,9 +1153,7 @@ impl Volume {
         }
         let from = std::mem::replace(&mut self.reported, upto);
         self.journal
-            .retained()
-            .iter()
-            .filter(|e| e.seq > from && e.seq <= upto)
+            .retained_between(from, upto)
             .map(|e| self.entry_meta(e))
             .collect()
     }
@@ -1179,9 +1177,7 @@ impl Volume {
     /// for the stream back, after its drain point).
     pub fn retained_bytes_after(&self, seq: Seq) -> u64 {
         self.journal
-            .retained()
-            .iter()
-            .filter(|e| e.seq > seq)
+            .retained_between(seq, Seq(u64::MAX))
             .map(|e| e.total_len)
             .sum()
     }
@@ -1194,11 +1190,7 @@ impl Volume {
     /// [`Volume::retained_blocks`] of the entries after `after` only.
     pub fn retained_blocks_after(&self, after: Seq, seq: Seq) -> Result<Vec<BlockNo>, VolumeError> {
         let mut out = Vec::new();
-        let retained = self.journal.retained().iter();
-        for loc in retained
-            .skip_while(|e| e.seq <= after)
-            .take_while(|e| e.seq <= seq)
-        {
+        for loc in self.journal.retained_between(after, seq) {
             out.extend(self.journal.read_blocks(loc)?);
         }
         Ok(out)

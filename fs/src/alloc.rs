@@ -91,10 +91,8 @@ impl Allocator {
                 .min(map.len());
             let end = start.saturating_add(bits_per_block).min(map.len());
             let data = vol.read_block(b)?;
-            let new = &data.view_bits::<Lsb0>()[..end - start];
-            let dst = &mut map[start..end];
-            *free = (*free + new.count_zeros() as u64).saturating_sub(dst.count_zeros() as u64);
-            dst.clone_from_bitslice(new);
+            let (was, now) = store_bits(map, start..end, &data);
+            *free = (*free + now as u64).saturating_sub(was as u64);
         }
         self.check_metadata_in_use()
     }
@@ -207,6 +205,43 @@ impl Allocator {
     }
 }
 
+/// Overwrites bits `range` of `map` with the first `range.len()` bits of `data` (a bitmap
+/// block's image, least significant bit first) and returns how many of them were free
+/// before and are free now. A word at a time when the range starts on a word, as a
+/// bitmap block's range does (bitvec copies between stores of different widths bit by
+/// bit: for every applied entry, a replica spent ~8 % of its CPU there).
+fn store_bits(
+    map: &mut BitVec<u64, Lsb0>,
+    range: std::ops::Range<usize>,
+    data: &[u8],
+) -> (usize, usize) {
+    let new = &data.view_bits::<Lsb0>()[..range.len()];
+    let was = map[range.clone()].count_zeros();
+    let now = new.count_zeros();
+    if range.start % 64 != 0 {
+        map[range].clone_from_bitslice(new);
+        return (was, now);
+    }
+    let first = range.start / 64;
+    let (full, rest) = (range.len() / 64, range.len() % 64);
+    let word = |i: usize| {
+        let mut a = [0u8; 8];
+        let bytes = &data[i * 8..(i * 8 + 8).min(data.len())];
+        a[..bytes.len()].copy_from_slice(bytes);
+        u64::from_le_bytes(a)
+    };
+    let words = map.as_raw_mut_slice();
+    for i in 0..full {
+        words[first + i] = word(i);
+    }
+    if rest > 0 {
+        let mask = (1u64 << rest) - 1;
+        let w = &mut words[first + full];
+        *w = (*w & !mask) | (word(full) & mask);
+    }
+    (was, now)
+}
+
 /// Sets or clears bits `start..start+len` in a bitmap block image whose first bit is
 /// `first_bit`. Only the part of the range inside this block is touched.
 pub(crate) fn set_bits(img: &mut [u8], first_bit: u64, start: u64, len: u64, value: bool) {
@@ -222,6 +257,28 @@ pub(crate) fn set_bits(img: &mut [u8], first_bit: u64, start: u64, len: u64, val
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_bits_equals_a_bit_by_bit_copy() {
+        let data: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
+        // Ranges on and off a word, whole words and a partial last word.
+        for (len, start, n) in [
+            (1024, 0, 512),
+            (1024, 64, 300),
+            (1024, 128, 1),
+            (700, 3, 200),
+        ] {
+            let mut map = BitVec::<u64, Lsb0>::repeat(true, len);
+            map.set(start + n, false); // a bit past the range: must stay
+            let mut want = map.clone();
+            want[start..start + n].clone_from_bitslice(&data.view_bits::<Lsb0>()[..n]);
+            let (was, now) = store_bits(&mut map, start..start + n, &data);
+            assert_eq!(map, want, "len {len} start {start} n {n}");
+            assert_eq!(was, 0);
+            assert_eq!(now, want[start..start + n].count_zeros());
+            assert!(!map[start + n]);
+        }
+    }
 
     #[test]
     fn set_bits_is_lsb_first_and_clipped() {

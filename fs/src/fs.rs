@@ -1075,6 +1075,24 @@ impl Fs {
         f(&mut self.write_core().vol)
     }
 
+    /// [`Fs::with_volume_mut`] if the lock is free at once; otherwise `f` back, unrun.
+    pub fn try_with_volume_mut<T, F: FnOnce(&mut Volume) -> T>(&self, f: F) -> Result<T, F> {
+        match self.core.try_write() {
+            Ok(mut g) => Ok(f(&mut g.vol)),
+            Err(TryLockError::Poisoned(e)) => Ok(f(&mut e.into_inner().vol)),
+            Err(TryLockError::WouldBlock) => Err(f),
+        }
+    }
+
+    /// [`Fs::with_volume`] if the lock is free at once; otherwise `f` back, unrun.
+    pub fn try_with_volume<T, F: FnOnce(&Volume) -> T>(&self, f: F) -> Result<T, F> {
+        match self.core.try_read() {
+            Ok(g) => Ok(f(&g.vol)),
+            Err(TryLockError::Poisoned(e)) => Ok(f(&e.into_inner().vol)),
+            Err(TryLockError::WouldBlock) => Err(f),
+        }
+    }
+
     /// After replication changed the volume underneath (a secondary): reload the bitmap
     /// blocks among `changed` into the in-memory allocation state.
     pub fn refresh_after_apply(&self, changed: &[pairfs::BlockNo]) -> FsResult<()> {

@@ -11,7 +11,11 @@
 #   2. CPU: each node's CPU seconds per GiB around seqwrite (the daemons' own user +
 #      system time from the write's start until the replica has it all: primary and
 #      secondary separately; for gluster the client + first brick, and the second
-#      brick), and the machine's busy time per GiB;
+#      brick), and the machine's busy time per GiB (steal excluded: the run's facts
+#      say how much of the CPU the hypervisor gave to other guests); and, around
+#      smallfiles, untar and fsync on a pair, each daemon's CPU microseconds and
+#      context switches per journal entry (one entry per operation: what bounds
+#      sync mode's operation rate, whatever the machine's speed);
 #   3. lag: replication lag while writing LAG_MIB (3 GiB) with a plain dd at the
 #      mount's full speed on an async pair whose max_lag is LAG_MAX_LAG (1s: writers
 #      wait while the peer is further behind), sampling `pairfs status --json` of the
@@ -33,6 +37,9 @@
 #   async       primary of a fresh pair, [replication] mode = "async"
 #   sync        primary of a fresh pair, [replication] mode = "sync"
 #   gluster     a fresh replica-2 GlusterFS volume mounted with mount -t glusterfs
+#   async-base, sync-base
+#               as async and sync, with the PAIRFS_BASE build (an A/B of two builds in
+#               one run, interleaved within every rep; not in the default TARGETS)
 #
 # Workloads (WORKLOADS, space-separated; default all):
 #   seqwrite    dd 1 GiB from /dev/zero, conv=fsync (+ CPU per GiB)     MiB/s      all targets
@@ -73,14 +80,16 @@ set -euo pipefail
 # ---------------------------------------------------------------- settings --
 
 PAIRFS=${PAIRFS:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/pairfs}  # the pairfs binary
+PAIRFS_BASE=${PAIRFS_BASE:-}                         # the *-base targets' pairfs binary
 BENCH_DIR=${BENCH_DIR:-/var/tmp/pairfs-repl-bench}   # work dir, on the disk under test
 OUT=${OUT:-/tmp/pairfs-repl-bench}                   # results dir
 REPS=${REPS:-3}                                      # repetitions per workload and target
 FOUNDATION_WORKLOADS="seqwrite seqread smallfiles untar stat fsync"
 ALL_WORKLOADS="$FOUNDATION_WORKLOADS lag catchup"
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
-ALL_TARGETS="standalone async sync gluster"
-TARGETS=${TARGETS:-$ALL_TARGETS}                     # for the foundation workloads
+DEFAULT_TARGETS="standalone async sync gluster"
+ALL_TARGETS="$DEFAULT_TARGETS async-base sync-base"
+TARGETS=${TARGETS:-$DEFAULT_TARGETS}                     # for the foundation workloads
 WL_TIMEOUT=${WL_TIMEOUT:-1800}                       # seconds before a workload counts as hung
 KEEP=${KEEP:-0}                                      # 1: keep BENCH_DIR's contents at exit
 
@@ -125,7 +134,9 @@ PROBLEMS=$OUT/problems-$STAMP.txt
 LOGS=$OUT/logs-$STAMP
 
 # Paths inside BENCH_DIR.
-BIN=$BENCH_DIR/pairfs                 # a copy of PAIRFS: the run is immune to rebuilds meanwhile
+BIN_MAIN=$BENCH_DIR/pairfs            # a copy of PAIRFS: the run is immune to rebuilds meanwhile
+BIN_BASE=$BENCH_DIR/pairfs-base       # a copy of PAIRFS_BASE
+BIN=$BIN_MAIN                         # the binary of the target being measured
 TARBALL=$BENCH_DIR/src.tar
 DATA_A=$BENCH_DIR/a                   # the primary (and the standalone node)
 DATA_B=$BENCH_DIR/b                   # the secondary
@@ -553,16 +564,45 @@ node_pids() {
     esac
 }
 
-# busy_seconds: CPU seconds the whole machine has spent not idle (/proc/stat).
+# busy_seconds: CPU seconds the whole machine has spent not idle (/proc/stat), less the
+# time the hypervisor gave its CPUs to others (steal: not ours, and not idle either).
 busy_seconds() {
-    awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print ($2 + $3 + $4 + $7 + $8 + $9) / hz; exit }' /proc/stat
+    awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print ($2 + $3 + $4 + $7 + $8) / hz; exit }' /proc/stat
 }
+
+# steal_seconds: CPU seconds the hypervisor has taken from this machine (/proc/stat).
+steal_seconds() { awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print $9 / hz; exit }' /proc/stat; }
 
 # cpu_snapshot KIND: "node1 node2 machine" CPU seconds so far (node2 "-" without one).
 cpu_snapshot() {
     local n2=-
     [[ $1 == standalone ]] || n2=$(cpu_seconds $(node_pids "$1" 2))
     echo "$(cpu_seconds $(node_pids "$1" 1)) $n2 $(busy_seconds)"
+}
+
+# ctx_switches PID: context switches (voluntary and not) of all the process's threads.
+ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'; }
+
+# entry_snapshot: "cpu1 cpu2 ctx1 ctx2" of a pair's two daemons so far.
+entry_snapshot() {
+    echo "$(cpu_seconds "$PA_PID") $(cpu_seconds "$PB_PID") $(ctx_switches "$PA_PID") $(ctx_switches "$PB_PID")"
+}
+
+# record_entry_cost BEFORE AFTER ENTRIES: each daemon's CPU microseconds and context
+# switches per journal entry (what one operation costs a sync pair, whatever the
+# machine's speed: the predictors of two real hosts for the one-entry-per-operation
+# workloads).
+record_entry_cost() {
+    local b a names=(us_per_entry_node1 us_per_entry_node2 ctx_per_entry_node1 ctx_per_entry_node2) i v scale
+    read -ra b <<<"$1"
+    read -ra a <<<"$2"
+    ((${3:-0} > 0)) || return 0
+    for i in 0 1 2 3; do
+        scale=1; ((i < 2)) && scale=1000000
+        v=$(awk -v x="${b[i]}" -v y="${a[i]}" -v n="$3" -v k="$scale" 'BEGIN { printf "%.2f", (y - x) * k / n }')
+        record "$wl" "$target" "$rep" "${names[i]}" "$v" "$( ((i < 2)) && echo us || echo n)"
+    done
+    log "    per entry ($3 entries): $(awk -v x="${b[0]}" -v y="${a[0]}" -v n="$3" 'BEGIN { printf "%.0f", (y - x) * 1e6 / n }') us on the primary"
 }
 
 # record_cpu BEFORE AFTER BYTES: CPU seconds per GiB written, of each node and of the
@@ -765,7 +805,7 @@ record() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"; }
 # run_one WORKLOAD TARGET REP: set up, run (with a watchdog), check the replica,
 # tear down, record.
 run_one() {
-    local wl=$1 target=$2 rep=$3 res rc=0 deadline metric unit value kind s0a s0b s1a s1b c0 c1 t written cpu0=
+    local wl=$1 target=$2 rep=$3 res rc=0 deadline metric unit value kind s0a s0b s1a s1b c0 c1 t written cpu0= ent0 ent1
     LOGP=$LOGS/$wl-$target-$rep
     CTX="$wl/$target rep $rep"
     res=$LOGP.out
@@ -773,15 +813,17 @@ run_one() {
 
     MAX_LAG=
     [[ $wl == lag ]] && MAX_LAG=$LAG_MAX_LAG
+    BIN=$BIN_MAIN
+    [[ $target == *-base ]] && BIN=$BIN_BASE
     case $target in
         standalone) kind=standalone ;;
-        async | sync) kind=pair ;;
+        async | sync | async-base | sync-base) kind=pair ;;
         gluster) kind=gluster ;;
     esac
     local ok=0
     case $kind in
         standalone) setup_standalone || ok=1 ;;
-        pair) setup_pair "$target" || ok=1 ;;
+        pair) setup_pair "${target%-base}" || ok=1 ;;
         gluster) setup_gluster || ok=1 ;;
     esac
     if [[ $ok != 0 ]]; then
@@ -799,6 +841,7 @@ run_one() {
         s0a=$(status "$CFG_A")
         s0b=$(status "$CFG_B")
         c0=$(conn_count)
+        ent0=$(entry_snapshot)
     fi
 
     # CPU per GiB: around the sequential write, until the replica has it too.
@@ -855,7 +898,12 @@ run_one() {
         if wait_replica "$t0" 0 "$DRAIN_TIMEOUT" "$LOGP.wait-final.jsonl"; then
             record "$wl" "$target" "$rep" replica_wait "$WAIT_T" s
             if [[ -n $cpu0 ]]; then record_cpu "$cpu0" "$(cpu_snapshot "$kind")" "$(bytes_written "$wl")"; fi
+            ent1=$(entry_snapshot)
             s1a=$(status "$CFG_A")
+            case $wl in
+                smallfiles | untar | fsync)
+                    record_entry_cost "$ent0" "$ent1" $(($(jf "$s1a" committed_seq) - $(jf "$s0a" committed_seq))) ;;
+            esac
             s1b=$(status "$CFG_B")
             c1=$(conn_count)
             written=$(bytes_written "$wl")
@@ -894,6 +942,10 @@ run_one() {
 print_facts() {
     {
         machine_facts "$BIN"
+        if [[ -n $PAIRFS_BASE ]]; then
+            printf 'pairfs_base\t%s (built %s, sha256 %.12s)\n' "$PAIRFS_BASE" \
+                "$(date -r "$PAIRFS_BASE" -Iseconds)" "$(sha256sum "$PAIRFS_BASE" | cut -d' ' -f1)"
+        fi
         printf 'pairfs_nodes\tvolume %s, journal %s, journal_limit %s, congestion %s %s, init args: %s, mount args: %s, ports %s/%s\n' \
             "$PAIRFS_SIZE" "$PAIRFS_JOURNAL" "$JOURNAL_LIMIT" "${CONGESTION:-(default)}" "${QUEUE_TARGET:-(default target)}" "${PAIRFS_INIT_ARGS:-(none)}" "${PAIRFS_MOUNT_ARGS:-(none)}" "$PORT_A" "$PORT_B"
         if [[ $GLUSTER_OK == 1 ]]; then
@@ -933,7 +985,8 @@ for wl, target, rep, metric, value, unit in rows:
     data.setdefault(k, {}).setdefault(target, []).append(float(value))
 keys.sort(key=lambda k: (order.index(k[0]) if k[0] in order else 99))
 
-targets = ["standalone", "async", "sync", "gluster"]
+targets = ["standalone", "async", "sync", "gluster"] + [t for t in ("async-base", "sync-base")
+                                                     if any(r[1] == t for r in rows)]
 def stat(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "values": v} if v else None
 summary = []
@@ -959,16 +1012,21 @@ def med(wl, metric, t):
 
 out = []
 p = out.append
+if "steal" in facts:
+    p("steal: %s" % facts["steal"])
 p("== results: medians of up to %s reps [min-max] (rates: higher is better) ==" % facts.get("reps", "?"))
-head = ["workload", "metric", "unit"] + targets + ["sync/gluster", "async/gluster", "async/standalone", "sync/standalone"]
+base = [t for t in ("async", "sync") if t + "-base" in targets]
+head = (["workload", "metric", "unit"] + targets + ["sync/gluster", "async/gluster", "async/standalone", "sync/standalone"]
+        + ["%s/%s-base" % (t, t) for t in base])
 table = [head]
 for e in summary:
     def r(a, b):
         x, y = e[a], e[b]
         return "%.2f" % (x["median"] / y["median"]) if x and y and y["median"] else "-"
     ratios = [r("sync", "gluster"), r("async", "gluster"), r("async", "standalone"), r("sync", "standalone")]
-    if e["unit"] in ("ratio", "s", "MiB", "n", "s/GiB") or e["metric"].startswith("fsync_p"):
+    if e["unit"] in ("ratio", "s", "MiB", "n", "us", "s/GiB") or e["metric"].startswith("fsync_p"):
         ratios = ["-"] * 4   # not rates: no throughput ratio
+    ratios += [r(t, t + "-base") for t in base]   # the A/B: any metric
     table.append([e["workload"], e["metric"], e["unit"]] + [cell(e, t) for t in targets] + ratios)
 w = [max(len(row[i]) for row in table) for i in range(len(head))]
 for i, row in enumerate(table):
@@ -1052,6 +1110,7 @@ main() {
     done
     for t in $TARGETS; do
         [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
+        [[ $t != *-base || -x $PAIRFS_BASE ]] || die "target $t needs PAIRFS_BASE, a pairfs binary"
     done
     if ! command -v fusermount3 >/dev/null || ! command -v jq >/dev/null; then
         log "installing fuse3 and jq"
@@ -1071,7 +1130,8 @@ main() {
     trap cleanup EXIT
     trap 'log "interrupted"; exit 130' INT
     trap 'log "terminated"; exit 143' TERM
-    cp "$PAIRFS" "$BIN"
+    cp "$PAIRFS" "$BIN_MAIN"
+    if [[ -n $PAIRFS_BASE ]]; then cp "$PAIRFS_BASE" "$BIN_BASE"; fi
 
     tar cf "$TARBALL" -C "$(dirname "$TAR_SRC")" "$(basename "$TAR_SRC")"
     TAR_ENTRIES=$(tar tf "$TARBALL" | grep -c .)
@@ -1087,6 +1147,9 @@ main() {
     print_facts
     : >"$RAW"
     local rep
+    # (Names of their own: the workloads' functions set t0 and friends without `local`.)
+    RUN_STEAL0=$(steal_seconds)
+    RUN_T0=$(now)
     for w in $WORKLOADS; do
         for ((rep = 1; rep <= REPS; rep++)); do
             case $w in
@@ -1096,6 +1159,10 @@ main() {
         done
     done
 
+    # A machine whose hypervisor takes its CPUs away measures less than it can do.
+    printf 'steal\t%s of the CPU time during the run went to other guests\n' \
+        "$(awk -v a="$RUN_STEAL0" -v b="$(steal_seconds)" -v t="$(secs "$RUN_T0" "$(now)")" -v n="$(nproc)" \
+            'BEGIN { printf "%.1f %%", 100 * (b - a) / (t * n) }')" >>"$FACTS"
     echo
     summarize
     echo
