@@ -31,6 +31,10 @@ const VERIFY_FILE: &str = "verify.json";
 const COPY_BATCH: usize = 256;
 /// A step of the driver's loop longer than this is logged (debug).
 const SLOW_STEP: Duration = Duration::from_millis(2);
+
+/// Entries up to this size (journal bytes) are read for sending on the driver's thread
+/// ([`Host::vol_quick`]); larger ones leave the worker to the network tasks meanwhile.
+const QUICK_READ: u64 = 256 << 10;
 /// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
 /// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
 const REOPEN_FIRST: Duration = Duration::from_millis(500);
@@ -191,11 +195,11 @@ impl Driver {
             let step = Instant::now();
             let mut kind = "timeout";
             let after = match received {
+                Ok(Some(Event::Stop)) | Ok(None) => return,
                 Ok(Some(ev)) => {
                     kind = ev.kind();
                     self.on_event(ev)
                 }
-                Ok(None) => return,
                 Err(_) => {
                     // (Durability reached by a group commit nobody announced, too.)
                     self.take_entries();
@@ -233,7 +237,7 @@ impl Driver {
     pub(super) fn take_entries(&mut self) {
         let primary = self.repl.role() == Role::Primary;
         let unsynced = self.repl.sends_unsynced();
-        let (metas, durable) = self.host.vol_mut(|v| {
+        let (metas, durable) = self.host.vol_mut_quick(|v| {
             let metas = if primary {
                 v.take_entries(unsynced)
             } else {
@@ -308,6 +312,8 @@ impl Driver {
                 reply,
             } => self.request_takeover(reply),
             Event::Takeover { force: true, reply } => self.force_takeover(reply),
+            // (Taken by the loop before it gets here.)
+            Event::Stop => {}
         }
         After::Nothing
     }
@@ -489,8 +495,14 @@ impl Driver {
         match a {
             Action::Send(m) => self.send(m).await,
             Action::SendEntry(meta) => {
-                // Disk reads and fsyncs leave the worker thread to the network tasks.
-                let r = block_in_place(|| self.host.vol(|v| v.read_wire_entry(meta.seq)));
+                // Large entries' disk reads leave the worker thread to the network tasks; a
+                // small one, just written, is in the page cache.
+                let read = |v: &pairfs::Volume| v.read_wire_entry(meta.seq);
+                let r = if meta.journal_bytes <= QUICK_READ {
+                    self.host.vol_quick(read)
+                } else {
+                    block_in_place(|| self.host.vol(read))
+                };
                 match r {
                     Ok(entry) => {
                         let epoch = self.repl.persisted().epoch;
@@ -576,7 +588,7 @@ impl Driver {
                     self.schedule_reopen();
                 }
             },
-            Action::Release(seq) => self.host.vol_mut(|v| v.set_release_limit(seq)),
+            Action::Release(seq) => self.host.vol_mut_quick(|v| v.set_release_limit(seq)),
             Action::MarkBitmapAfter { after, upto } => {
                 let blocks = self.host.vol(|v| v.retained_blocks_after(after, upto))?;
                 self.bitmap.mark(blocks);
