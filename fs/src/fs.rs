@@ -1989,6 +1989,17 @@ impl Fs {
             .collect()
     }
 
+    /// What a taker fetches from the old primary with the allocation blocks, in the same
+    /// request: the root directory's inode, and the inode table (of which the taker asks
+    /// for the blocks the backlog wrote last: a new inode is allocated after its parent's,
+    /// so the first creates after ready are likely to land in them).
+    pub fn inode_blocks_ahead(
+        sb: &Superblock,
+    ) -> (pairfs::BlockNo, std::ops::Range<pairfs::BlockNo>) {
+        let root = sb.inode_location(ROOT_INO).0;
+        (root, sb.itab_start..sb.itab_start + sb.itab_blocks)
+    }
+
     /// The superblock.
     pub fn superblock(&self) -> Superblock {
         self.read_core().sb.clone()

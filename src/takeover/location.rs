@@ -8,6 +8,7 @@
 //! which seq wrote it.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -223,6 +224,29 @@ impl RemoteIndex {
         self.newest.get(&block).copied()
     }
 
+    /// Up to `max` blocks of `range` whose newest version is on the peer, the most
+    /// recently written first, found from the newest header back reading at most `scan`
+    /// block numbers: what a taker fetches with its bitmaps, ahead of its first writes
+    /// (the inode table's recent blocks).
+    pub fn newest_in(&self, range: Range<BlockNo>, max: usize, scan: usize) -> Vec<(BlockNo, Seq)> {
+        let mut found = Vec::new();
+        let named = self
+            .entries
+            .iter()
+            .rev()
+            .flat_map(|e| e.blocks.iter().map(|&b| (b, e.seq)));
+        for (b, seq) in named.take(scan) {
+            if found.len() == max {
+                break;
+            }
+            // Each block is named once by the entry of its newest version.
+            if range.contains(&b) && self.newest.get(&b) == Some(&seq) {
+                found.push((b, seq));
+            }
+        }
+        found
+    }
+
     /// The newest seq announced (held, or dropped in an overflow), or the applied seq.
     pub fn last(&self) -> Seq {
         self.seen
@@ -292,6 +316,24 @@ mod tests {
         r.applied(Seq(13));
         assert_eq!((r.newest(2), r.newest(3)), (None, None));
         assert_eq!(r.summary(), BacklogSummary::default());
+    }
+
+    #[test]
+    fn the_newest_blocks_of_a_range_come_most_recent_first_within_the_bounds() {
+        let mut r = RemoteIndex::new(Seq(10));
+        r.add(h(11, 10, &[5, 6, 50]), 100).unwrap();
+        r.add(h(12, 11, &[7, 60]), 100).unwrap();
+        r.add(h(13, 12, &[5, 61]), 100).unwrap();
+        // Block 5's newest version is 13's; 50-61 are outside the range.
+        assert_eq!(
+            r.newest_in(0..10, 8, 100),
+            vec![(5, Seq(13)), (7, Seq(12)), (6, Seq(11))]
+        );
+        assert_eq!(r.newest_in(0..10, 2, 100), vec![(5, Seq(13)), (7, Seq(12))]);
+        // Four block numbers read, from the newest header back: 5, 61, 7, 60.
+        assert_eq!(r.newest_in(0..10, 8, 4), vec![(5, Seq(13)), (7, Seq(12))]);
+        r.applied(Seq(12));
+        assert_eq!(r.newest_in(0..10, 8, 100), vec![(5, Seq(13))]);
     }
 
     #[test]

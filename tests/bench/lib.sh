@@ -218,6 +218,15 @@ cpu_seconds() {
     awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
 }
 
+# busy_seconds: CPU seconds the whole machine has spent not idle (/proc/stat), less the
+# time the hypervisor gave its CPUs to others (steal: not ours, and not idle either).
+busy_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print ($2 + $3 + $4 + $7 + $8) / hz; exit }' /proc/stat
+}
+
+# steal_seconds: CPU seconds the hypervisor has taken from this machine (/proc/stat).
+steal_seconds() { awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print $9 / hz; exit }' /proc/stat; }
+
 # overwrite: a file of OVERWRITE_MIB written and fsync'ed, then overwritten in place
 # (conv=notrunc) and fsync'ed again: the cost of overwriting blocks in use.
 wl_overwrite() {

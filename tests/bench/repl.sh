@@ -564,15 +564,6 @@ node_pids() {
     esac
 }
 
-# busy_seconds: CPU seconds the whole machine has spent not idle (/proc/stat), less the
-# time the hypervisor gave its CPUs to others (steal: not ours, and not idle either).
-busy_seconds() {
-    awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print ($2 + $3 + $4 + $7 + $8) / hz; exit }' /proc/stat
-}
-
-# steal_seconds: CPU seconds the hypervisor has taken from this machine (/proc/stat).
-steal_seconds() { awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { print $9 / hz; exit }' /proc/stat; }
-
 # cpu_snapshot KIND: "node1 node2 machine" CPU seconds so far (node2 "-" without one).
 cpu_snapshot() {
     local n2=-

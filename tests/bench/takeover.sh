@@ -38,7 +38,10 @@
 #   4. write (largest backlog): dd of WRITE_MIB (from a pre-generated random file in
 #      the page cache) with conv=fsync on b during the drain (the writes go to the
 #      local-unreflected area), and again, to another file, once the merge has completed
-#      (the normal write path): MiB/s each and drain/after (goal >= 0.8).
+#      (the normal write path): MiB/s each and drain/after (goal >= 0.8).  What predicts
+#      two hosts: b's daemon CPU seconds per GiB written in each (during the drain less the
+#      drain's own CPU rate, measured over DRAIN_CPU_WINDOW s just before), a's, and the
+#      machine's busy fraction meanwhile (write_*_cpu_b, write_*_cpu_a, write_*_busy).
 #   5. failback mid-drain (MEASURE_BACKLOG; FAILBACK=0 skips it): REPS more cases, each a
 #      fresh pair and backlog taken over by b as in part 1; b writes FAILBACK_MIB; then,
 #      with b's status still `draining`, `pairfs takeover` on a, timed to the first 4 KiB
@@ -86,6 +89,7 @@ MODE=${MODE:-async}                             # [replication] mode of both nod
 CONGESTION=${CONGESTION:-queue-bound}           # [replication] congestion of both nodes (queue-bound, cubic, bbr)
 QUEUE_TARGET=${QUEUE_TARGET:-}                   # [replication] queue_target (empty: the default)
 WRITE_MIB=${WRITE_MIB:-64}                      # part 4: file written during and after the drain
+DRAIN_CPU_WINDOW=${DRAIN_CPU_WINDOW:-1}          # part 4: seconds of b's CPU measured for the drain alone
 PEER_MIB=${PEER_MIB:-64}                        # part 3: file read from the old primary
 READ_SAMPLES=${READ_SAMPLES:-50}                # part 2: 4 KiB reads (rand.bin: 2 MiB per sample)
 SEED=${SEED:-10}                                # part 2: offsets (per rep: SEED + rep)
@@ -131,6 +135,8 @@ PA_PID=
 PB_PID=
 NET_UP=0
 HELPER_PID=
+CPU_MARK=                                       # cpu_mark's last reading
+DRAIN_CPU_RATE=                                 # b's CPU (cores) for the drain alone
 FAILURES=0
 CTX=setup
 LOGP=$LOGS/setup
@@ -734,11 +740,20 @@ measure_during_drain() {
         fail "$bl" "$rep" read_peer "dd failed: $(tail -n 2 "$LOGP.peerread.err" | tr '\n' ' ')"
     fi
 
-    # 4. write during the drain (to the local-unreflected area)
+    # 4. write during the drain (to the local-unreflected area); first b's CPU rate for the
+    # drain alone, to take out of the writer's share
+    local c0 c1 d0 d1
+    c0=$(cpu_seconds "$PB_PID") d0=$(now)
+    sleep "$DRAIN_CPU_WINDOW"
+    c1=$(cpu_seconds "$PB_PID") d1=$(now)
+    DRAIN_CPU_RATE=$(awk -v a="$c0" -v b="$c1" -v t="$(secs "$d0" "$d1")" 'BEGIN { printf "%.4f", (b - a) / t }')
+    fig "$bl" "$rep" drain_cpu_b "$DRAIN_CPU_RATE" cores
     ph=$(phase_b)
+    cpu_mark
     t0=$(now)
     if dd if="$SRC" of="$MNT_B/w-drain.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wdrain.err"; then
         t1=$(now)
+        cpu_figs "$bl" "$rep" write_drain "$t0" "$t1" "$DRAIN_CPU_RATE"
         s1=$(status "$CFG_B")
         ph2=$(jg "$s1" .takeover.phase)
         if [[ $ph != draining || ($ph2 != draining && $ph2 != merging) ]]; then
@@ -756,6 +771,26 @@ measure_during_drain() {
     log "    b after the measures: phase '$(jg "$s1" .takeover.phase)', backlog $(jg "$s1" .takeover.backlog_bytes) B, fetches $(jg "$s1" .takeover.remote_reads) ($(jg "$s1" .takeover.remote_read_blocks) blocks, mean $(jg "$s1" .takeover.remote_read_mean_ms) ms), fetch errors $(jg "$s1" .takeover.fetch_errors)"
 }
 
+# cpu_mark: b's and a's daemon CPU seconds and the machine's busy seconds so far, for
+# cpu_figs.
+cpu_mark() { CPU_MARK="$(cpu_seconds "$PB_PID") $(cpu_seconds "$PA_PID") $(busy_seconds)"; }
+
+# cpu_figs BACKLOG REP NAME T0 T1 DRAIN_RATE: since cpu_mark, per GiB of the WRITE_MIB
+# written: b's daemon CPU seconds less DRAIN_RATE (cores) over the write's time (the
+# drain's own share, measured before it), a's, and how busy the machine was (of all its
+# cores, steal excluded) — whether the write waited for CPU or for something else.
+cpu_figs() {
+    local b0 a0 m0
+    read -r b0 a0 m0 <<<"$CPU_MARK"
+    awk -v b0="$b0" -v b1="$(cpu_seconds "$PB_PID")" -v a0="$a0" -v a1="$(cpu_seconds "$PA_PID")" \
+        -v m0="$m0" -v m1="$(busy_seconds)" -v t="$(secs "$4" "$5")" -v r="$6" -v g="$(awk -v m="$WRITE_MIB" 'BEGIN { print m / 1024 }')" \
+        -v n="$(nproc)" 'BEGIN { printf "%.3f %.3f %.3f\n", (b1 - b0 - r * t) / g, (a1 - a0) / g, (m1 - m0) / (t * n) }' |
+        { read -r b a m
+          fig "$1" "$2" "${3}_cpu_b" "$b" s/GiB
+          fig "$1" "$2" "${3}_cpu_a" "$a" s/GiB
+          fig "$1" "$2" "${3}_busy" "$m" fraction; }
+}
+
 # Parts 3 and 4 once the role change is complete.
 measure_after() {
     local bl=$1 rep=$2 t0 t1
@@ -768,8 +803,10 @@ measure_after() {
         fail "$bl" "$rep" read_local "dd failed: $(tail -n 2 "$LOGP.localread.err" | tr '\n' ' ')"
     fi
     t0=$(now)
+    cpu_mark
     if dd if="$SRC" of="$MNT_B/w-after.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wafter.err"; then
         t1=$(now)
+        cpu_figs "$bl" "$rep" write_after "$t0" "$t1" 0
         fig "$bl" "$rep" write_after "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
     else
         fail "$bl" "$rep" write_after "dd failed: $(tail -n 2 "$LOGP.wafter.err" | tr '\n' ' ')"
@@ -866,7 +903,9 @@ goals.append(["3  read peer / local", (lambda v: num(v) if v is not None else "-
               "(no goal)", "-", "peer %s MiB/s, local %s MiB/s" % tuple(
                   (lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("read_peer", "read_local"))])
 goal("4  write during drain / after merge", ratio(med(measure, "write_drain"), med(measure, "write_after")), ">=", 0.8,
-     "drain %s MiB/s, after %s MiB/s" % tuple((lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("write_drain", "write_after")))
+     "drain %s MiB/s, after %s MiB/s; b's CPU %s / %s s/GiB, machine busy %s / %s" % tuple(
+         (lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in (
+             "write_drain", "write_after", "write_drain_cpu_b", "write_after_cpu_b", "write_drain_busy", "write_after_busy")))
 goals.append(["5  failback mid-drain: ready on a (ms)", (lambda v: num(v) if v is not None else "-")(med(measure, "fb_failback_ready")),
               "(no goal)", "-", "pairfs's own %s ms; the chain's end after %s s" % tuple(
                   (lambda v: num(v) if v is not None else "-")(med(measure, m)) for m in ("fb_failback_pairfs_seconds", "fb_settle"))])

@@ -270,6 +270,7 @@ impl Driver {
             }
             Event::Disconnected(id) => {
                 if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.publish_wire_bytes();
                     self.conn = None;
                     self.outbox.clear();
                     self.repl.handle_disconnected();
@@ -867,7 +868,22 @@ impl Driver {
         self.admitted = admits;
     }
 
+    /// The current connection's bytes on the wire, into the shared counters (read when
+    /// asked for, not per message: quinn's statistics take the connection's lock).
+    fn publish_wire_bytes(&self) {
+        if let Some(c) = &self.conn {
+            let stats = c.conn.stats();
+            self.shared
+                .wire_sent
+                .store(stats.bytes_sent, Ordering::Relaxed);
+            self.shared
+                .wire_received
+                .store(stats.bytes_received, Ordering::Relaxed);
+        }
+    }
+
     fn status(&self) -> StatusReport {
+        self.publish_wire_bytes();
         let s = self.repl.status();
         let (committed, durable, used, cap, bs) = self.host.vol(|v| {
             let j = v.journal();

@@ -52,6 +52,7 @@ pub struct Shared {
     peer_cv: Condvar,
     gate: Mutex<Gate>,
     gate_cv: Condvar,
+    /// The connection's bytes on the wire, as of the last status or its end.
     pub wire_sent: AtomicU64,
     pub wire_received: AtomicU64,
     /// A writer gave up waiting for the backlog to shrink (logged once per episode).

@@ -187,12 +187,12 @@ async fn run_connection(
         let (end, shared) = (end.clone(), shared.clone());
         tokio::spawn(async move {
             let to = shared.priority.clone();
-            let why = read_messages(id, crecv, &shared, &to, &control_budget, None).await;
+            let why = read_messages(id, crecv, &to, &control_budget).await;
             end(format!("control stream: {why}"));
         });
     }
     {
-        let (end, conn2, shared) = (end.clone(), conn.clone(), shared.clone());
+        let (end, conn2) = (end.clone(), conn.clone());
         tokio::spawn(async move {
             let mut sender = None;
             while let Some(m) = repl_rx.recv().await {
@@ -211,9 +211,6 @@ async fn run_connection(
                 if let Err(e) = sent {
                     return end(format!("sending: {e}"));
                 }
-                shared
-                    .wire_sent
-                    .store(conn2.stats().bytes_sent, Ordering::Relaxed);
             }
         });
     }
@@ -225,7 +222,7 @@ async fn run_connection(
                 Err(e) => return end(format!("replication stream: {e}")),
             };
             let to = shared.events.clone();
-            let why = read_messages(id, r, &shared, &to, &budget, Some(&conn2)).await;
+            let why = read_messages(id, r, &to, &budget).await;
             end(format!("replication stream: {why}"));
         });
     }
@@ -240,15 +237,12 @@ async fn run_connection(
 }
 
 /// Reads the messages of one stream into the driver's queue `to`, each once it holds its
-/// share of `budget`; returns why the stream ended. `stats`: the connection whose received
-/// bytes to publish.
+/// share of `budget`; returns why the stream ended.
 async fn read_messages(
     id: u64,
     mut r: FrameReceiver,
-    shared: &Shared,
     to: &mpsc::UnboundedSender<Event>,
     budget: &Arc<Semaphore>,
-    stats: Option<&Connection>,
 ) -> String {
     loop {
         let (header, payload) = match r.recv_frame().await {
@@ -282,11 +276,6 @@ async fn read_messages(
         let Ok(permit) = budget.clone().acquire_many_owned(share as u32).await else {
             return "receive budget closed".into();
         };
-        if let Some(c) = stats {
-            shared
-                .wire_received
-                .store(c.stats().bytes_received, Ordering::Relaxed);
-        }
         let received = Received { message, permit };
         if to.send(Event::Message(id, received)).is_err() {
             return "the node stopped".into();
