@@ -742,7 +742,7 @@ measure_during_drain() {
 
     # 4. write during the drain (to the local-unreflected area); first b's CPU rate for the
     # drain alone, to take out of the writer's share
-    local c0 c1 d0 d1
+    local c0 c1 d0 d1 cpu
     c0=$(cpu_seconds "$PB_PID") d0=$(now)
     sleep "$DRAIN_CPU_WINDOW"
     c1=$(cpu_seconds "$PB_PID") d1=$(now)
@@ -753,13 +753,14 @@ measure_during_drain() {
     t0=$(now)
     if dd if="$SRC" of="$MNT_B/w-drain.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wdrain.err"; then
         t1=$(now)
-        cpu_figs "$bl" "$rep" write_drain "$t0" "$t1" "$DRAIN_CPU_RATE"
+        cpu=$(cpu_since "$t0" "$t1" "$DRAIN_CPU_RATE")
         s1=$(status "$CFG_B")
         ph2=$(jg "$s1" .takeover.phase)
         if [[ $ph != draining || ($ph2 != draining && $ph2 != merging) ]]; then
             fail "$bl" "$rep" write_drain "phase '$ph' before, '$ph2' after the write (not in the LU throughout)"
         else
             fig "$bl" "$rep" write_drain "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
+            cpu_figs "$bl" "$rep" write_drain "$cpu"
             [[ $ph2 == draining ]] || log "    the drain ended during the write (phase '$ph2' after it: the writes still went to the LU)"
             log "    LU after the write: $(jg "$s1" .takeover.lu_entries) entries, $(jg "$s1" .takeover.lu_used)/$(jg "$s1" .takeover.lu_capacity) B; backlog left $(jg "$s1" .takeover.backlog_bytes) B"
         fi
@@ -772,23 +773,29 @@ measure_during_drain() {
 }
 
 # cpu_mark: b's and a's daemon CPU seconds and the machine's busy seconds so far, for
-# cpu_figs.
+# cpu_since.
 cpu_mark() { CPU_MARK="$(cpu_seconds "$PB_PID") $(cpu_seconds "$PA_PID") $(busy_seconds)"; }
 
-# cpu_figs BACKLOG REP NAME T0 T1 DRAIN_RATE: since cpu_mark, per GiB of the WRITE_MIB
-# written: b's daemon CPU seconds less DRAIN_RATE (cores) over the write's time (the
-# drain's own share, measured before it), a's, and how busy the machine was (of all its
-# cores, steal excluded) — whether the write waited for CPU or for something else.
-cpu_figs() {
+# cpu_since T0 T1 DRAIN_RATE: since cpu_mark, per GiB of the WRITE_MIB written: b's
+# daemon CPU seconds less DRAIN_RATE (cores) over the write's time (the drain's own
+# share, measured before it), a's, and how busy the machine was (of all its cores, steal
+# excluded) — whether the write waited for CPU or for something else.  Prints "b a busy".
+cpu_since() {
     local b0 a0 m0
     read -r b0 a0 m0 <<<"$CPU_MARK"
     awk -v b0="$b0" -v b1="$(cpu_seconds "$PB_PID")" -v a0="$a0" -v a1="$(cpu_seconds "$PA_PID")" \
-        -v m0="$m0" -v m1="$(busy_seconds)" -v t="$(secs "$4" "$5")" -v r="$6" -v g="$(awk -v m="$WRITE_MIB" 'BEGIN { print m / 1024 }')" \
-        -v n="$(nproc)" 'BEGIN { printf "%.3f %.3f %.3f\n", (b1 - b0 - r * t) / g, (a1 - a0) / g, (m1 - m0) / (t * n) }' |
-        { read -r b a m
-          fig "$1" "$2" "${3}_cpu_b" "$b" s/GiB
-          fig "$1" "$2" "${3}_cpu_a" "$a" s/GiB
-          fig "$1" "$2" "${3}_busy" "$m" fraction; }
+        -v m0="$m0" -v m1="$(busy_seconds)" -v t="$(secs "$1" "$2")" -v r="$3" -v mib="$WRITE_MIB" -v n="$(nproc)" \
+        'BEGIN { g = mib / 1024; printf "%.3f %.3f %.3f\n", (b1 - b0 - r * t) / g, (a1 - a0) / g, (m1 - m0) / (t * n) }'
+}
+
+# cpu_figs BACKLOG REP NAME "b a busy": records cpu_since's figures as NAME_cpu_b,
+# NAME_cpu_a and NAME_busy.
+cpu_figs() {
+    local b a m
+    read -r b a m <<<"$4"
+    fig "$1" "$2" "${3}_cpu_b" "$b" s/GiB
+    fig "$1" "$2" "${3}_cpu_a" "$a" s/GiB
+    fig "$1" "$2" "${3}_busy" "$m" fraction
 }
 
 # Parts 3 and 4 once the role change is complete.
@@ -806,7 +813,7 @@ measure_after() {
     cpu_mark
     if dd if="$SRC" of="$MNT_B/w-after.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wafter.err"; then
         t1=$(now)
-        cpu_figs "$bl" "$rep" write_after "$t0" "$t1" 0
+        cpu_figs "$bl" "$rep" write_after "$(cpu_since "$t0" "$t1" 0)"
         fig "$bl" "$rep" write_after "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
     else
         fail "$bl" "$rep" write_after "dd failed: $(tail -n 2 "$LOGP.wafter.err" | tr '\n' ' ')"
