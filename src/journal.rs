@@ -254,6 +254,8 @@ pub struct Journal {
     next: Seq,
     /// Entries were written since the last sync.
     unsynced: bool,
+    /// Writes so far (a mark for [`Journal::synced_ahead`]).
+    writes: u64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -389,6 +391,7 @@ impl Journal {
             next_slot,
             retained: VecDeque::new(),
             unsynced: false,
+            writes: 0,
         };
         let entries = j.scan()?;
         for e in &entries {
@@ -830,6 +833,7 @@ impl Journal {
         self.last_seq = seq;
         self.next = self.next.max(seq.next());
         self.unsynced = true;
+        self.writes += 1;
         Ok(loc)
     }
 
@@ -858,6 +862,23 @@ impl Journal {
         }
         self.durable_seq = self.last_seq;
         Ok(())
+    }
+
+    /// A mark of the writes so far, if some are not durable: for a caller that syncs the
+    /// device without its lock (`Volume::flush_ahead`) and then hands the mark back to
+    /// [`Journal::synced_ahead`].
+    pub fn unsynced_mark(&self) -> Option<u64> {
+        self.unsynced.then_some(self.writes)
+    }
+
+    /// The device was synced after the writes up to `mark` (without the caller's lock):
+    /// if nothing was written since, the next [`Journal::sync`] need not sync it again
+    /// (it still moves the durable seq). Making written entries durable early is always
+    /// allowed: the ordering rules are about what is durable before something is written.
+    pub fn synced_ahead(&mut self, mark: u64) {
+        if mark == self.writes {
+            self.unsynced = false;
+        }
     }
 
     /// Writes a new header (alternating slots) after applying `f`, and syncs: the header
@@ -915,6 +936,7 @@ impl Journal {
                 .write_at(&vec![0u8; self.hdr.bs() as usize], first.offset)
                 .map_err(JournalError::io("invalidating a lost journal entry"))?;
             self.unsynced = true;
+            self.writes += 1;
         }
         Ok(())
     }

@@ -46,19 +46,11 @@ use crate::journal::{
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
+mod flush;
 mod taking;
 
+pub use flush::{FlushAhead, FlushMarks, Flushed, start_writeback};
 pub use taking::{MergeStep, PeerFetch, TakeoverProgress};
-
-/// Starts the writeback [`Volume::take_writeback`] asked for (call without the volume's
-/// lock). A failure is only logged: the next sync, the barrier, reports it.
-pub fn start_writeback(dev: Option<Arc<dyn BlockDevice>>) {
-    if let Some(d) = dev {
-        if let Err(e) = d.start_writeback() {
-            tracing::debug!(error = %e, "starting writeback of in-place data");
-        }
-    }
-}
 
 /// Tunables of a volume (policy apart from mechanism; defaults are safe).
 #[derive(Clone, Debug)]
@@ -1499,48 +1491,6 @@ impl Volume {
             .is_some_and(|s| now.duration_since(s) >= self.opts.commit_interval)
     }
 
-    /// A sync, first half, for a caller that must not hold the volume's lock while the
-    /// disk flushes: if data written in place is not durable yet, the normal area's device
-    /// and a mark of the writes so far. The caller runs [`BlockDevice::sync_separately`]
-    /// on it *without* the lock (readers and writers of the filesystem go on meanwhile;
-    /// the flush of a second of sequential writes takes hundreds of milliseconds), then
-    /// hands the result to [`Volume::flushed_ahead`] before its sync or `maintain`.
-    pub fn flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
-        (self.normal_dirty && !self.poisoned && !self.opts.read_only)
-            .then(|| (self.normal.clone(), self.inplace_writes))
-    }
-
-    /// Group commit, the result of the flush [`Volume::flush_ahead`] asked for: if it
-    /// succeeded and nothing was written in place since the mark, the normal area is
-    /// durable and the seal need not sync it (FORMAT.md §2.4 rule 2 holds: that sync
-    /// returned before the entry is written); anything written since is synced by the seal
-    /// as usual. A failure poisons the volume like any failed sync.
-    pub fn flushed_ahead(&mut self, mark: u64, r: std::io::Result<()>) -> Result<(), VolumeError> {
-        if let Err(source) = r {
-            return self.poison(VolumeError::Io {
-                op: "syncing in-place data",
-                source,
-            });
-        }
-        if mark == self.inplace_writes {
-            self.normal_dirty = false;
-        }
-        Ok(())
-    }
-
-    /// The normal area's device if data was written in place since the last call and is
-    /// not synced yet: the
-    /// caller starts its writeback ([`BlockDevice::start_writeback`]) *without* the
-    /// volume's lock, so that the sync of the next group commit — made under the lock,
-    /// with every reader and writer of the filesystem waiting — finds most of it written
-    /// already. A hint only: the ordering rules rest on that sync alone.
-    pub fn take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
-        // (Not when a sync came since: sync mode syncs every write itself.)
-        let new =
-            std::mem::replace(&mut self.writeback_mark, self.inplace_writes) != self.inplace_writes;
-        (new && self.normal_dirty).then(|| self.normal.clone())
-    }
-
     /// Bytes of the open entry: committed, not yet sealed (nor sent to a peer).
     pub fn open_entry_bytes(&self) -> u64 {
         self.open.blocks.len() as u64 * self.bs as u64
@@ -1978,9 +1928,9 @@ mod tests {
     #[test]
     fn after_a_flush_ahead_the_seal_does_not_sync_the_data_again() {
         let (d, mut v) = with_unsynced_bulk();
-        let (dev, mark) = v.flush_ahead().expect("in-place data not durable");
+        let ahead = v.flush_ahead().expect("in-place data not durable");
         // (The lock is not held here in production.)
-        v.flushed_ahead(mark, dev.sync_separately()).unwrap();
+        v.flushed_ahead(ahead.run()).unwrap();
         assert!(v.flush_ahead().is_none(), "nothing left to flush");
         let before = v.stats().normal_syncs;
         v.sync().unwrap();
@@ -1995,10 +1945,9 @@ mod tests {
     #[test]
     fn data_written_during_a_flush_ahead_is_synced_by_the_seal() {
         let (d, mut v) = with_unsynced_bulk();
-        let (dev, mark) = v.flush_ahead().unwrap();
-        let r = dev.sync_separately();
+        let done = v.flush_ahead().unwrap().run();
         bulk(&mut v, 120, 9); // a writer got the lock while the flush ran
-        v.flushed_ahead(mark, r).unwrap();
+        v.flushed_ahead(done).unwrap();
         v.sync().unwrap();
         assert_eq!(first_byte_after_crash(&d, 103), 7);
         assert_eq!(
@@ -2011,8 +1960,12 @@ mod tests {
     #[test]
     fn a_failed_flush_ahead_poisons_the_volume() {
         let (_d, mut v) = with_unsynced_bulk();
-        let (_, mark) = v.flush_ahead().unwrap();
-        let err = v.flushed_ahead(mark, Err(std::io::Error::other("EIO")));
+        let mark = v.flush_ahead().unwrap().marks().normal;
+        let failed = Flushed {
+            normal: Some((mark.unwrap(), Err(std::io::Error::other("EIO")))),
+            lu: None,
+        };
+        let err = v.flushed_ahead(failed);
         assert!(matches!(err, Err(VolumeError::Io { .. })), "{err:?}");
         assert!(v.is_poisoned());
         let mut tx = Transaction::new();

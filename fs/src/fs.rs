@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockEr
 use std::time::{Duration, Instant};
 
 use pairfs::types::fill_random;
+use pairfs::volume::{FlushMarks, Flushed};
 use pairfs::{Transaction, Volume, VolumeError};
 
 use crate::alloc::{Allocator, set_bits};
@@ -1046,7 +1047,20 @@ impl Fs {
     /// Seals the changes committed so far into a journal entry (written, not yet durable:
     /// what sync-mode replication sends) and returns the newest seq.
     pub fn seal(&self) -> FsResult<pairfs::Seq> {
-        let seq = self.write_core().vol.seal_open()?;
+        self.seal_with_lu(false)
+    }
+
+    /// [`Fs::seal`], and with `lu` the local-unreflected area's open entry too (taking
+    /// over: written, not durable, so that a sync flushes it without the lock).
+    fn seal_with_lu(&self, lu: bool) -> FsResult<pairfs::Seq> {
+        let seq = {
+            let mut core = self.write_core();
+            let seq = core.vol.seal_open()?;
+            if lu {
+                core.vol.seal_local_unreflected()?;
+            }
+            seq
+        };
         self.notify_entries();
         Ok(seq)
     }
@@ -1855,15 +1869,16 @@ impl Fs {
     /// Makes everything written so far durable (fsync, fsyncdir, syncfs). In replica mode
     /// too: what was written before a switch to replica mode, and what was applied.
     pub fn sync(&self) -> FsResult<()> {
-        let target = self.seal()?;
+        // (The LU's open entry too: the flush below, without the lock, then covers it.)
+        let target = self.seal_with_lu(true)?;
         if let Some(h) = self.hooks.get() {
             h.syncing(target);
         }
         let flushed = self.flush_unlocked(|_| true);
         {
             let mut core = self.write_core();
-            if let Some((mark, r)) = flushed {
-                core.vol.flushed_ahead(mark, r)?;
+            if let Some(f) = flushed {
+                core.vol.flushed_ahead(f)?;
             }
             core.vol.sync()?;
             let durable = core.vol.durable_tx();
@@ -1877,33 +1892,36 @@ impl Fs {
     }
 
     /// The first half of a sync, without the lock (`Volume::flush_ahead`): if `due`,
-    /// flushes the data written in place so far, again while writers added more during
-    /// the flush (a few rounds: each flushes what came during the last, so the sync under
-    /// the lock is left with little). Returns what `Volume::flushed_ahead` takes.
-    fn flush_unlocked(
-        &self,
-        due: impl FnOnce(&Volume) -> bool,
-    ) -> Option<(u64, std::io::Result<()>)> {
+    /// flushes what was written in place or to the local-unreflected area so far, again
+    /// while writers added more during the flush (a few rounds: each flushes what came
+    /// during the last, so the sync under the lock is left with little). Returns what
+    /// `Volume::flushed_ahead` takes.
+    fn flush_unlocked(&self, due: impl FnOnce(&Volume) -> bool) -> Option<Flushed> {
         const ROUNDS: usize = 4;
         if !due(&self.read_core().vol) {
             return None;
         }
-        let mut last: Option<(u64, std::io::Result<()>)> = None;
+        let mut last: Option<(Flushed, FlushMarks)> = None;
         for _ in 0..ROUNDS {
-            let Some((dev, mark)) = self.read_core().vol.flush_ahead() else {
+            let Some(ahead) = self.read_core().vol.flush_ahead() else {
                 break;
             };
-            if last.as_ref().is_some_and(|(m, _)| *m == mark) {
+            let marks = ahead.marks();
+            if last.as_ref().is_some_and(|(_, m)| *m == marks) {
                 break; // nothing written since the last round
             }
-            let r = dev.sync_separately();
-            let failed = r.is_err();
-            last = Some((mark, r));
+            let done = ahead.run();
+            let failed = done.failed();
+            let done = match last {
+                Some((earlier, _)) => done.after(earlier),
+                None => done,
+            };
+            last = Some((done, marks));
             if failed {
                 break;
             }
         }
-        last
+        last.map(|(f, _)| f)
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -1947,8 +1965,8 @@ impl Fs {
         let flushed = self.flush_unlocked(|v| v.commit_due(now));
         let (did, writeback) = {
             let mut core = self.write_core();
-            if let Some((mark, r)) = flushed {
-                core.vol.flushed_ahead(mark, r)?;
+            if let Some(f) = flushed {
+                core.vol.flushed_ahead(f)?;
             }
             let did = core.vol.maintain(now)?;
             let durable = core.vol.durable_tx();
@@ -1998,6 +2016,16 @@ impl Fs {
     ) -> (pairfs::BlockNo, std::ops::Range<pairfs::BlockNo>) {
         let root = sb.inode_location(ROOT_INO).0;
         (root, sb.itab_start..sb.itab_start + sb.itab_blocks)
+    }
+
+    /// The block of directory `ino`'s B-tree root as this node's state has it. A taker
+    /// asks for it at ready (if the backlog changed it) as its guess of where the old
+    /// primary's root directory starts: every path's lookup reads it, and a tree's root
+    /// moves only when it splits or shrinks (a wrong guess costs one block fetched).
+    pub fn dir_tree_root(&self, ino: u64) -> FsResult<pairfs::BlockNo> {
+        let core = self.read_core();
+        let i = load(&core.vol, &core.sb, ino)?;
+        Ok(dir_tree(ino, &i)?.root)
     }
 
     /// The superblock.

@@ -12,6 +12,7 @@
 //! writes it here and where its image is — is rebuilt from the entries at open.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::device::BlockDevice;
 use crate::error::JournalError;
@@ -22,6 +23,11 @@ use crate::types::{BlockNo, Seq, VolumeId};
 /// The local-unreflected area of one node.
 pub struct LuArea {
     journal: Journal,
+    /// The journal's device, shared: synced without the volume's lock
+    /// ([`LuArea::flush_ahead`]).
+    dev: Arc<dyn BlockDevice>,
+    /// The journal's write mark at the last [`LuArea::take_writeback`].
+    writeback_mark: Option<u64>,
     /// Entries not released, oldest first, with their descriptors.
     entries: VecDeque<EntryInfo>,
     /// For every block written here: the newest seq and the index of its descriptor.
@@ -57,9 +63,12 @@ impl LuArea {
         expect: JournalExpect,
         merged: Seq,
     ) -> Result<LuArea, JournalError> {
-        let (journal, entries) = Journal::open(dev, expect)?;
+        let dev: Arc<dyn BlockDevice> = Arc::from(dev);
+        let (journal, entries) = Journal::open(Box::new(dev.clone()), expect)?;
         let mut lu = LuArea {
             journal,
+            dev,
+            writeback_mark: None,
             entries: VecDeque::new(),
             newest: HashMap::new(),
             bs: expect.block_size as usize,
@@ -136,6 +145,30 @@ impl LuArea {
     /// Makes every entry written durable.
     pub fn sync(&mut self) -> Result<(), JournalError> {
         self.journal.sync()
+    }
+
+    /// Entries written and not durable: the device, for a sync without the volume's lock,
+    /// and a mark of the writes so far for [`LuArea::synced_ahead`].
+    pub fn flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
+        self.journal
+            .unsynced_mark()
+            .map(|mark| (self.dev.clone(), mark))
+    }
+
+    /// The device, if entries were written since the last call and are not durable: for
+    /// the caller to start their writeback without the volume's lock.
+    pub fn take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
+        let mark = self.journal.unsynced_mark()?;
+        (self.writeback_mark.replace(mark) != Some(mark)).then(|| self.dev.clone())
+    }
+
+    /// The device `dev` was synced after the writes up to `mark`: see
+    /// [`Journal::synced_ahead`]. A flush of another area's device (this one was replaced
+    /// meanwhile) counts for nothing.
+    pub fn synced_ahead(&mut self, dev: &Arc<dyn BlockDevice>, mark: u64) {
+        if Arc::ptr_eq(dev, &self.dev) {
+            self.journal.synced_ahead(mark);
+        }
     }
 
     /// Newest seq durable here.

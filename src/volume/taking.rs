@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Transaction, TxId, Volume};
+use crate::device::BlockDevice;
 use crate::error::{JournalError, VolumeError};
 use crate::repl::{WireBlock, WireEntry};
 use crate::takeover::{BacklogSummary, EntryHeader, Location, LuArea, RemoteIndex, locate};
@@ -120,6 +121,21 @@ impl Taking {
             return Ok(true);
         }
         Ok(self.lu.read(b, buf)?.is_some())
+    }
+
+    /// See [`LuArea::flush_ahead`].
+    pub(super) fn lu_flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
+        self.lu.flush_ahead()
+    }
+
+    /// See [`LuArea::synced_ahead`].
+    pub(super) fn lu_synced_ahead(&mut self, dev: &Arc<dyn BlockDevice>, mark: u64) {
+        self.lu.synced_ahead(dev, mark);
+    }
+
+    /// See [`LuArea::take_writeback`].
+    pub(super) fn lu_take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
+        self.lu.take_writeback()
     }
 
     /// Appends the open entry to the LU, with the next seq.
@@ -549,6 +565,17 @@ impl Volume {
         Ok(out)
     }
 
+    /// Taking over: appends the LU's open entry (written, not durable), so that a sync can
+    /// flush it without the lock ([`Volume::flush_ahead`]). Nothing otherwise.
+    pub fn seal_local_unreflected(&mut self) -> Result<(), VolumeError> {
+        if let Some(t) = self.taking.as_mut() {
+            if let Err(e) = t.seal_open() {
+                return self.poison(e.into());
+            }
+        }
+        Ok(())
+    }
+
     /// Seals the LU's open entry and makes the LU durable — only the LU: what a taker frozen
     /// by a failback needs before its peer serves what it wrote (the drain's entries in the
     /// journal and normal area are the peer's own, which it holds; docs/PROTOCOL.md §7.6).
@@ -759,11 +786,16 @@ mod tests {
     fn lu(blocks: u64) -> LuArea {
         let dev = MemDevice::new(blocks * BS as u64);
         LuArea::format(&dev, VolumeId([1; 16]), BS as u32, BLOCKS).unwrap();
+        lu_on(Box::new(dev))
+    }
+
+    /// The area on a formatted device.
+    fn lu_on(dev: Box<dyn BlockDevice>) -> LuArea {
         let expect = JournalExpect {
             block_size: BS as u32,
             normal_blocks: BLOCKS,
         };
-        LuArea::open(Box::new(dev), expect, Seq::NONE).unwrap()
+        LuArea::open(dev, expect, Seq::NONE).unwrap()
     }
 
     fn blk(v: u8) -> Arc<[u8]> {
@@ -817,6 +849,10 @@ mod tests {
     /// A primary with entries 1..=5, a secondary that applied 1..=2, and the secondary
     /// taking over at freeze point 5 with the headers of 3..=5.
     fn pair_taking_over(lu_blocks: u64) -> (Arc<Frozen>, Devs, Volume) {
+        pair_taking_over_with(lu(lu_blocks))
+    }
+
+    fn pair_taking_over_with(area: LuArea) -> (Arc<Frozen>, Devs, Volume) {
         let da = devs();
         let mut a = open(&da);
         write(&mut a, &[1, 2, 3], 1);
@@ -842,7 +878,7 @@ mod tests {
             calls: AtomicUsize::new(0),
             fail: Default::default(),
         });
-        b.begin_takeover(Seq(5), lu(lu_blocks), remote, frozen.clone())
+        b.begin_takeover(Seq(5), area, remote, frozen.clone())
             .unwrap();
         (frozen, db, b)
     }
@@ -1132,6 +1168,69 @@ mod tests {
             assert_eq!(b.read_block(first + 3).unwrap()[0], n, "the newest write");
         }
         write(&mut b, &[9], 1);
+    }
+
+    /// One transaction writing `blocks` with `fill`, its LU entry appended, not synced.
+    fn write_unsynced(v: &mut Volume, blocks: &[u64], fill: u8) {
+        let mut tx = Transaction::new();
+        for &b in blocks {
+            tx.write_meta(b, blk(fill));
+        }
+        v.commit(tx).unwrap();
+        v.seal_local_unreflected().unwrap();
+    }
+
+    #[test]
+    fn a_sync_flushes_the_lu_without_the_lock_and_then_syncs_only_what_came_after() {
+        let dev = Arc::new(CrashDevice::new(64 * BS as u64));
+        LuArea::format(&*dev, VolumeId([1; 16]), BS as u32, BLOCKS).unwrap();
+        let (_frozen, _db, mut b) = pair_taking_over_with(lu_on(Box::new(dev.clone())));
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = syncs.clone();
+        dev.set_sync_hook(move || {
+            counted.fetch_add(1, Relaxed);
+        });
+        let durable_lu = || {
+            lu_on(Box::new(MemDevice::from_bytes(
+                dev.crash_point().durable_image(),
+            )))
+        };
+        write_unsynced(&mut b, &[20, 21], 7);
+        assert_eq!(durable_lu().len(), 0, "appended, not durable");
+        let ahead = b.flush_ahead().expect("an LU entry written, not durable");
+        assert!(ahead.marks().lu.is_some());
+        let done = ahead.run(); // (without the volume's lock, in production)
+        assert_eq!(syncs.load(Relaxed), 1);
+        assert_eq!(durable_lu().len(), 1, "the flush made the entry durable");
+        b.flushed_ahead(done).unwrap();
+        b.sync().unwrap();
+        assert_eq!(
+            syncs.load(Relaxed),
+            1,
+            "the sync under the lock synced the LU again"
+        );
+        // An entry appended while the flush ran is synced by the sync that follows.
+        write_unsynced(&mut b, &[22], 8);
+        let done = b.flush_ahead().unwrap().run();
+        write_unsynced(&mut b, &[23], 9);
+        b.flushed_ahead(done).unwrap();
+        b.sync().unwrap();
+        assert_eq!(syncs.load(Relaxed), 3);
+        let lu = durable_lu();
+        assert_eq!(
+            lu.len(),
+            3,
+            "the entry appended during the flush is durable"
+        );
+        let mut buf = vec![0u8; BS];
+        assert!(lu.read(23, &mut buf).unwrap().is_some());
+        assert_eq!(buf[0], 9);
+        // A failed flush poisons the volume, as a failed sync does.
+        write_unsynced(&mut b, &[24], 10);
+        dev.fail_from_now();
+        let err = b.flushed_ahead(b.flush_ahead().unwrap().run());
+        assert!(matches!(err, Err(VolumeError::Io { .. })), "{err:?}");
+        assert!(b.is_poisoned());
     }
 
     #[test]

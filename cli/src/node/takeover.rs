@@ -42,13 +42,17 @@ pub struct PendingTakeover {
 }
 
 /// What a taker fetches from the old primary at ready in one request: those of the
-/// filesystem's allocation blocks and root inode that are on the peer, and the inode
-/// table's blocks the backlog wrote last (up to [`RECENT_INODE_BLOCKS`]).
-fn fetch_ahead(sb: &pairfs_fs::format::Superblock, index: &RemoteIndex) -> Vec<(BlockNo, Seq)> {
-    let (root, itab) = Fs::inode_blocks_ahead(sb);
-    let mut wanted: Vec<(BlockNo, Seq)> = Fs::allocation_blocks(sb)
+/// filesystem's allocation blocks, root inode and root directory's tree root (where this
+/// node has it: [`Fs::dir_tree_root`]) that are on the peer, and the inode table's blocks
+/// the backlog wrote last (up to [`RECENT_INODE_BLOCKS`]).
+fn fetch_ahead(fs: &Fs, index: &RemoteIndex) -> Vec<(BlockNo, Seq)> {
+    let sb = fs.superblock();
+    let (root, itab) = Fs::inode_blocks_ahead(&sb);
+    let root_dir = fs.dir_tree_root(pairfs_fs::format::ROOT_INO).ok();
+    let mut wanted: Vec<(BlockNo, Seq)> = Fs::allocation_blocks(&sb)
         .into_iter()
         .chain([root])
+        .chain(root_dir)
         .filter_map(|b| index.newest(b).map(|s| (b, s)))
         .collect();
     for recent in index.newest_in(itab, RECENT_INODE_BLOCKS, RECENT_SCAN) {
@@ -270,7 +274,7 @@ impl Driver {
         let wanted = self
             .host
             .fs()
-            .map(|fs| fetch_ahead(&fs.superblock(), &index))
+            .map(|fs| fetch_ahead(fs, &index))
             .unwrap_or_default();
         let fetch = self.fetch.clone();
         let (saved, fetched) = std::thread::scope(|scope| {
