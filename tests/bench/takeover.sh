@@ -105,6 +105,7 @@ SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-900}           # takeover -> role change comple
 SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-1}           # status of both nodes during the drain (s)
 FSCK=${FSCK:-1}                                 # 1: pairfs fsck of both nodes after every case
 KEEP=${KEEP:-0}                                 # 1: keep BENCH_DIR at exit
+PERF_DIR=${PERF_DIR:-}                          # part 4: perf record of b's daemon (on- and off-CPU) around each write, into this dir
 export RUST_LOG=${RUST_LOG:-info}               # the daemons' logs
 
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -748,11 +749,13 @@ measure_during_drain() {
     c1=$(cpu_seconds "$PB_PID") d1=$(now)
     DRAIN_CPU_RATE=$(awk -v a="$c0" -v b="$c1" -v t="$(secs "$d0" "$d1")" 'BEGIN { printf "%.4f", (b - a) / t }')
     fig "$bl" "$rep" drain_cpu_b "$DRAIN_CPU_RATE" cores
+    perf_start "write_drain-$bl-$rep"
     ph=$(phase_b)
     cpu_mark
     t0=$(now)
     if dd if="$SRC" of="$MNT_B/w-drain.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wdrain.err"; then
         t1=$(now)
+        perf_stop
         cpu=$(cpu_since "$t0" "$t1" "$DRAIN_CPU_RATE")
         s1=$(status "$CFG_B")
         ph2=$(jg "$s1" .takeover.phase)
@@ -765,11 +768,32 @@ measure_during_drain() {
             log "    LU after the write: $(jg "$s1" .takeover.lu_entries) entries, $(jg "$s1" .takeover.lu_used)/$(jg "$s1" .takeover.lu_capacity) B; backlog left $(jg "$s1" .takeover.backlog_bytes) B"
         fi
     else
+        perf_stop
         fail "$bl" "$rep" write_drain "dd failed: $(tail -n 2 "$LOGP.wdrain.err" | tr '\n' ' ')"
     fi
     s1=$(status "$CFG_B")
     echo "$s1" >"$LOGP.b-after-drain-measures.json"
     log "    b after the measures: phase '$(jg "$s1" .takeover.phase)', backlog $(jg "$s1" .takeover.backlog_bytes) B, fetches $(jg "$s1" .takeover.remote_reads) ($(jg "$s1" .takeover.remote_read_blocks) blocks, mean $(jg "$s1" .takeover.remote_read_mean_ms) ms), fetch errors $(jg "$s1" .takeover.fetch_errors)"
+}
+
+# perf_start NAME / perf_stop (PERF_DIR set): `perf record` of b's daemon — CPU samples
+# and every context switch, with call graphs — from before a write to its end, into
+# PERF_DIR/NAME.data (`perf report -i …`, `perf script` for the off-CPU stacks).  A
+# diagnosis, not a figure: the recording's own cost slows the write it records.
+PERF_PID=
+perf_start() {
+    [[ -n $PERF_DIR ]] || return 0
+    mkdir -p "$PERF_DIR"
+    perf record -q -o "$PERF_DIR/$1.data" -e cpu-clock -e sched:sched_switch --call-graph dwarf,16384 \
+        -p "$PB_PID" >/dev/null 2>&1 &
+    PERF_PID=$!
+    sleep 0.5
+}
+perf_stop() {
+    [[ -n $PERF_PID ]] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=
 }
 
 # cpu_mark: b's and a's daemon CPU seconds and the machine's busy seconds so far, for
@@ -809,13 +833,16 @@ measure_after() {
     else
         fail "$bl" "$rep" read_local "dd failed: $(tail -n 2 "$LOGP.localread.err" | tr '\n' ' ')"
     fi
+    perf_start "write_after-$bl-$rep"
     t0=$(now)
     cpu_mark
     if dd if="$SRC" of="$MNT_B/w-after.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wafter.err"; then
         t1=$(now)
+        perf_stop
         cpu_figs "$bl" "$rep" write_after "$(cpu_since "$t0" "$t1" 0)"
         fig "$bl" "$rep" write_after "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
     else
+        perf_stop
         fail "$bl" "$rep" write_after "dd failed: $(tail -n 2 "$LOGP.wafter.err" | tr '\n' ' ')"
     fi
 }
