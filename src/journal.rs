@@ -742,6 +742,37 @@ impl Journal {
     /// Writes a new entry at the head (not yet durable: see [`Journal::sync`]). Returns its
     /// location. Fails with `Full` when retained entries leave no room.
     pub fn append(&mut self, e: &NewEntry<'_>) -> Result<EntryLoc, JournalError> {
+        self.append_unindexed(e).map(|(loc, _)| loc)
+    }
+
+    /// [`Journal::append`], also returning what [`Journal::read_entry`] would read back
+    /// (a caller that indexes the entry's blocks need not read megabytes back).
+    pub fn append_with_info(
+        &mut self,
+        e: &NewEntry<'_>,
+    ) -> Result<(EntryLoc, EntryInfo), JournalError> {
+        let durable_seq = self.durable_seq;
+        let (loc, descriptors) = self.append_unindexed(e)?;
+        let info = EntryInfo {
+            seq: loc.seq,
+            prev_seq: loc.prev_seq,
+            timestamp_ns: e.timestamp_ns,
+            mount_gen: self.hdr.mount_gen,
+            n_tx: e.n_tx,
+            durable_seq,
+            flags: e.flags,
+            offset: loc.offset,
+            total_len: loc.total_len,
+            descriptors,
+        };
+        Ok((loc, info))
+    }
+
+    /// Writes the entry; returns where, and its descriptors.
+    fn append_unindexed(
+        &mut self,
+        e: &NewEntry<'_>,
+    ) -> Result<(EntryLoc, Vec<Descriptor>), JournalError> {
         let bs = self.hdr.bs();
         let n_images = e
             .blocks
@@ -771,32 +802,49 @@ impl Journal {
                 reason: "blocks not in strictly increasing order".into(),
             });
         }
+        if e.blocks
+            .iter()
+            .any(|(_, b)| matches!(b, EntryBlock::Image(d) if d.len() as u64 != bs))
+        {
+            return Err(JournalError::BadEntry {
+                seq,
+                offset: self.head,
+                reason: format!("an image is not one block of {bs} bytes"),
+            });
+        }
         let offset = self.place(total_len)?;
         let prev_seq = self.last_seq;
-        let mut buf = vec![0u8; total_len as usize];
+        // The header and descriptors in one buffer, the images written from where they
+        // are (one vectored write: no copy of megabytes into an entry buffer first).
         let images_start = EntryInfo::images_start(e.blocks.len(), bs) as usize;
-        let mut at = images_start;
+        let mut buf = vec![0u8; images_start];
+        let mut images: Vec<&[u8]> = Vec::with_capacity(e.blocks.len() + 1);
+        let mut descriptors = Vec::with_capacity(e.blocks.len());
         for (i, (block, b)) in e.blocks.iter().enumerate() {
             let d = &mut buf[ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN..][..DESCRIPTOR_LEN];
             put_u64(d, 0, *block);
-            match b {
+            let (kind, crc) = match b {
                 EntryBlock::Image(data) => {
-                    debug_assert_eq!(data.len() as u64, bs);
                     d[8] = 1;
-                    put_u32(d, 12, crc32c(data));
+                    (DescriptorKind::Image, crc32c(data))
                 }
                 EntryBlock::InPlace(crc) => {
                     d[8] = 2;
-                    put_u32(d, 12, *crc);
+                    (DescriptorKind::InPlace, *crc)
                 }
                 EntryBlock::InPlaceFresh(crc) => {
                     d[8] = 3;
-                    put_u32(d, 12, *crc);
+                    (DescriptorKind::InPlaceFresh, *crc)
                 }
-            }
+            };
+            put_u32(d, 12, crc);
+            descriptors.push(Descriptor {
+                block: *block,
+                kind,
+                crc,
+            });
             if let EntryBlock::Image(data) = b {
-                buf[at..at + bs as usize].copy_from_slice(data);
-                at += bs as usize;
+                images.push(data);
             }
         }
         let dend = ENTRY_HEADER_LEN + DESCRIPTOR_LEN * e.blocks.len();
@@ -817,8 +865,9 @@ impl Journal {
         put_u64(h, 76, self.durable_seq.0);
         let crc = crc32c(&h[..124]);
         put_u32(h, 124, crc);
+        images.insert(0, &buf);
         self.dev
-            .write_at(&buf, offset)
+            .write_vectored_at(&images, offset)
             .map_err(JournalError::io("writing a journal entry"))?;
         let loc = EntryLoc {
             seq,
@@ -834,7 +883,7 @@ impl Journal {
         self.next = self.next.max(seq.next());
         self.unsynced = true;
         self.writes += 1;
-        Ok(loc)
+        Ok((loc, descriptors))
     }
 
     /// Whether an entry with this seq (`None`: the next one) needs [`Journal::reserve`]
@@ -1049,19 +1098,23 @@ impl Journal {
 
     /// Reads and validates a retained entry (for replay and for the replication pump).
     pub fn read_entry(&self, loc: &EntryLoc) -> Result<EntryInfo, JournalError> {
-        self.read_entry_images(loc).map(|(e, _)| e)
+        self.entry_buf(loc).map(|(e, _)| e)
+    }
+
+    /// A retained entry, checked, with its bytes.
+    fn entry_buf(&self, loc: &EntryLoc) -> Result<(EntryInfo, Vec<u8>), JournalError> {
+        self.try_entry_buf(loc.offset, loc.prev_seq, 0)
+            .map_err(|reason| JournalError::BadEntry {
+                seq: loc.seq,
+                offset: loc.offset,
+                reason,
+            })
     }
 
     /// Reads a retained entry with the content of its IMAGE blocks, in descriptor order
     /// (IN_PLACE blocks are `None`: their content is in the normal area).
     pub fn read_entry_images(&self, loc: &EntryLoc) -> Result<(EntryInfo, Images), JournalError> {
-        let (info, buf) = self
-            .try_entry_buf(loc.offset, loc.prev_seq, 0)
-            .map_err(|reason| JournalError::BadEntry {
-                seq: loc.seq,
-                offset: loc.offset,
-                reason,
-            })?;
+        let (info, buf) = self.entry_buf(loc)?;
         let bs = self.hdr.bs() as usize;
         let mut at = EntryInfo::images_start(info.descriptors.len(), bs as u64) as usize;
         let mut images = Vec::with_capacity(info.descriptors.len());
@@ -1187,6 +1240,32 @@ mod tests {
         assert_eq!(JournalHeader::decode(&b).unwrap(), h);
         b[70] ^= 1;
         assert!(JournalHeader::decode(&b).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn the_info_an_append_returns_is_what_reading_the_entry_back_gives() {
+        let dev = fresh(64);
+        let (mut j, _) = Journal::open(Box::new(dev), expect()).unwrap();
+        j.begin_session().unwrap();
+        append(&mut j, &[(1, 1)]);
+        j.sync().unwrap(); // a durable seq the next entry records
+        let (a, b) = (img(5), img(6));
+        let blocks = [
+            (3, EntryBlock::Image(&a)),
+            (4, EntryBlock::InPlace(77)),
+            (5, EntryBlock::InPlaceFresh(88)),
+            (9, EntryBlock::Image(&b)),
+        ];
+        let (loc, info) = j
+            .append_with_info(&NewEntry {
+                seq: None,
+                timestamp_ns: 43,
+                n_tx: 3,
+                flags: FLAG_FREES,
+                blocks: &blocks,
+            })
+            .unwrap();
+        assert_eq!(info, j.read_entry(&loc).unwrap());
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::journal::{EntryBlock, EntryInfo, FLAG_FREES, Journal, JournalExpect, 
 use crate::repl::{WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId};
 
+/// An append slower than this is logged (debug) with where its time went.
+const SLOW_APPEND: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The local-unreflected area of one node.
 pub struct LuArea {
     journal: Journal,
@@ -122,23 +125,37 @@ impl LuArea {
                 self.bs
             )));
         }
+        let t0 = std::time::Instant::now();
         let mut sorted: Vec<(BlockNo, EntryBlock<'_>)> = blocks
             .iter()
             .map(|(b, d)| (*b, EntryBlock::Image(d)))
             .collect();
         sorted.sort_by_key(|(b, _)| *b);
-        if self.journal.needs_reservation(seq) {
+        let reserved = self.journal.needs_reservation(seq);
+        if reserved {
             self.journal.reserve(seq)?;
         }
-        let loc = self.journal.append(&NewEntry {
+        let t1 = std::time::Instant::now();
+        let (_, info) = self.journal.append_with_info(&NewEntry {
             seq: Some(seq),
             timestamp_ns,
             n_tx,
             flags: if frees { FLAG_FREES } else { 0 },
             blocks: &sorted,
         })?;
-        let info = self.journal.read_entry(&loc)?;
+        let t2 = std::time::Instant::now();
         self.index(info);
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        if t0.elapsed() > SLOW_APPEND {
+            tracing::debug!(
+                blocks = blocks.len(),
+                reserved,
+                sort_and_reserve_ms = ms(t0, t1),
+                write_ms = ms(t1, t2),
+                index_ms = ms(t2, std::time::Instant::now()),
+                "a slow local-unreflected entry"
+            );
+        }
         Ok(())
     }
 
