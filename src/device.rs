@@ -136,6 +136,38 @@ impl FileDevice {
 /// Buffers per `preadv` call (Linux's `IOV_MAX`).
 pub const IOV_MAX: usize = 1024;
 
+/// The loop of a positional vectored transfer of all of `slices` from `off`: `call` makes
+/// one `preadv`/`pwritev` of the slices left at a position and returns what it returned;
+/// a short transfer moves on past what was done, `EINTR` retries, 0 bytes is `zero`.
+/// Returns the offset after the last byte.
+fn all_vectored<S>(
+    slices: &mut [S],
+    mut off: u64,
+    zero: io::ErrorKind,
+    advance: fn(&mut &mut [S], usize),
+    mut call: impl FnMut(&[S], libc::off_t) -> isize,
+) -> io::Result<u64> {
+    let mut rest = slices;
+    while !rest.is_empty() {
+        let pos = libc::off_t::try_from(off)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset"))?;
+        let n = call(rest, pos);
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(zero));
+        }
+        off += n as u64;
+        advance(&mut rest, n as usize);
+    }
+    Ok(off)
+}
+
 impl BlockDevice for FileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -146,33 +178,25 @@ impl BlockDevice for FileDevice {
         for group in bufs.chunks_mut(IOV_MAX) {
             let mut slices: Vec<io::IoSliceMut<'_>> =
                 group.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
-            let mut rest: &mut [io::IoSliceMut<'_>] = &mut slices;
-            while !rest.is_empty() {
-                let pos = libc::off_t::try_from(off)
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset"))?;
-                // SAFETY: `IoSliceMut` is ABI-compatible with `iovec`; `rest` holds at most
-                // IOV_MAX valid, writable buffers borrowed for the call.
-                let n = unsafe {
-                    libc::preadv(
-                        self.file.as_raw_fd(),
-                        rest.as_ptr().cast::<libc::iovec>(),
-                        rest.len() as libc::c_int,
-                        pos,
-                    )
-                };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
+            let eof = io::ErrorKind::UnexpectedEof;
+            off = all_vectored(
+                &mut slices,
+                off,
+                eof,
+                io::IoSliceMut::advance_slices,
+                |rest, pos| {
+                    // SAFETY: `IoSliceMut` is ABI-compatible with `iovec`; `rest` holds at most
+                    // IOV_MAX valid, writable buffers borrowed for the call.
+                    unsafe {
+                        libc::preadv(
+                            self.file.as_raw_fd(),
+                            rest.as_ptr().cast::<libc::iovec>(),
+                            rest.len() as libc::c_int,
+                            pos,
+                        )
                     }
-                    return Err(e);
-                }
-                if n == 0 {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-                }
-                off += n as u64;
-                io::IoSliceMut::advance_slices(&mut rest, n as usize);
-            }
+                },
+            )?;
         }
         Ok(())
     }
@@ -185,33 +209,25 @@ impl BlockDevice for FileDevice {
         for group in bufs.chunks(IOV_MAX) {
             let mut slices: Vec<io::IoSlice<'_>> =
                 group.iter().map(|b| io::IoSlice::new(b)).collect();
-            let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
-            while !rest.is_empty() {
-                let pos = libc::off_t::try_from(off)
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset"))?;
-                // SAFETY: `IoSlice` is ABI-compatible with `iovec`; `rest` holds at most
-                // IOV_MAX valid buffers borrowed for the call.
-                let n = unsafe {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        rest.as_ptr().cast::<libc::iovec>(),
-                        rest.len() as libc::c_int,
-                        pos,
-                    )
-                };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
+            let zero = io::ErrorKind::WriteZero;
+            off = all_vectored(
+                &mut slices,
+                off,
+                zero,
+                io::IoSlice::advance_slices,
+                |rest, pos| {
+                    // SAFETY: `IoSlice` is ABI-compatible with `iovec`; `rest` holds at most
+                    // IOV_MAX valid buffers borrowed for the call.
+                    unsafe {
+                        libc::pwritev(
+                            self.file.as_raw_fd(),
+                            rest.as_ptr().cast::<libc::iovec>(),
+                            rest.len() as libc::c_int,
+                            pos,
+                        )
                     }
-                    return Err(e);
-                }
-                if n == 0 {
-                    return Err(io::Error::from(io::ErrorKind::WriteZero));
-                }
-                off += n as u64;
-                io::IoSlice::advance_slices(&mut rest, n as usize);
-            }
+                },
+            )?;
         }
         Ok(())
     }

@@ -804,12 +804,17 @@ mod tests {
 
     /// One entry writing `blocks` with `v` (metadata-style images).
     fn write(v: &mut Volume, blocks: &[u64], fill: u8) {
+        commit_images(v, blocks, fill);
+        v.sync().unwrap();
+    }
+
+    /// One transaction writing `blocks` with `fill`, committed only.
+    fn commit_images(v: &mut Volume, blocks: &[u64], fill: u8) {
         let mut tx = Transaction::new();
         for &b in blocks {
             tx.write_meta(b, blk(fill));
         }
         v.commit(tx).unwrap();
-        v.sync().unwrap();
     }
 
     fn header(v: &Volume, seq: u64) -> EntryHeader {
@@ -1172,11 +1177,7 @@ mod tests {
 
     /// One transaction writing `blocks` with `fill`, its LU entry appended, not synced.
     fn write_unsynced(v: &mut Volume, blocks: &[u64], fill: u8) {
-        let mut tx = Transaction::new();
-        for &b in blocks {
-            tx.write_meta(b, blk(fill));
-        }
-        v.commit(tx).unwrap();
+        commit_images(v, blocks, fill);
         v.seal_local_unreflected().unwrap();
     }
 
