@@ -246,8 +246,12 @@ pub struct Journal {
     /// Offset where the next entry is placed (before a possible wrap).
     head: u64,
     retained: VecDeque<EntryLoc>,
-    /// Seq of the newest entry written (`Seq::NONE` if none ever).
+    /// Seq of the newest entry appended (`Seq::NONE` if none ever).
     last_seq: Seq,
+    /// Seq of the newest entry whose bytes, and every older entry's, are written: below
+    /// `last_seq` while entries prepared by [`Journal::prepare_entry`] await their write.
+    /// A sync makes this one durable, not `last_seq`.
+    written_seq: Seq,
     /// Newest seq known durable.
     durable_seq: Seq,
     /// The seq the next entry gets.
@@ -385,6 +389,7 @@ impl Journal {
             dev,
             head: hdr.tail_offset,
             last_seq: hdr.tail_prev_seq,
+            written_seq: hdr.tail_prev_seq,
             durable_seq: hdr.tail_prev_seq,
             next: Seq::NONE,
             hdr,
@@ -407,6 +412,7 @@ impl Journal {
         if let Some(last) = entries.last() {
             j.head = last.offset + last.total_len;
             j.last_seq = last.seq;
+            j.written_seq = last.seq;
             j.durable_seq = last.seq;
         }
         // After a crash `seq_reserved` is above anything that may have been issued; after a
@@ -751,8 +757,65 @@ impl Journal {
         &mut self,
         e: &NewEntry<'_>,
     ) -> Result<(EntryLoc, EntryInfo), JournalError> {
+        let before = self.placement();
+        let (info, head) = self.prepare_entry(e)?;
+        let loc = *self.retained.back().expect("the entry just placed");
+        self.write_placed(e, &head, &loc, before)?;
+        Ok((loc, info))
+    }
+
+    /// Writes the entry; returns where, and its descriptors.
+    fn append_unindexed(
+        &mut self,
+        e: &NewEntry<'_>,
+    ) -> Result<(EntryLoc, Vec<Descriptor>), JournalError> {
+        let before = self.placement();
+        let (loc, descriptors, head) = self.place_entry(e)?;
+        self.write_placed(e, &head, &loc, before)?;
+        Ok((loc, descriptors))
+    }
+
+    /// Where the next entry would be placed from: the head and the seqs.
+    fn placement(&self) -> (u64, Seq, Seq) {
+        (self.head, self.last_seq, self.next)
+    }
+
+    /// Writes the entry [`Journal::place_entry`] placed last; if the write fails, the
+    /// journal forgets the entry again, back to `before` ([`Journal::placement`]).
+    fn write_placed(
+        &mut self,
+        e: &NewEntry<'_>,
+        head: &[u8],
+        loc: &EntryLoc,
+        before: (u64, Seq, Seq),
+    ) -> Result<(), JournalError> {
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(e.blocks.len() + 1);
+        bufs.push(head);
+        bufs.extend(e.blocks.iter().filter_map(|(_, b)| match b {
+            EntryBlock::Image(d) => Some(*d),
+            _ => None,
+        }));
+        if let Err(err) = self.dev.write_vectored_at(&bufs, loc.offset) {
+            self.retained.pop_back();
+            (self.head, self.last_seq, self.next) = before;
+            return Err(JournalError::io("writing a journal entry")(err));
+        }
+        self.entry_written(loc.seq);
+        Ok(())
+    }
+
+    /// Places the entry at the head as [`Journal::append`] does, without writing it:
+    /// returns what [`Journal::read_entry`] will read back, and the entry's header and
+    /// descriptor bytes. The caller writes those at the entry's offset followed by its
+    /// images (in the blocks' order), then reports with [`Journal::entry_written`], in the
+    /// order the entries were prepared. Until then a sync does not make the entry durable,
+    /// and a read of it returns what the device held before.
+    pub fn prepare_entry(
+        &mut self,
+        e: &NewEntry<'_>,
+    ) -> Result<(EntryInfo, Vec<u8>), JournalError> {
         let durable_seq = self.durable_seq;
-        let (loc, descriptors) = self.append_unindexed(e)?;
+        let (loc, descriptors, head) = self.place_entry(e)?;
         let info = EntryInfo {
             seq: loc.seq,
             prev_seq: loc.prev_seq,
@@ -765,14 +828,14 @@ impl Journal {
             total_len: loc.total_len,
             descriptors,
         };
-        Ok((loc, info))
+        Ok((info, head))
     }
 
-    /// Writes the entry; returns where, and its descriptors.
-    fn append_unindexed(
+    /// Places the entry at the head: its location, descriptors, and header bytes.
+    fn place_entry(
         &mut self,
         e: &NewEntry<'_>,
-    ) -> Result<(EntryLoc, Vec<Descriptor>), JournalError> {
+    ) -> Result<(EntryLoc, Vec<Descriptor>, Vec<u8>), JournalError> {
         let bs = self.hdr.bs();
         let n_images = e
             .blocks
@@ -814,11 +877,10 @@ impl Journal {
         }
         let offset = self.place(total_len)?;
         let prev_seq = self.last_seq;
-        // The header and descriptors in one buffer, the images written from where they
+        // The header and descriptors in one buffer; the images are written from where they
         // are (one vectored write: no copy of megabytes into an entry buffer first).
         let images_start = EntryInfo::images_start(e.blocks.len(), bs) as usize;
         let mut buf = vec![0u8; images_start];
-        let mut images: Vec<&[u8]> = Vec::with_capacity(e.blocks.len() + 1);
         let mut descriptors = Vec::with_capacity(e.blocks.len());
         for (i, (block, b)) in e.blocks.iter().enumerate() {
             let d = &mut buf[ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN..][..DESCRIPTOR_LEN];
@@ -843,9 +905,6 @@ impl Journal {
                 kind,
                 crc,
             });
-            if let EntryBlock::Image(data) = b {
-                images.push(data);
-            }
         }
         let dend = ENTRY_HEADER_LEN + DESCRIPTOR_LEN * e.blocks.len();
         let descr_crc = crc32c(&buf[ENTRY_HEADER_LEN..dend]);
@@ -865,10 +924,6 @@ impl Journal {
         put_u64(h, 76, self.durable_seq.0);
         let crc = crc32c(&h[..124]);
         put_u32(h, 124, crc);
-        images.insert(0, &buf);
-        self.dev
-            .write_vectored_at(&images, offset)
-            .map_err(JournalError::io("writing a journal entry"))?;
         let loc = EntryLoc {
             seq,
             prev_seq,
@@ -881,9 +936,16 @@ impl Journal {
         self.head = offset + total_len;
         self.last_seq = seq;
         self.next = self.next.max(seq.next());
+        Ok((loc, descriptors, buf))
+    }
+
+    /// The entry `seq` prepared by [`Journal::prepare_entry`] is written, and so is every
+    /// entry before it: the next sync makes them durable.
+    pub fn entry_written(&mut self, seq: Seq) {
+        debug_assert!(seq > self.written_seq && seq <= self.last_seq);
+        self.written_seq = seq;
         self.unsynced = true;
         self.writes += 1;
-        Ok((loc, descriptors))
     }
 
     /// Whether an entry with this seq (`None`: the next one) needs [`Journal::reserve`]
@@ -909,7 +971,7 @@ impl Journal {
                 .map_err(JournalError::io("syncing the journal"))?;
             self.unsynced = false;
         }
-        self.durable_seq = self.last_seq;
+        self.durable_seq = self.written_seq;
         Ok(())
     }
 
@@ -918,6 +980,11 @@ impl Journal {
     /// [`Journal::synced_ahead`].
     pub fn unsynced_mark(&self) -> Option<u64> {
         self.unsynced.then_some(self.writes)
+    }
+
+    /// The count of writes so far, unsynced or not ([`Journal::unsynced_mark`]'s unit).
+    pub fn write_mark(&self) -> u64 {
+        self.writes
     }
 
     /// The device was synced after the writes up to `mark` (without the caller's lock):
@@ -946,7 +1013,7 @@ impl Journal {
             .sync()
             .map_err(JournalError::io("syncing the journal header"))?;
         self.unsynced = false;
-        self.durable_seq = self.last_seq;
+        self.durable_seq = self.written_seq;
         self.hdr = h;
         self.next_slot ^= 1;
         Ok(())
@@ -979,6 +1046,7 @@ impl Journal {
                 self.last_seq = self.hdr.tail_prev_seq;
             }
         }
+        self.written_seq = self.last_seq;
         self.durable_seq = self.last_seq;
         if invalidate {
             self.dev
@@ -1019,6 +1087,7 @@ impl Journal {
         };
         self.head = tail;
         self.last_seq = prev;
+        self.written_seq = prev;
         self.next = self.next.max(prev.next());
         let reserve = Seq(self.next.0 + SEQ_RESERVE_STEP);
         self.update_header(|h| {

@@ -81,6 +81,11 @@ pub struct VolumeOptions {
     /// Checkpoint when entries since the last checkpoint hold this many bytes written in
     /// place: bounds what recovery reads to check that data (FORMAT.md §2.3).
     pub checkpoint_inplace_bytes: u64,
+    /// While taking over, a thread writes the local-unreflected area's full entries
+    /// behind the writers (FORMAT.md §5.1); `false`: the area's next step does, so that
+    /// when they reach the device follows from the calls alone (the deterministic
+    /// simulation's crash points).
+    pub lu_writer_thread: bool,
 }
 
 impl Default for VolumeOptions {
@@ -108,6 +113,7 @@ impl Default for VolumeOptions {
             // 128 MiB: a checkpoint (two syncs) per 128 MiB of bulk data costs nothing
             // measurable, and recovery then reads at most that much to check it.
             checkpoint_inplace_bytes: 128 << 20,
+            lu_writer_thread: true,
         }
     }
 }

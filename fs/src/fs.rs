@@ -1960,9 +1960,17 @@ impl Fs {
     /// Periodic work (group commit timer, checkpoints); call about every 100 ms.
     pub fn maintain(&self) -> FsResult<()> {
         let now = Instant::now();
-        // Without the lock: a due group commit's flush of the data written in place runs
-        // while the filesystem goes on serving.
-        let flushed = self.flush_unlocked(|v| v.commit_due(now));
+        // Without the lock: a due group commit's flush of the data written in place (and
+        // of the LU's open entry, sealed first under a short lock) runs while the
+        // filesystem goes on serving.
+        let (due, taking) = {
+            let core = self.read_core();
+            (core.vol.commit_due(now), core.vol.is_taking_over())
+        };
+        if due && taking {
+            self.write_core().vol.seal_local_unreflected()?;
+        }
+        let flushed = self.flush_unlocked(|_| due);
         let (did, writeback) = {
             let mut core = self.write_core();
             if let Some(f) = flushed {

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::behind::{Behind, LuFlush, Writer};
 use crate::device::BlockDevice;
 use crate::error::JournalError;
 use crate::journal::{EntryBlock, EntryInfo, FLAG_FREES, Journal, JournalExpect, NewEntry};
@@ -22,6 +23,10 @@ use crate::types::{BlockNo, Seq, VolumeId};
 
 /// An append slower than this is logged (debug) with where its time went.
 const SLOW_APPEND: std::time::Duration = std::time::Duration::from_millis(5);
+/// Entries written behind the writers at most at once ([`LuArea::append_behind`]): what
+/// memory holds of them beyond the open entry. A writer that would exceed it waits for the
+/// oldest.
+const MAX_BEHIND: usize = 2;
 
 /// The local-unreflected area of one node.
 pub struct LuArea {
@@ -35,6 +40,13 @@ pub struct LuArea {
     entries: VecDeque<EntryInfo>,
     /// For every block written here: the newest seq and the index of its descriptor.
     newest: HashMap<BlockNo, (Seq, usize)>,
+    /// Entries placed whose bytes are not known written yet, oldest first (served from
+    /// here until then).
+    behind: VecDeque<Arc<Behind>>,
+    /// Writes them; `None` until the first is placed, or for good if entries are written
+    /// by this area's next step instead ([`LuArea::write_behind_by_thread`]).
+    writer: Option<Writer>,
+    threaded: bool,
     bs: usize,
 }
 
@@ -74,6 +86,9 @@ impl LuArea {
             writeback_mark: None,
             entries: VecDeque::new(),
             newest: HashMap::new(),
+            behind: VecDeque::new(),
+            writer: None,
+            threaded: true,
             bs: expect.block_size as usize,
         };
         for e in entries {
@@ -119,22 +134,16 @@ impl LuArea {
         frees: bool,
         blocks: &[(BlockNo, &[u8])],
     ) -> Result<(), JournalError> {
-        if blocks.iter().any(|(_, d)| d.len() != self.bs) {
-            return Err(JournalError::Mismatch(format!(
-                "an LU entry block is not {} bytes",
-                self.bs
-            )));
-        }
+        self.check_block_sizes(blocks.iter().map(|(_, d)| d.len()))?;
+        // Its write comes after theirs: the journal counts entries written in order.
+        self.settle()?;
         let t0 = std::time::Instant::now();
         let mut sorted: Vec<(BlockNo, EntryBlock<'_>)> = blocks
             .iter()
             .map(|(b, d)| (*b, EntryBlock::Image(d)))
             .collect();
         sorted.sort_by_key(|(b, _)| *b);
-        let reserved = self.journal.needs_reservation(seq);
-        if reserved {
-            self.journal.reserve(seq)?;
-        }
+        let reserved = self.reserve_for(seq)?;
         let t1 = std::time::Instant::now();
         let (_, info) = self.journal.append_with_info(&NewEntry {
             seq: Some(seq),
@@ -159,17 +168,153 @@ impl LuArea {
         Ok(())
     }
 
-    /// Makes every entry written durable.
+    /// Appends one entry as [`LuArea::append`] does, but leaves its bytes to be written
+    /// behind the caller (by the area's writer thread, or by its next step): its blocks
+    /// are read from memory until then. At most [`MAX_BEHIND`] are under way; beyond, the
+    /// caller writes or waits for the oldest. `blocks` are in increasing order.
+    pub fn append_behind(
+        &mut self,
+        seq: Seq,
+        timestamp_ns: u64,
+        n_tx: u32,
+        frees: bool,
+        blocks: Vec<(BlockNo, Arc<[u8]>)>,
+    ) -> Result<(), JournalError> {
+        self.check_block_sizes(blocks.iter().map(|(_, d)| d.len()))?;
+        self.reap()?;
+        while self.behind.len() >= MAX_BEHIND {
+            self.write_oldest()?;
+        }
+        self.reserve_for(seq)?;
+        let refs: Vec<(BlockNo, EntryBlock<'_>)> = blocks
+            .iter()
+            .map(|(b, d)| (*b, EntryBlock::Image(d)))
+            .collect();
+        let (info, head) = self.journal.prepare_entry(&NewEntry {
+            seq: Some(seq),
+            timestamp_ns,
+            n_tx,
+            flags: if frees { FLAG_FREES } else { 0 },
+            blocks: &refs,
+        })?;
+        drop(refs);
+        let b = Behind::new(seq, info.offset, head, blocks);
+        self.index(info);
+        self.behind.push_back(b.clone());
+        if self.threaded && self.writer.is_none() {
+            match Writer::start(self.dev.clone()) {
+                Ok(w) => self.writer = Some(w),
+                // Then the area's next step writes it.
+                Err(e) => {
+                    tracing::warn!(error = %e, "no thread to write local-unreflected entries: writing them inline")
+                }
+            }
+        }
+        if let Some(w) = &self.writer {
+            w.send(b);
+        }
+        Ok(())
+    }
+
+    /// Entries are written by this area's next step ([`LuArea::reap`], and everything that
+    /// needs them on the device) instead of a thread: `false` makes the timing of the
+    /// writes a function of the calls (the deterministic simulation's crash points).
+    pub fn write_behind_by_thread(&mut self, threaded: bool) {
+        self.threaded = threaded;
+    }
+
+    fn check_block_sizes(&self, mut lens: impl Iterator<Item = usize>) -> Result<(), JournalError> {
+        if lens.any(|l| l != self.bs) {
+            return Err(JournalError::Mismatch(format!(
+                "an LU entry block is not {} bytes",
+                self.bs
+            )));
+        }
+        Ok(())
+    }
+
+    /// Raises the journal's seq reservation if `seq` needs it; whether it did.
+    fn reserve_for(&mut self, seq: Seq) -> Result<bool, JournalError> {
+        let needed = self.journal.needs_reservation(seq);
+        if needed {
+            self.journal.reserve(seq)?;
+        }
+        Ok(needed)
+    }
+
+    /// Counts the entries written behind that are done, oldest first, as written (the
+    /// next sync makes them durable); fails if one of them failed. Without a writer
+    /// thread, writes them first.
+    pub fn reap(&mut self) -> Result<(), JournalError> {
+        if self.writer.is_none() && !self.behind.is_empty() {
+            return self.settle();
+        }
+        while let Some(b) = self.behind.front() {
+            match b.outcome() {
+                None => break,
+                Some(Ok(())) => {
+                    self.journal.entry_written(b.seq);
+                    self.behind.pop_front();
+                }
+                Some(Err(e)) => {
+                    return Err(JournalError::io("writing a local-unreflected entry")(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest entry written behind (or waits for the thread writing it).
+    fn write_oldest(&mut self) -> Result<(), JournalError> {
+        // (A failed one stays: its blocks are still read from memory.)
+        if let Some(b) = self.behind.front().cloned() {
+            b.write(&*self.dev)
+                .map_err(JournalError::io("writing a local-unreflected entry"))?;
+            self.journal.entry_written(b.seq);
+            self.behind.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Every entry placed is on the device (not necessarily durable) on return.
+    pub fn settle(&mut self) -> Result<(), JournalError> {
+        while !self.behind.is_empty() {
+            self.write_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// The seqs of the entries placed whose bytes are not known written yet (a kill
+    /// before their write loses them, as it loses the open entry).
+    pub fn unwritten(&self) -> Vec<Seq> {
+        self.behind.iter().map(|b| b.seq).collect()
+    }
+
+    /// The entry written behind with this seq, if not known written yet.
+    fn behind(&self, seq: Seq) -> Option<&Behind> {
+        self.behind.iter().find(|b| b.seq == seq).map(|b| &**b)
+    }
+
+    /// Makes every entry appended durable.
     pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.settle()?;
         self.journal.sync()
     }
 
     /// Entries written and not durable: the device, for a sync without the volume's lock,
     /// and a mark of the writes so far for [`LuArea::synced_ahead`].
-    pub fn flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
-        self.journal
-            .unsynced_mark()
-            .map(|mark| (self.dev.clone(), mark))
+    pub fn flush_ahead(&self) -> Option<LuFlush> {
+        let mark = match self.journal.unsynced_mark() {
+            Some(m) => m,
+            None if !self.behind.is_empty() => self.journal.write_mark(),
+            None => return None,
+        };
+        Some(LuFlush {
+            dev: self.dev.clone(),
+            // Each entry under way counts one write once reaped.
+            mark: mark + self.behind.len() as u64,
+            behind: self.behind.iter().cloned().collect(),
+        })
     }
 
     /// The device, if entries were written since the last call and are not durable: for
@@ -184,7 +329,10 @@ impl LuArea {
     /// meanwhile) counts for nothing.
     pub fn synced_ahead(&mut self, dev: &Arc<dyn BlockDevice>, mark: u64) {
         if Arc::ptr_eq(dev, &self.dev) {
-            self.journal.synced_ahead(mark);
+            // (A failed write is reported by the area's next step.)
+            if self.reap().is_ok() {
+                self.journal.synced_ahead(mark);
+            }
         }
     }
 
@@ -204,6 +352,13 @@ impl LuArea {
         let Some(&(seq, idx)) = self.newest.get(&block) else {
             return Ok(None);
         };
+        if let Some(b) = self.behind(seq) {
+            let (_, d) = b.blocks.get(idx).ok_or_else(|| {
+                JournalError::Mismatch(format!("LU entry {seq} has no block {idx}"))
+            })?;
+            buf.copy_from_slice(d);
+            return Ok(Some(seq));
+        }
         let e = self.entry(seq).ok_or_else(|| {
             JournalError::Mismatch(format!("LU index names entry {seq}, which is not held"))
         })?;
@@ -230,6 +385,23 @@ impl LuArea {
 
     /// The entry `seq` as the journal applies it (every block an image, none fresh).
     pub fn wire_entry(&self, seq: Seq) -> Result<WireEntry, JournalError> {
+        if let (Some(b), Some(info)) = (self.behind(seq), self.entry(seq)) {
+            return Ok(WireEntry {
+                seq,
+                prev_seq: info.prev_seq,
+                timestamp_ns: info.timestamp_ns,
+                blocks: b
+                    .blocks
+                    .iter()
+                    .map(|(block, d)| WireBlock {
+                        block: *block,
+                        data: d.to_vec(),
+                        fresh: false,
+                    })
+                    .collect(),
+                frees: info.flags & FLAG_FREES != 0,
+            });
+        }
         let loc = self
             .journal
             .find(seq)
@@ -269,6 +441,8 @@ impl LuArea {
         if self.entries.front().is_none_or(|e| e.seq > seq) {
             return Ok(());
         }
+        // No write may land in room that is free again.
+        self.settle()?;
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             let Some(e) = self.entries.pop_front() else {
                 break;
@@ -338,7 +512,7 @@ impl LuArea {
 
     /// Closes cleanly.
     pub fn close(&mut self) -> Result<(), JournalError> {
-        self.journal.sync()?;
+        self.sync()?;
         let merged = self.base().unwrap_or(self.journal.last_seq());
         self.journal.persist_tail(merged, true)
     }
@@ -539,5 +713,151 @@ mod tests {
                 "seed {seed}: a merged entry came back"
             );
         }
+    }
+
+    /// A device whose writes wait while its gate is closed (a slow disk under the writer
+    /// thread).
+    struct Gated {
+        dev: Arc<CrashDevice>,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl Gated {
+        fn set(&self, open: bool) {
+            *self.open.lock().unwrap() = open;
+            self.opened.notify_all();
+        }
+        fn wait(&self) {
+            let mut g = self.open.lock().unwrap();
+            while !*g {
+                g = self.opened.wait(g).unwrap();
+            }
+        }
+    }
+
+    impl BlockDevice for Gated {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.dev.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.wait();
+            self.dev.write_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.dev.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.dev.set_len(len)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.dev.sync()
+        }
+    }
+
+    fn arcs(blocks: &[(u64, u8)]) -> Vec<(u64, Arc<[u8]>)> {
+        blocks
+            .iter()
+            .map(|&(b, f)| (b, Arc::from(block(f))))
+            .collect()
+    }
+
+    fn reopened(img: Vec<u8>) -> LuArea {
+        LuArea::open(Box::new(MemDevice::from_bytes(img)), expect(), Seq::NONE).unwrap()
+    }
+
+    #[test]
+    fn an_entry_written_behind_is_read_from_memory_until_written_and_durable_only_once_written() {
+        let dev = Arc::new(CrashDevice::new(64 * BS as u64));
+        LuArea::format(&*dev, VolumeId::default(), BS as u32, 1000).unwrap();
+        let gated = Arc::new(Gated {
+            dev: dev.clone(),
+            open: std::sync::Mutex::new(true),
+            opened: std::sync::Condvar::new(),
+        });
+        let mut lu = LuArea::open(Box::new(gated.clone()), expect(), Seq::NONE).unwrap();
+        lu.begin(Seq(100)).unwrap();
+        gated.set(false);
+        lu.append_behind(Seq(101), 5, 2, true, arcs(&[(3, 1), (7, 2)]))
+            .unwrap();
+        // Not on the device yet: served from memory, indexed, not durable.
+        let mut buf = block(0);
+        assert_eq!(lu.read(7, &mut buf).unwrap(), Some(Seq(101)));
+        assert_eq!(buf, block(2));
+        let w = lu.wire_entry(Seq(101)).unwrap();
+        assert_eq!((w.prev_seq, w.timestamp_ns, w.frees), (Seq(100), 5, true));
+        assert_eq!(
+            w.blocks
+                .iter()
+                .map(|b| (b.block, b.data[0]))
+                .collect::<Vec<_>>(),
+            vec![(3, 1), (7, 2)]
+        );
+        lu.reap().unwrap();
+        assert_eq!(lu.last_seq(), Seq(101));
+        assert_eq!(lu.durable_seq(), Seq(100));
+        assert_eq!(
+            reopened(dev.written()).last_seq(),
+            Seq(100),
+            "nothing written yet"
+        );
+        // The thread writes it once the disk lets it; a sync waits for that.
+        gated.set(true);
+        lu.sync().unwrap();
+        assert_eq!(lu.durable_seq(), Seq(101));
+        let back = reopened(dev.crash_point().durable_image());
+        assert_eq!(back.last_seq(), Seq(101));
+        assert_eq!(back.read(3, &mut buf).unwrap(), Some(Seq(101)));
+        assert_eq!(buf, block(1));
+        // An entry appended inline after one written behind follows it on the device.
+        gated.set(false);
+        lu.append_behind(Seq(102), 6, 1, false, arcs(&[(7, 3)]))
+            .unwrap();
+        gated.set(true);
+        lu.append(Seq(103), 7, 1, false, &[(8, &block(4))]).unwrap();
+        lu.sync().unwrap();
+        let back = reopened(dev.crash_point().durable_image());
+        assert_eq!(back.last_seq(), Seq(103));
+        assert_eq!(back.read(7, &mut buf).unwrap(), Some(Seq(102)));
+        assert_eq!(buf, block(3));
+    }
+
+    #[test]
+    fn without_the_thread_an_entry_behind_reaches_the_device_at_the_areas_next_step() {
+        let dev = Arc::new(CrashDevice::new(64 * BS as u64));
+        LuArea::format(&*dev, VolumeId::default(), BS as u32, 1000).unwrap();
+        let mut lu = LuArea::open(Box::new(dev.clone()), expect(), Seq::NONE).unwrap();
+        lu.write_behind_by_thread(false);
+        lu.begin(Seq(10)).unwrap();
+        let before = dev.written();
+        lu.append_behind(Seq(11), 1, 1, false, arcs(&[(1, 9)]))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(dev.written() == before, "written before the next step");
+        let mut buf = block(0);
+        assert_eq!(lu.read(1, &mut buf).unwrap(), Some(Seq(11)));
+        assert_eq!(buf, block(9));
+        lu.reap().unwrap();
+        assert_eq!(reopened(dev.written()).last_seq(), Seq(11));
+        lu.sync().unwrap();
+        assert_eq!(lu.durable_seq(), Seq(11));
+    }
+
+    #[test]
+    fn a_failed_write_behind_is_reported_and_its_blocks_stay_readable() {
+        let dev = Arc::new(CrashDevice::new(64 * BS as u64));
+        LuArea::format(&*dev, VolumeId::default(), BS as u32, 1000).unwrap();
+        let mut lu = LuArea::open(Box::new(dev.clone()), expect(), Seq::NONE).unwrap();
+        lu.begin(Seq(10)).unwrap();
+        dev.fail_from_now();
+        lu.append_behind(Seq(11), 1, 1, false, arcs(&[(4, 5)]))
+            .unwrap();
+        let err = lu.sync().unwrap_err();
+        assert!(matches!(err, JournalError::Io { .. }), "{err}");
+        assert!(lu.reap().is_err(), "the failure is reported again");
+        let mut buf = block(0);
+        assert_eq!(lu.read(4, &mut buf).unwrap(), Some(Seq(11)));
+        assert_eq!(buf, block(5));
+        assert_eq!(lu.durable_seq(), Seq(10));
     }
 }

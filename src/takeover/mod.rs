@@ -8,10 +8,12 @@
 //! Built so far: these structures, their persistence and recovery. The role sub-machines
 //! that drive them (freeze, drain, merge, stream-back) are being built (issue 10).
 
+mod behind;
 mod fetch;
 mod location;
 mod lu;
 
+pub use behind::LuFlush;
 pub use fetch::{FetchMessage, MAX_FETCH_BLOCKS};
 pub use location::{
     BacklogSummary, EntryHeader, HeaderError, Location, MAX_HEADER_BLOCKS, RemoteIndex, locate,

@@ -5,8 +5,10 @@
 //!
 //! Two areas are written outside the journal's ordered appends: the normal area (data
 //! written in place) and, while taking over, the local-unreflected area (the writers'
-//! entries). [`Volume::flush_ahead`] names each with a mark of its writes so far; the
-//! caller syncs them without the lock ([`FlushAhead::run`]) and hands the result back
+//! entries). [`Volume::flush_ahead`] names each with a mark of its writes so far (for the
+//! LU, counting the entries still being written behind, which the flush writes or waits
+//! for first: FORMAT.md §5.1); the caller syncs them without the lock
+//! ([`FlushAhead::run`]) and hands the result back
 //! ([`Volume::flushed_ahead`]); the sync under the lock then syncs again only what was
 //! written after the marks. Making written data durable early never breaks an ordering
 //! rule (FORMAT.md §2.4: they say what must be durable before something is *written*).
@@ -16,12 +18,13 @@ use std::sync::Arc;
 
 use super::{Volume, VolumeError};
 use crate::device::BlockDevice;
+use crate::takeover::LuFlush;
 
 /// What a sync can flush without the volume's lock: each area's device with writes not
 /// yet durable, and a mark of those writes.
 pub struct FlushAhead {
     normal: Option<(Arc<dyn BlockDevice>, u64)>,
-    lu: Option<(Arc<dyn BlockDevice>, u64)>,
+    lu: Option<LuFlush>,
 }
 
 /// Each area's mark in a [`FlushAhead`] (`None`: nothing to flush there).
@@ -43,7 +46,7 @@ impl FlushAhead {
     pub fn marks(&self) -> FlushMarks {
         FlushMarks {
             normal: self.normal.as_ref().map(|(_, m)| *m),
-            lu: self.lu.as_ref().map(|(_, m)| *m),
+            lu: self.lu.as_ref().map(LuFlush::mark),
         }
     }
 
@@ -58,9 +61,8 @@ impl FlushAhead {
                 return out;
             }
         }
-        if let Some((dev, mark)) = self.lu {
-            let r = dev.sync_separately();
-            out.lu = Some((dev, mark, r));
+        if let Some(lu) = self.lu {
+            out.lu = Some(lu.run());
         }
         out
     }

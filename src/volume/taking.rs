@@ -124,7 +124,7 @@ impl Taking {
     }
 
     /// See [`LuArea::flush_ahead`].
-    pub(super) fn lu_flush_ahead(&self) -> Option<(Arc<dyn BlockDevice>, u64)> {
+    pub(super) fn lu_flush_ahead(&self) -> Option<crate::takeover::LuFlush> {
         self.lu.flush_ahead()
     }
 
@@ -136,6 +136,20 @@ impl Taking {
     /// See [`LuArea::take_writeback`].
     pub(super) fn lu_take_writeback(&mut self) -> Option<Arc<dyn BlockDevice>> {
         self.lu.take_writeback()
+    }
+
+    /// Appends the open entry to the LU, with the next seq, its bytes written behind the
+    /// caller ([`LuArea::append_behind`]): what a writer whose transaction fills the open
+    /// entry does, without waiting for megabytes to be written.
+    fn seal_open_behind(&mut self) -> Result<(), JournalError> {
+        if self.open.blocks.is_empty() {
+            return Ok(());
+        }
+        let seq = self.lu.last_seq().next();
+        let o = std::mem::take(&mut self.open);
+        let blocks: Vec<(BlockNo, Arc<[u8]>)> = o.blocks.into_iter().collect();
+        self.lu
+            .append_behind(seq, o.last_ts, o.n_tx, o.frees, blocks)
     }
 
     /// Appends the open entry to the LU, with the next seq.
@@ -257,6 +271,7 @@ impl Volume {
         }
         let mut remote = remote;
         remote.applied(last);
+        lu.write_behind_by_thread(self.opts.lu_writer_thread);
         self.fetching.store(true, Release);
         self.taking = Some(Box::new(Taking {
             lu,
@@ -321,6 +336,14 @@ impl Volume {
             // Conservative: the blocks may include frees' bitmaps.
             frees: true,
         })
+    }
+
+    /// Taking over: the LU entries sealed whose bytes are not known written yet
+    /// ([`LuArea::unwritten`]).
+    pub fn local_unreflected_unwritten(&self) -> Vec<Seq> {
+        self.taking
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.lu.unwritten())
     }
 
     /// The newest seq sealed here: while taking over, the local-unreflected area's (its
@@ -498,6 +521,9 @@ impl Volume {
         let Some(t) = self.taking.as_mut() else {
             return Err(VolumeError::InvalidParams("not taking over".into()));
         };
+        if let Err(e) = t.lu.reap() {
+            return self.poison(e.into());
+        }
         let grown = |t: &Taking| {
             t.open.blocks.len()
                 + list
@@ -509,7 +535,7 @@ impl Volume {
         // never runs out of room.
         let n = grown(t);
         if !t.open.blocks.is_empty() && (!t.lu.fits(n) || (n * bs) as u64 > limit) {
-            if let Err(e) = t.seal_open() {
+            if let Err(e) = t.seal_open_behind() {
                 return self.poison(e.into());
             }
         }
@@ -565,11 +591,12 @@ impl Volume {
         Ok(out)
     }
 
-    /// Taking over: appends the LU's open entry (written, not durable), so that a sync can
-    /// flush it without the lock ([`Volume::flush_ahead`]). Nothing otherwise.
+    /// Taking over: appends the LU's open entry, its bytes written behind the caller (not
+    /// durable), so that a sync writes and flushes it without the lock
+    /// ([`Volume::flush_ahead`]). Nothing otherwise.
     pub fn seal_local_unreflected(&mut self) -> Result<(), VolumeError> {
         if let Some(t) = self.taking.as_mut() {
-            if let Err(e) = t.seal_open() {
+            if let Err(e) = t.seal_open_behind() {
                 return self.poison(e.into());
             }
         }

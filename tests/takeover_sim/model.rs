@@ -12,6 +12,8 @@ pub(crate) struct Coverage {
     pub(crate) kills_taking_over: u64,
     pub(crate) kills_frozen: u64,
     pub(crate) kills_merging: u64,
+    /// Kills that lost local-unreflected entries sealed but not written yet.
+    pub(crate) kills_lost_unwritten: u64,
     pub(crate) fetched_blocks: u64,
     pub(crate) fetch_failures: u64,
     pub(crate) lu_writes: u64,
@@ -41,6 +43,7 @@ impl Coverage {
             (&mut self.kills_taking_over, c.kills_taking_over),
             (&mut self.kills_frozen, c.kills_frozen),
             (&mut self.kills_merging, c.kills_merging),
+            (&mut self.kills_lost_unwritten, c.kills_lost_unwritten),
             (&mut self.fetched_blocks, c.fetched_blocks),
             (&mut self.fetch_failures, c.fetch_failures),
             (&mut self.lu_writes, c.lu_writes),

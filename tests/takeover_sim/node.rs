@@ -50,6 +50,9 @@ pub(crate) fn opts() -> VolumeOptions {
         checkpoint_bytes: 6 * BS as u64,
         checkpoint_inplace_bytes: 12 * BS as u64,
         evacuation_limit: 1 << 20,
+        // The local-unreflected area's entries reach the device at the volume's next step,
+        // not when a thread gets to them: a crash point then follows from the seed alone.
+        lu_writer_thread: false,
         ..VolumeOptions::default()
     }
 }
