@@ -146,10 +146,14 @@ impl Taking {
             return Ok(());
         }
         let seq = self.lu.last_seq().next();
-        let o = std::mem::take(&mut self.open);
-        let blocks: Vec<(BlockNo, Arc<[u8]>)> = o.blocks.into_iter().collect();
+        let o = &self.open;
+        // (Shared, not moved: if the append fails, the open entry still serves its reads.)
+        let blocks: Vec<(BlockNo, Arc<[u8]>)> =
+            o.blocks.iter().map(|(b, d)| (*b, d.clone())).collect();
         self.lu
-            .append_behind(seq, o.last_ts, o.n_tx, o.frees, blocks)
+            .append_behind(seq, o.last_ts, o.n_tx, o.frees, blocks)?;
+        self.open = OpenLu::default();
+        Ok(())
     }
 
     /// Appends the open entry to the LU, with the next seq.
