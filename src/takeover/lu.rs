@@ -60,6 +60,23 @@ impl std::fmt::Debug for LuArea {
     }
 }
 
+/// The journal entry of one LU entry: every block an image.
+fn lu_entry<'a>(
+    seq: Seq,
+    timestamp_ns: u64,
+    n_tx: u32,
+    frees: bool,
+    blocks: &'a [(BlockNo, EntryBlock<'a>)],
+) -> NewEntry<'a> {
+    NewEntry {
+        seq: Some(seq),
+        timestamp_ns,
+        n_tx,
+        flags: if frees { FLAG_FREES } else { 0 },
+        blocks,
+    }
+}
+
 impl LuArea {
     /// Writes an empty area on `dev` (at `init`).
     pub fn format(
@@ -145,13 +162,9 @@ impl LuArea {
         sorted.sort_by_key(|(b, _)| *b);
         let reserved = self.reserve_for(seq)?;
         let t1 = std::time::Instant::now();
-        let (_, info) = self.journal.append_with_info(&NewEntry {
-            seq: Some(seq),
-            timestamp_ns,
-            n_tx,
-            flags: if frees { FLAG_FREES } else { 0 },
-            blocks: &sorted,
-        })?;
+        let (_, info) =
+            self.journal
+                .append_with_info(&lu_entry(seq, timestamp_ns, n_tx, frees, &sorted))?;
         let t2 = std::time::Instant::now();
         self.index(info);
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
@@ -190,13 +203,9 @@ impl LuArea {
             .iter()
             .map(|(b, d)| (*b, EntryBlock::Image(d)))
             .collect();
-        let (info, head) = self.journal.prepare_entry(&NewEntry {
-            seq: Some(seq),
-            timestamp_ns,
-            n_tx,
-            flags: if frees { FLAG_FREES } else { 0 },
-            blocks: &refs,
-        })?;
+        let (info, head) =
+            self.journal
+                .prepare_entry(&lu_entry(seq, timestamp_ns, n_tx, frees, &refs))?;
         drop(refs);
         let b = Behind::new(seq, info.offset, head, blocks);
         self.index(info);
@@ -204,8 +213,9 @@ impl LuArea {
         if self.threaded && self.writer.is_none() {
             match Writer::start(self.dev.clone()) {
                 Ok(w) => self.writer = Some(w),
-                // Then the area's next step writes it.
+                // Then the area's next steps write them (and no thread is tried again).
                 Err(e) => {
+                    self.threaded = false;
                     tracing::warn!(error = %e, "no thread to write local-unreflected entries: writing them inline")
                 }
             }
