@@ -155,6 +155,11 @@ pub enum VolumeError {
         /// Bytes for entries.
         capacity: u64,
     },
+    /// A read needs blocks from the peer while this thread defers fetches
+    /// ([`crate::volume::defer_fetches`]): the caller releases its lock, runs the fetch
+    /// and reads again. Nothing was read or changed.
+    #[error("a read needs {} blocks from the peer (fetched once the lock is released)", .0.blocks())]
+    FetchDeferred(Box<crate::volume::PeerRead>),
 }
 
 impl VolumeError {

@@ -46,11 +46,13 @@ use crate::journal::{
 use crate::repl::{EntryMeta, WireBlock, WireEntry};
 use crate::types::{BlockNo, Seq, VolumeId, crc32c, now_ns};
 
+mod apply;
 mod flush;
 mod taking;
 
+pub use apply::PlannedApply;
 pub use flush::{FlushAhead, FlushMarks, Flushed, start_writeback};
-pub use taking::{MergeStep, PeerFetch, TakeoverProgress};
+pub use taking::{MergeStep, PeerFetch, PeerRead, TakeoverProgress, defer_fetches};
 
 /// Tunables of a volume (policy apart from mechanism; defaults are safe).
 #[derive(Clone, Debug)]
@@ -1051,29 +1053,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes whole blocks into the normal area, each run of consecutive block numbers in
-    /// one write (a replicated entry or copy batch holds thousands of 4 KiB blocks).
+    /// Writes whole blocks into the normal area ([`write_runs`]); a failure poisons.
     fn write_blocks(
         &mut self,
         blocks: &[(BlockNo, &[u8])],
         op: &'static str,
     ) -> Result<(), VolumeError> {
-        let mut buf = Vec::new();
-        for run in block_runs(blocks, |&(b, _)| b, self.bs) {
-            let r = if let [(b, data)] = run {
-                self.normal.write_at(data, b * self.bs as u64)
-            } else {
-                buf.clear();
-                for (_, data) in run {
-                    buf.extend_from_slice(data);
-                }
-                self.normal.write_at(&buf, run[0].0 * self.bs as u64)
-            };
-            if let Err(source) = r {
-                return self.poison(VolumeError::Io { op, source });
-            }
+        match write_runs(&*self.normal, self.bs, blocks) {
+            Ok(()) => Ok(()),
+            Err(source) => self.poison(VolumeError::Io { op, source }),
         }
-        Ok(())
     }
 
     /// Saves aside the current content of `b` if a retained entry holds it in place and it
@@ -1274,110 +1263,6 @@ impl Volume {
         })
     }
 
-    /// Secondary: applies a replicated entry as one entry of this journal with the same
-    /// seq (an entry without blocks only records the seq). On return it is applied — every
-    /// read sees it — and written to the journal, not yet durable: the next [`Volume::sync`]
-    /// (or group commit) makes it so. A malformed entry (a block outside the volume, of the
-    /// wrong size, or named twice) is refused without writing anything.
-    pub fn apply_replicated(&mut self, e: &WireEntry) -> Result<EntryMeta, VolumeError> {
-        self.check_writable()?;
-        self.seal()?;
-        if e.seq <= self.journal.last_seq() {
-            // Not an I/O problem: refuse without stopping the volume.
-            return Err(crate::error::JournalError::SeqOrder {
-                seq: e.seq,
-                last: self.journal.last_seq(),
-            }
-            .into());
-        }
-        self.check_wire_blocks(&e.blocks)?;
-        self.copying = false;
-        if self.unsynced_frees && e.blocks.iter().any(|b| b.fresh) {
-            // A fresh block may be one an entry applied here, not yet durable, freed: make
-            // that entry durable before the block is overwritten in place.
-            self.sync()?;
-        }
-        // Blocks that were free before this entry go straight to their place (written
-        // once); the others, which the state before the entry still uses, go through the
-        // journal so that the entry applies atomically.
-        let mut images: Vec<(BlockNo, Arc<[u8]>)> = Vec::new();
-        let mut inplace: Vec<(BlockNo, u32)> = Vec::new();
-        let mut direct: Vec<(BlockNo, &[u8])> = Vec::new();
-        for b in &e.blocks {
-            if b.fresh && self.may_write_in_place(b.block) {
-                self.evacuate(b.block)?;
-                self.cache.remove(b.block);
-                direct.push((b.block, &b.data));
-                inplace.push((b.block, crc32c(&b.data)));
-            } else {
-                images.push((b.block, Arc::from(b.data.as_slice())));
-            }
-        }
-        if !direct.is_empty() {
-            self.write_blocks(&direct, "writing replicated data in place")?;
-            self.wrote_normal();
-            self.stats.inplace_bytes += (inplace.len() * self.bs) as u64;
-        }
-        let mut refs: Vec<(BlockNo, EntryBlock<'_>)> = images
-            .iter()
-            .map(|(b, d)| (*b, EntryBlock::Image(d)))
-            .collect();
-        refs.extend(
-            inplace
-                .iter()
-                .map(|&(b, crc)| (b, EntryBlock::InPlaceFresh(crc))),
-        );
-        refs.sort_unstable_by_key(|(b, _)| *b);
-        let entry = NewEntry {
-            seq: Some(e.seq),
-            timestamp_ns: e.timestamp_ns,
-            n_tx: 1,
-            flags: entry_flags(!inplace.is_empty(), e.frees),
-            blocks: &refs,
-        };
-        let appended = self.append_entry(&entry);
-        drop(refs);
-        let loc = appended?;
-        let seq = loc.seq;
-        self.stats.entries += 1;
-        self.stats.journal_image_bytes += (images.len() * self.bs) as u64;
-        for (b, d) in images {
-            self.pending.insert(b, d);
-        }
-        for (b, _) in inplace {
-            self.sealed_in_place(b, seq);
-        }
-        self.unsynced_frees |= e.frees;
-        self.unsynced_since.get_or_insert_with(Instant::now);
-        // Reported here, not again by `take_entries`.
-        self.reported = self.reported.max(seq);
-        self.applied_taking(seq);
-        Ok(self.entry_meta(&loc))
-    }
-
-    /// Checks the blocks of a replicated entry or copy batch: inside the volume, one block
-    /// each, and (for an entry) each block once, in increasing order.
-    fn check_wire_blocks(&self, blocks: &[WireBlock]) -> Result<(), VolumeError> {
-        for (i, b) in blocks.iter().enumerate() {
-            self.check_block(b.block)?;
-            if b.data.len() != self.bs {
-                return Err(VolumeError::InvalidParams(format!(
-                    "replicated block {} has {} bytes, block size is {}",
-                    b.block,
-                    b.data.len(),
-                    self.bs
-                )));
-            }
-            if i > 0 && blocks[i - 1].block >= b.block {
-                return Err(VolumeError::InvalidParams(format!(
-                    "replicated entry names block {} twice or out of order",
-                    b.block
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Secondary: writes copy blocks straight into the volume (the replica is marked
     /// inconsistent until the copy ends, so they need no journal).
     pub fn write_copy_blocks(&mut self, blocks: &[WireBlock]) -> Result<(), VolumeError> {
@@ -1565,6 +1450,28 @@ fn entries_with_their_data(
 /// blocks (`frees`), FORMAT.md §2.2.
 fn entry_flags(inplace: bool, frees: bool) -> u16 {
     (if inplace { FLAG_DATA_UNSYNCED } else { 0 }) | (if frees { FLAG_FREES } else { 0 })
+}
+
+/// Writes whole blocks into `dev`, each run of consecutive block numbers in one write (a
+/// replicated entry or copy batch holds thousands of 4 KiB blocks).
+fn write_runs(
+    dev: &dyn BlockDevice,
+    bs: usize,
+    blocks: &[(BlockNo, &[u8])],
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for run in block_runs(blocks, |&(b, _)| b, bs) {
+        if let [(b, data)] = run {
+            dev.write_at(data, b * bs as u64)?;
+        } else {
+            buf.clear();
+            for (_, data) in run {
+                buf.extend_from_slice(data);
+            }
+            dev.write_at(&buf, run[0].0 * bs as u64)?;
+        }
+    }
+    Ok(())
 }
 
 /// Largest run [`block_runs`] makes, in bytes: bounds the staging buffer of one I/O.
@@ -2322,6 +2229,64 @@ mod tests {
         // Refused as data, not as an I/O failure: the volume goes on.
         v.apply_replicated(&entry(10, vec![block(3, 4)])).unwrap();
         assert_eq!(v.read_block(3).unwrap()[0], 4);
+    }
+
+    #[test]
+    fn an_apply_in_three_steps_journals_after_the_in_place_write_and_refuses_a_volume_changed_between()
+     {
+        let d = devs(256, 64);
+        let mut v = open(&d, VolumeOptions::default());
+        let entry = |seq: u64, fill: u8| WireEntry {
+            seq: Seq(seq),
+            prev_seq: Seq::NONE,
+            timestamp_ns: 1,
+            blocks: vec![
+                WireBlock {
+                    block: 3,
+                    data: vec![fill; BS],
+                    fresh: false,
+                },
+                WireBlock {
+                    block: 20,
+                    data: vec![fill; BS],
+                    fresh: true,
+                },
+            ],
+            frees: false,
+        };
+        let e = entry(10, 1);
+        let plan = v.plan_apply(&e).unwrap();
+        assert_eq!(plan.inplace_bytes(), BS as u64, "only the fresh block");
+        assert_eq!(v.journal().last_seq(), Seq::NONE, "nothing journaled yet");
+        let written = plan.write(&e);
+        assert_eq!(
+            v.read_block(3).unwrap()[0],
+            0,
+            "not applied before the finish"
+        );
+        v.finish_apply(&e, plan, written).unwrap();
+        assert_eq!(v.read_block(3).unwrap()[0], 1);
+        assert_eq!(v.read_block(20).unwrap()[0], 1);
+        v.sync().unwrap();
+        assert_eq!(crash_open(&d).read_block(20).unwrap()[0], 1);
+        // Another entry applied between a plan and its finish: the finish refuses and the
+        // volume stops (its in-place writes may have overlapped the other's).
+        let e = entry(11, 2);
+        let plan = v.plan_apply(&e).unwrap();
+        let written = plan.write(&e);
+        v.apply_replicated(&entry(12, 3)).unwrap();
+        assert!(v.finish_apply(&e, plan, written).is_err());
+        assert!(matches!(
+            v.apply_replicated(&entry(13, 4)),
+            Err(VolumeError::Poisoned)
+        ));
+        // A failed in-place write is an I/O failure of the apply.
+        let mut v = open(&devs(256, 64), VolumeOptions::default());
+        let e = entry(10, 1);
+        let plan = v.plan_apply(&e).unwrap();
+        let r = v.finish_apply(&e, plan, Err(std::io::Error::other("EIO")));
+        assert!(matches!(r, Err(VolumeError::Io { .. })), "{r:?}");
+        assert_eq!(v.journal().last_seq(), Seq::NONE);
     }
 
     #[test]

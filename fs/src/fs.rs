@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockEr
 use std::time::{Duration, Instant};
 
 use pairfs::types::fill_random;
-use pairfs::volume::{FlushMarks, Flushed};
+use pairfs::volume::{FlushMarks, Flushed, defer_fetches};
 use pairfs::{Transaction, Volume, VolumeError};
 
 use crate::alloc::{Allocator, set_bits};
@@ -43,6 +43,10 @@ const ALLOC_CHUNK: u64 = 1 << 16;
 const LU_FULL_WAIT: Duration = Duration::from_secs(300);
 /// How often a waiting writer tries again.
 const LU_FULL_POLL: Duration = Duration::from_millis(20);
+/// Times a read or a transaction fetches from the peer with the lock released and runs
+/// again (a block can move between two runs: applied, or written on the taker) before it
+/// fetches under the lock.
+const FETCH_ROUNDS: usize = 3;
 
 /// Options of an open filesystem.
 #[derive(Clone, Debug)]
@@ -864,6 +868,28 @@ impl Fs {
         self.core.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs the read-only `f` under the lock shared. While the volume is taking over, a
+    /// block `f` needs from the peer is fetched with the lock released and `f` runs again
+    /// ([`pairfs::volume::defer_fetches`]), at most [`FETCH_ROUNDS`] times, then with the
+    /// fetches under the lock: so a reader waiting for the peer keeps no writer out. `f`
+    /// has no effect unless it returns `Ok`.
+    fn reading<T>(&self, mut f: impl FnMut(&Core) -> FsResult<T>) -> FsResult<T> {
+        for _ in 0..FETCH_ROUNDS {
+            let core = self.read_core();
+            if !core.vol.is_taking_over() {
+                return f(&core);
+            }
+            match defer_fetches(|| f(&core)) {
+                Err(FsError::Volume(VolumeError::FetchDeferred(fetch))) => {
+                    drop(core);
+                    fetch.run()?;
+                }
+                r => return r,
+            }
+        }
+        f(&self.read_core())
+    }
+
     fn lookups(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
         self.lookups.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -896,8 +922,16 @@ impl Fs {
         // kept (docs/PROTOCOL.md §7.5).
         let started = Instant::now();
         let mut after = Some(after);
+        let mut fetches = 0;
         loop {
-            match self.mutate_once(&f, &mut after) {
+            // While taking over, what the transaction needs from the peer is fetched with
+            // the lock released, then it runs again (as [`Fs::reading`]).
+            let defer = fetches < FETCH_ROUNDS;
+            match self.mutate_once(&f, &mut after, defer) {
+                Err(FsError::Volume(VolumeError::FetchDeferred(fetch))) => {
+                    fetches += 1;
+                    fetch.run()?;
+                }
                 Err(FsError::Volume(VolumeError::LocalUnreflectedFull { used, capacity }))
                     if started.elapsed() < LU_FULL_WAIT =>
                 {
@@ -925,6 +959,7 @@ impl Fs {
         &self,
         f: &impl for<'a> Fn(&mut FsTx<'a, 'd>) -> FsResult<T>,
         after: &mut Option<A>,
+        defer_fetches_: bool,
     ) -> FsResult<T> {
         let (out, became_durable) = {
             let mut guard = self.write_core();
@@ -937,13 +972,17 @@ impl Fs {
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
             let durable_seq = core.vol.journal().durable_seq();
-            let out = match Self::run_tx(core, f) {
+            let run = |core: &mut Core| match defer_fetches_ && core.vol.is_taking_over() {
+                true => defer_fetches(|| Self::run_tx(core, f)),
+                false => Self::run_tx(core, f),
+            };
+            let out = match run(core) {
                 // Blocks freed by transactions not yet durable: make them durable and retry.
                 Err(FsError::NoSpace) if core.alloc.pending_blocks() > 0 => {
                     core.vol.sync()?;
                     let durable = core.vol.durable_tx();
                     core.alloc.release_durable(durable);
-                    Self::run_tx(core, f)
+                    run(core)
                 }
                 r => r,
             }?;
@@ -1197,19 +1236,20 @@ impl Fs {
 
     /// Looks up `name` in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
-        let core = self.read_core();
-        let p = load(&core.vol, &core.sb, parent)?;
-        let tree = dir_tree(parent, &p)?;
-        let (_, e) =
-            dir::lookup(&core.vol, &tree, &core.sb.hash_key, name)?.ok_or(FsError::NotFound)?;
-        let a = Self::attr_of(&core, e.ino)?;
-        self.remember(e.ino);
-        Ok(a)
+        self.reading(|core| {
+            let p = load(&core.vol, &core.sb, parent)?;
+            let tree = dir_tree(parent, &p)?;
+            let (_, e) =
+                dir::lookup(&core.vol, &tree, &core.sb.hash_key, name)?.ok_or(FsError::NotFound)?;
+            let a = Self::attr_of(core, e.ino)?;
+            self.remember(e.ino);
+            Ok(a)
+        })
     }
 
     /// Attributes of `ino`.
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        Self::attr_of(&self.read_core(), ino)
+        self.reading(|core| Self::attr_of(core, ino))
     }
 
     /// Changes attributes (chmod, chown, truncate, utimens).
@@ -1586,28 +1626,29 @@ impl Fs {
 
     /// The target of a symbolic link.
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let core = self.read_core();
-        let i = load(&core.vol, &core.sb, ino)?;
-        if kind_of(&i)? != Kind::Symlink {
-            return Err(FsError::Invalid("not a symlink"));
-        }
-        let n = i.size as usize;
-        if n > MAX_SYMLINK {
-            return Err(FsError::corrupt(format!("symlink {ino} of {n} bytes")));
-        }
-        if n <= INLINE_SYMLINK_MAX {
-            return Ok(i.inline[..n].to_vec());
-        }
-        let map = ExtentMap::load(&i, ino)?;
-        let e = map
-            .overlapping(&core.vol, 0, 1)?
-            .first()
-            .copied()
-            .ok_or_else(|| FsError::corrupt(format!("symlink {ino} has no data block")))?;
-        let mut b = vec![0u8; core.vol.block_size()];
-        core.vol.read_data(e.phys, &mut b)?;
-        b.truncate(n);
-        Ok(b)
+        self.reading(|core| {
+            let i = load(&core.vol, &core.sb, ino)?;
+            if kind_of(&i)? != Kind::Symlink {
+                return Err(FsError::Invalid("not a symlink"));
+            }
+            let n = i.size as usize;
+            if n > MAX_SYMLINK {
+                return Err(FsError::corrupt(format!("symlink {ino} of {n} bytes")));
+            }
+            if n <= INLINE_SYMLINK_MAX {
+                return Ok(i.inline[..n].to_vec());
+            }
+            let map = ExtentMap::load(&i, ino)?;
+            let e = map
+                .overlapping(&core.vol, 0, 1)?
+                .first()
+                .copied()
+                .ok_or_else(|| FsError::corrupt(format!("symlink {ino} has no data block")))?;
+            let mut b = vec![0u8; core.vol.block_size()];
+            core.vol.read_data(e.phys, &mut b)?;
+            b.truncate(n);
+            Ok(b)
+        })
     }
 
     /// Reads up to `size` bytes at `off`.
@@ -1630,29 +1671,26 @@ impl Fs {
         let replying = self.replies.read().unwrap_or_else(|e| e.into_inner());
         let (out, touch) = BUF.with(|cell| -> FsResult<(R, bool)> {
             let mut buf = cell.borrow_mut();
-            let core = self.read_core();
+            let (core, plan) = self.read_planned(ino, off, size)?;
             let bs = core.vol.block_size() as u64;
-            let i = load(&core.vol, &core.sb, ino)?;
-            match kind_of(&i)? {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::IsDir),
-                _ => return Err(FsError::Invalid("read of a special file")),
-            }
-            let end = off.saturating_add(u64::from(size)).min(i.size);
-            if off >= end {
+            let Some(ReadPlan {
+                i,
+                end,
+                l0,
+                l1,
+                segs,
+            }) = plan
+            else {
                 return Ok((f(&[]), false));
-            }
-            let (l0, l1) = (off / bs, end.div_ceil(bs));
+            };
             let len = ((l1 - l0) * bs) as usize;
             if buf.len() < len {
                 buf.resize(len, 0);
             }
             let buf = &mut buf[..len];
-            let map = ExtentMap::load(&i, ino)?;
             // Holes and unwritten extents read as zeros; everything else from the volume.
             let mut filled = 0usize;
-            for e in map.overlapping(&core.vol, l0, l1)? {
-                let Some(seg) = e.clip(l0, l1) else { continue };
+            for seg in segs {
                 let at = ((seg.logical - l0) * bs) as usize;
                 let n = (seg.len * bs) as usize;
                 buf[filled..at].fill(0);
@@ -1691,6 +1729,37 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+
+    /// The lock shared and the plan of a read ([`ReadPlan::of`]). While the volume is
+    /// taking over, what the plan and the read need from the peer — its inode and extent
+    /// blocks, then its data with the read-ahead, in one request — is fetched first with
+    /// the lock released (as [`Fs::reading`]), so that the read under the lock finds it.
+    fn read_planned(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> FsResult<(RwLockReadGuard<'_, Core>, Option<ReadPlan>)> {
+        for _ in 0..FETCH_ROUNDS {
+            let core = self.read_core();
+            if !core.vol.is_taking_over() {
+                break;
+            }
+            let fetch = match defer_fetches(|| ReadPlan::of(&core, ino, off, size)) {
+                Err(FsError::Volume(VolumeError::FetchDeferred(fetch))) => *fetch,
+                Err(e) => return Err(e),
+                Ok(plan) => match plan.as_ref().and_then(|p| p.peer_read(&core.vol)) {
+                    None => return Ok((core, plan)),
+                    Some(fetch) => fetch,
+                },
+            };
+            drop(core);
+            fetch.run()?;
+        }
+        let core = self.read_core();
+        let plan = ReadPlan::of(&core, ino, off, size)?;
+        Ok((core, plan))
     }
 
     /// Writes `data` at `off`; returns the bytes written.
@@ -1792,19 +1861,21 @@ impl Fs {
 
     /// The value of attribute `name`.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
-        let core = self.read_core();
-        let i = load(&core.vol, &core.sb, ino)?;
-        Self::xattrs_of(&core.vol, ino, &i)?
-            .get(name)
-            .map(<[u8]>::to_vec)
-            .ok_or(FsError::NoAttr)
+        self.reading(|core| {
+            let i = load(&core.vol, &core.sb, ino)?;
+            Self::xattrs_of(&core.vol, ino, &i)?
+                .get(name)
+                .map(<[u8]>::to_vec)
+                .ok_or(FsError::NoAttr)
+        })
     }
 
     /// All attribute names, NUL-terminated.
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let core = self.read_core();
-        let i = load(&core.vol, &core.sb, ino)?;
-        Ok(Self::xattrs_of(&core.vol, ino, &i)?.list())
+        self.reading(|core| {
+            let i = load(&core.vol, &core.sb, ino)?;
+            Ok(Self::xattrs_of(&core.vol, ino, &i)?.list())
+        })
     }
 
     fn update_xattrs(&self, ino: u64, f: impl Fn(&mut Xattrs) -> FsResult<()>) -> FsResult<()> {
@@ -2058,6 +2129,62 @@ impl Fs {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .vol
+    }
+}
+
+/// What a read of a file covers: its inode, the end of the bytes it returns, its block
+/// range and the extents inside it (clipped to it).
+struct ReadPlan {
+    i: Inode,
+    end: u64,
+    l0: u64,
+    l1: u64,
+    segs: Vec<Extent>,
+}
+
+impl ReadPlan {
+    /// The plan of a read of `size` bytes at `off` of file `ino`; `None` if it reads
+    /// nothing (at or past the end).
+    fn of(core: &Core, ino: u64, off: u64, size: u32) -> FsResult<Option<ReadPlan>> {
+        let bs = core.vol.block_size() as u64;
+        let i = load(&core.vol, &core.sb, ino)?;
+        match kind_of(&i)? {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("read of a special file")),
+        }
+        let end = off.saturating_add(u64::from(size)).min(i.size);
+        if off >= end {
+            return Ok(None);
+        }
+        let (l0, l1) = (off / bs, end.div_ceil(bs));
+        let map = ExtentMap::load(&i, ino)?;
+        let segs = map
+            .overlapping(&core.vol, l0, l1)?
+            .iter()
+            .filter_map(|e| e.clip(l0, l1))
+            .collect();
+        Ok(Some(ReadPlan {
+            i,
+            end,
+            l0,
+            l1,
+            segs,
+        }))
+    }
+
+    /// The fetch from the peer its written extents need, if the volume is taking over.
+    fn peer_read(&self, vol: &Volume) -> Option<pairfs::volume::PeerRead> {
+        if !vol.is_taking_over() {
+            return None;
+        }
+        let ranges: Vec<(u64, u64)> = self
+            .segs
+            .iter()
+            .filter(|s| !s.unwritten)
+            .map(|s| (s.phys, s.len))
+            .collect();
+        vol.plan_peer_read(&ranges)
     }
 }
 

@@ -79,11 +79,9 @@ impl Prefetched {
 pub(super) struct Taking {
     lu: LuArea,
     remote: RemoteIndex,
-    fetch: Arc<dyn PeerFetch>,
+    peer: Arc<Peer>,
     /// The freeze point: the old primary's newest seq.
     freeze: Seq,
-    counters: TakeoverCounters,
-    prefetched: Mutex<Prefetched>,
     /// The block after the last read: a read starting there is sequential, and only then
     /// are the following blocks on the peer read ahead (a random read waits for its own
     /// blocks only, not for a megabyte it will not use).
@@ -91,6 +89,81 @@ pub(super) struct Taking {
     /// Transactions committed since the last LU entry (group commit, as the journal's
     /// open entry): appended as one entry at the next sync, seal or size limit.
     open: OpenLu,
+}
+
+/// The peer's side of a takeover, shared with the fetches that run without the volume's
+/// lock ([`PeerRead`]).
+struct Peer {
+    fetch: Arc<dyn PeerFetch>,
+    counters: TakeoverCounters,
+    prefetched: Mutex<Prefetched>,
+}
+
+impl Peer {
+    fn prefetched(&self) -> std::sync::MutexGuard<'_, Prefetched> {
+        self.prefetched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A read's fetch from the peer, planned under the volume's lock
+/// ([`Volume::plan_peer_read`]) and run without it, so that a reader waiting for the
+/// peer (up to the fetch timeout when it is gone) keeps no writer out. What it fetches
+/// is kept as [`Volume::prefetch`]'s is: the read, run again under the lock, finds it
+/// while each block is still `Peer` with that seq, and reads anything that moved.
+pub struct PeerRead {
+    peer: Arc<Peer>,
+    asked: Vec<(BlockNo, Seq)>,
+    bs: usize,
+}
+
+impl std::fmt::Debug for PeerRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerRead")
+            .field("blocks", &self.asked.len())
+            .finish()
+    }
+}
+
+thread_local! {
+    /// This thread's reads of `Peer` blocks are deferred ([`defer_fetches`]).
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's fetches from the peer deferred: a read of the volume that
+/// would wait for the peer fails instead with [`VolumeError::FetchDeferred`], which
+/// carries the fetch ([`PeerRead`]) for the caller to run once it has released the lock
+/// it holds (the filesystem's), before it runs `f` again — which then finds the blocks.
+/// Nothing else changes: reads served locally, from the LU or from blocks fetched
+/// before are served as always.
+pub fn defer_fetches<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEFERRING.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DEFERRING.with(|d| d.replace(true)));
+    f()
+}
+
+impl PeerRead {
+    /// Fetches the blocks, one request per [`crate::takeover::MAX_FETCH_BLOCKS`]; returns
+    /// how many. Fails as a read from the peer fails (counted, logged).
+    pub fn run(self) -> Result<usize, VolumeError> {
+        for chunk in self.asked.chunks(FETCH_BLOCKS) {
+            let data = fetch_from_peer(&self.peer, chunk, self.bs)?;
+            let mut pre = self.peer.prefetched();
+            for (&(b, seq), d) in chunk.iter().zip(data) {
+                pre.put(b, seq, Arc::from(d));
+            }
+        }
+        Ok(self.asked.len())
+    }
+
+    /// The blocks it fetches.
+    pub fn blocks(&self) -> usize {
+        self.asked.len()
+    }
 }
 
 /// The LU's open entry.
@@ -280,10 +353,12 @@ impl Volume {
         self.taking = Some(Box::new(Taking {
             lu,
             remote,
-            fetch,
+            peer: Arc::new(Peer {
+                fetch,
+                counters: TakeoverCounters::default(),
+                prefetched: Mutex::default(),
+            }),
             freeze,
-            counters: TakeoverCounters::default(),
-            prefetched: Mutex::default(),
             sequential_at: AtomicU64::new(u64::MAX),
             open: OpenLu::default(),
         }));
@@ -375,10 +450,10 @@ impl Volume {
             lu_entries: t.lu.len() as u64,
             lu_blocks: t.lu.blocks() as u64,
             lu_bytes: t.lu.usage(),
-            remote_reads: t.counters.reads.load(Relaxed),
-            remote_read_blocks: t.counters.blocks.load(Relaxed),
-            remote_read_ns: t.counters.ns.load(Relaxed),
-            fetch_errors: t.counters.errors.load(Relaxed),
+            remote_reads: t.peer.counters.reads.load(Relaxed),
+            remote_read_blocks: t.peer.counters.blocks.load(Relaxed),
+            remote_read_ns: t.peer.counters.ns.load(Relaxed),
+            fetch_errors: t.peer.counters.errors.load(Relaxed),
         })
     }
 
@@ -416,7 +491,7 @@ impl Volume {
         if from_peer.is_empty() {
             return Ok(filled);
         }
-        let pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        let pre = t.peer.prefetched();
         from_peer.retain(|&(i, b, seq)| match pre.get(b, seq) {
             Some(d) => {
                 buf[i * bs..(i + 1) * bs].copy_from_slice(&d);
@@ -429,14 +504,40 @@ impl Volume {
             return Ok(filled);
         }
         let mut asked: Vec<(BlockNo, Seq)> = from_peer.iter().map(|&(_, b, s)| (b, s)).collect();
-        // Read ahead, when the reads are sequential: the blocks after the read that are on
-        // the peer too.
+        if sequential {
+            self.read_ahead(t, &pre, end, &mut asked);
+        }
+        drop(pre);
+        if DEFERRING.with(std::cell::Cell::get) {
+            return Err(VolumeError::FetchDeferred(Box::new(PeerRead {
+                peer: t.peer.clone(),
+                asked,
+                bs,
+            })));
+        }
+        let data = fetch_from_peer(&t.peer, &asked, bs)?;
+        for ((i, _, _), d) in from_peer.iter().zip(&data) {
+            buf[i * bs..(i + 1) * bs].copy_from_slice(d);
+            filled[*i] = true;
+        }
+        let mut pre = t.peer.prefetched();
+        for (&(b, seq), d) in asked.iter().zip(data) {
+            pre.put(b, seq, Arc::from(d));
+        }
+        Ok(filled)
+    }
+
+    /// Read ahead, for a sequential read that ends at `end` and fetches `asked`: the blocks
+    /// after it that are on the peer too (and not fetched), up to one request's worth.
+    fn read_ahead(
+        &self,
+        t: &Taking,
+        pre: &Prefetched,
+        end: BlockNo,
+        asked: &mut Vec<(BlockNo, Seq)>,
+    ) {
         let mut b = end;
-        while sequential
-            && asked.len() < FETCH_BLOCKS
-            && b < self.blocks
-            && b < end + FETCH_BLOCKS as u64
-        {
+        while asked.len() < FETCH_BLOCKS && b < self.blocks && b < end + FETCH_BLOCKS as u64 {
             if let Some(Location::Peer { seq }) = t.where_is(b) {
                 if !pre.blocks.contains_key(&b) {
                     asked.push((b, seq));
@@ -444,17 +545,39 @@ impl Volume {
             }
             b += 1;
         }
+    }
+
+    /// Taking over: the fetch a read of the block ranges `ranges` (`(start, n)`, in the
+    /// read's order) would make — its blocks whose newest version is on the peer and not
+    /// fetched yet, and the read-ahead of a sequential one — to run without the lock
+    /// ([`PeerRead`]). `None` when the read needs nothing from the peer.
+    pub fn plan_peer_read(&self, ranges: &[(BlockNo, u64)]) -> Option<PeerRead> {
+        let t = self.taking.as_ref()?;
+        let pre = t.peer.prefetched();
+        let mut asked: Vec<(BlockNo, Seq)> = Vec::new();
+        for &(start, n) in ranges {
+            let end = start.saturating_add(n).min(self.blocks);
+            let sequential = t.sequential_at.swap(end, Relaxed) == start;
+            let before = asked.len();
+            for b in start..end {
+                if let Some(Location::Peer { seq }) = t.where_is(b) {
+                    if pre.get(b, seq).is_none() {
+                        asked.push((b, seq));
+                    }
+                }
+            }
+            if sequential && asked.len() > before {
+                self.read_ahead(t, &pre, end, &mut asked);
+            }
+        }
         drop(pre);
-        let data = fetch_from_peer(t, &asked, bs)?;
-        for ((i, _, _), d) in from_peer.iter().zip(&data) {
-            buf[i * bs..(i + 1) * bs].copy_from_slice(d);
-            filled[*i] = true;
-        }
-        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        for (&(b, seq), d) in asked.iter().zip(data) {
-            pre.put(b, seq, Arc::from(d));
-        }
-        Ok(filled)
+        asked.sort_unstable();
+        asked.dedup_by_key(|&mut (b, _)| b);
+        (!asked.is_empty()).then(|| PeerRead {
+            peer: t.peer.clone(),
+            asked,
+            bs: self.bs,
+        })
     }
 
     /// Taking over: fetches, in as few requests as it can (one per
@@ -471,7 +594,7 @@ impl Volume {
             return Ok(0);
         };
         let asked: Vec<(BlockNo, Seq)> = {
-            let pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+            let pre = t.peer.prefetched();
             blocks
                 .into_iter()
                 .filter(|&b| b < self.blocks)
@@ -482,7 +605,7 @@ impl Volume {
                 .collect()
         };
         for chunk in asked.chunks(FETCH_BLOCKS) {
-            let data = fetch_from_peer(t, chunk, self.bs)?;
+            let data = fetch_from_peer(&t.peer, chunk, self.bs)?;
             self.keep_prefetched(chunk.iter().zip(data).map(|(&(b, s), d)| (b, s, d)));
         }
         Ok(asked.len())
@@ -495,7 +618,7 @@ impl Volume {
         let Some(t) = self.taking.as_ref() else {
             return;
         };
-        let mut pre = t.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pre = t.peer.prefetched();
         for (b, seq, d) in blocks {
             if d.len() == self.bs && t.where_is(b) == Some(Location::Peer { seq }) {
                 pre.put(b, seq, Arc::from(d));
@@ -723,7 +846,7 @@ impl Volume {
 }
 
 fn fetch_from_peer(
-    t: &Taking,
+    t: &Peer,
     asked: &[(BlockNo, Seq)],
     bs: usize,
 ) -> Result<Vec<Vec<u8>>, VolumeError> {
@@ -1052,6 +1175,56 @@ mod tests {
             want,
             "reopened without any takeover state"
         );
+    }
+
+    #[test]
+    fn a_drain_entry_written_in_place_without_the_lock_is_fetched_until_applied() {
+        let (frozen, db, mut b) = pair_taking_over(64);
+        drain(&frozen, &mut b, 5);
+        // The old primary goes on: entry 6 writes blocks 20..28 that were free (file data,
+        // in place) and 3 as an image; b learns its header, then takes it.
+        let e6 = {
+            let mut a = frozen.vol.lock().unwrap();
+            let mut tx = Transaction::new();
+            tx.write_data(20, vec![6; 8 * BS], true);
+            tx.write_meta(3, blk(6));
+            a.commit(tx).unwrap();
+            a.sync().unwrap();
+            a.read_wire_entry(Seq(6)).unwrap()
+        };
+        b.abandon_takeover().unwrap().discard().unwrap();
+        let prefix = content(&b);
+        let mut remote = RemoteIndex::new(Seq(5));
+        remote
+            .add(header(&frozen.vol.lock().unwrap(), 6), BLOCKS)
+            .unwrap();
+        b.begin_takeover(Seq(6), lu(64), remote, frozen.clone())
+            .unwrap();
+        let plan = b.plan_apply(&e6).unwrap();
+        assert_eq!(plan.inplace_bytes(), 8 * BS as u64);
+        let written = plan.write(&e6);
+        // Between the write and the finish (the lock free): the blocks are still the
+        // peer's, reads fetch them, and writes go on into the LU.
+        assert_eq!(b.locate(20), Some(Location::Peer { seq: Seq(6) }));
+        let fetched = frozen.fetched.load(Relaxed);
+        assert_eq!(b.read_block(21).unwrap()[0], 6);
+        assert!(frozen.fetched.load(Relaxed) > fetched, "fetched");
+        write(&mut b, &[40], 9);
+        // A crash here: the state recovered is still the old primary's after seq 5.
+        let crashed = power_lost(&db);
+        let r = open(&crashed);
+        assert_eq!(r.journal().last_seq(), Seq(5));
+        let mut lost = content(&r);
+        lost[20..28].copy_from_slice(&prefix[20..28]);
+        assert_eq!(lost, prefix, "every block but the free ones");
+        drop(r);
+        b.finish_apply(&e6, plan, written).unwrap();
+        assert_eq!(b.locate(20), None, "applied");
+        let fetched = frozen.fetched.load(Relaxed);
+        let mut want = content(&frozen.vol.lock().unwrap());
+        want[40] = 9;
+        assert_eq!(content(&b), want);
+        assert_eq!(frozen.fetched.load(Relaxed), fetched, "read locally now");
     }
 
     #[test]

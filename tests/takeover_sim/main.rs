@@ -6,6 +6,9 @@
 //! killed (`kill -9`: what was written survives) in every phase: streaming, draining,
 //! merging, frozen, retaking, stepping down. A read of a block the data-location table
 //! places on the peer is fetched from the peer's volume, as the fetch server answers it.
+//! An apply takes two disk steps, as the node's driver takes it in two holds of the lock
+//! (`Volume::plan_apply` and the in-place write, then `Volume::finish_apply`), with reads,
+//! writes and kills between them.
 //!
 //! The model is the lineage: every entry sealed by whichever node wrote it, by seq (the old
 //! primary's up to its freeze point, the taker's after it, and so on), and the writes
@@ -73,7 +76,7 @@ use pairfs::repl::{
     Stream, Takeover, WireBlock, WireEntry,
 };
 use pairfs::takeover::{EntryHeader, LuArea, RemoteIndex};
-use pairfs::volume::{MergeStep, PeerFetch};
+use pairfs::volume::{MergeStep, PeerFetch, PlannedApply};
 use pairfs::{BlockNo, Seq, Transaction, Volume, VolumeError, VolumeId, VolumeOptions};
 use sim::rng::Rng;
 use sim::store::{block_of, value_of};
@@ -189,7 +192,11 @@ fn takeovers_failbacks_and_kills_keep_every_write_and_one_writer() {
         assert!(n >= floor, "too few {what}: {n} over {seeds} seeds ({c:?})");
     }
     assert!(
-        c.fetch_failures > 0 && c.lu_full > 0 && c.kills_lost_unwritten > 0,
+        c.fetch_failures > 0
+            && c.lu_full > 0
+            && c.kills_lost_unwritten > 0
+            && c.applies_split >= seeds
+            && c.kills_mid_apply > 0,
         "{c:?}"
     );
     assert!(

@@ -14,6 +14,10 @@ pub(crate) struct Coverage {
     pub(crate) kills_merging: u64,
     /// Kills that lost local-unreflected entries sealed but not written yet.
     pub(crate) kills_lost_unwritten: u64,
+    /// Applies that wrote blocks in place between their plan and finish.
+    pub(crate) applies_split: u64,
+    /// Kills between an apply's in-place write and its finish.
+    pub(crate) kills_mid_apply: u64,
     pub(crate) fetched_blocks: u64,
     pub(crate) fetch_failures: u64,
     pub(crate) lu_writes: u64,
@@ -44,6 +48,8 @@ impl Coverage {
             (&mut self.kills_frozen, c.kills_frozen),
             (&mut self.kills_merging, c.kills_merging),
             (&mut self.kills_lost_unwritten, c.kills_lost_unwritten),
+            (&mut self.applies_split, c.applies_split),
+            (&mut self.kills_mid_apply, c.kills_mid_apply),
             (&mut self.fetched_blocks, c.fetched_blocks),
             (&mut self.fetch_failures, c.fetch_failures),
             (&mut self.lu_writes, c.lu_writes),

@@ -12,9 +12,12 @@ pub(crate) struct Table {
     pub(crate) entries: Vec<EntryHeader>,
 }
 
-/// A secondary's disk: applies and syncs carried out at later steps, in order.
+/// A secondary's disk: applies and syncs carried out at later steps, in order. An apply
+/// takes two: its plan and in-place write, then (at a later step, other steps between, as
+/// the node's driver releases the lock between them) its finish.
 pub(crate) enum DiskOp {
     Apply(WireEntry),
+    Finish(Box<(WireEntry, PlannedApply, std::io::Result<()>)>),
     Copy(Vec<WireBlock>),
     Sync,
 }

@@ -137,7 +137,16 @@ impl Sim {
                 self.nodes[i].repl.handle_local_durable(d, now);
             }
             Some(DiskOp::Apply(e)) => {
-                let r = self.nodes[i].v().apply_replicated(&e);
+                let r = self.nodes[i].v().plan_apply(&e);
+                let plan = r.unwrap_or_else(|err| panic!("{name}: apply of {}: {err}", e.seq));
+                let written = plan.write(&e);
+                self.cov.applies_split += u64::from(plan.inplace_bytes() > 0);
+                let finish = Box::new((e, plan, written));
+                self.nodes[i].disk.push_front(DiskOp::Finish(finish));
+            }
+            Some(DiskOp::Finish(f)) => {
+                let (e, plan, written) = *f;
+                let r = self.nodes[i].v().finish_apply(&e, plan, written);
                 let meta = r.unwrap_or_else(|err| panic!("{name}: apply of {}: {err}", e.seq));
                 self.log(|| format!("{name} applied {}", e.seq));
                 self.nodes[i].repl.handle_applied(meta, now);
@@ -358,6 +367,10 @@ impl Sim {
         let sealed = self.nodes[i].newest();
         // Sealed, but still in memory: lost with the process, as the open entry is.
         let unwritten = self.nodes[i].v().local_unreflected_unwritten();
+        self.cov.kills_mid_apply += u64::from(matches!(
+            self.nodes[i].disk.front(),
+            Some(DiskOp::Finish(_))
+        ));
         let n = &mut self.nodes[i];
         n.up = false;
         n.pending.clear();

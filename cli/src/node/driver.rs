@@ -713,8 +713,15 @@ impl Driver {
             self.host.invalidate(&inv);
             return Ok(meta);
         }
+        // The in-place writes (most of a drain entry's 32 MiB) without the lock, so that
+        // the writers and readers of a node taking over do not wait for them.
+        let plan = self
+            .host
+            .vol_mut(|v| v.plan_apply(e))
+            .context("applying an entry")?;
+        let written = block_in_place(|| plan.write(e));
         self.host
-            .vol_mut(|v| v.apply_replicated(e))
+            .vol_mut(|v| v.finish_apply(e, plan, written))
             .context("applying an entry")
     }
 

@@ -619,3 +619,145 @@ fn a_demoted_primary_follows_the_new_primary_block_for_block() {
     assert_eq!(b.read(z.ino, 0, 64 * 4096).unwrap(), vec![3; 64 * 4096]);
     assert_clean(&b);
 }
+
+/// The old primary's volume answering a taker's fetches, behind a gate the test opens.
+struct GatedPeer {
+    vol: Arc<Mutex<Option<Fs>>>,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl pairfs::volume::PeerFetch for GatedPeer {
+    fn fetch(&self, blocks: &[(pairfs::BlockNo, pairfs::Seq)]) -> Result<Vec<Vec<u8>>, String> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let g = self.vol.lock().unwrap();
+        let fs = g.as_ref().expect("the old primary");
+        Ok(blocks
+            .iter()
+            .map(|&(b, _)| fs.with_volume(|v| v.read_block(b)).unwrap().to_vec())
+            .collect())
+    }
+}
+
+impl GatedPeer {
+    fn set_open(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.opened.notify_all();
+    }
+}
+
+/// Runs `op` on its own thread while `peer` holds its answers back, and checks that a
+/// write on `fs` (to file `ino`, none of whose blocks is on the peer) completes meanwhile;
+/// then lets the peer answer and returns what `op` returned.
+fn while_the_peer_waits<T: Send + 'static>(
+    fs: &Arc<Fs>,
+    peer: &GatedPeer,
+    ino: u64,
+    op: impl FnOnce(&Fs) -> T + Send + 'static,
+) -> T {
+    peer.set_open(false);
+    let reader = {
+        let fs = fs.clone();
+        std::thread::spawn(move || op(&fs))
+    };
+    while peer.waiting.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (done, wrote) = std::sync::mpsc::channel();
+    {
+        let fs = fs.clone();
+        std::thread::spawn(move || done.send(fs.write(C, ino, 0, &[7; 4096])).ok());
+    }
+    let r = wrote.recv_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(r, Ok(Ok(4096))),
+        "the writer waited for the reader's fetch: {r:?}"
+    );
+    assert_eq!(peer.waiting.load(Ordering::SeqCst), 1, "still waiting");
+    assert!(!reader.is_finished());
+    peer.set_open(true);
+    reader.join().unwrap()
+}
+
+#[test]
+fn a_reader_waiting_for_the_peer_keeps_no_writer_out() {
+    use pairfs::takeover::{EntryHeader, LuArea, RemoteIndex};
+    let Pair {
+        primary, replica, ..
+    } = pair();
+    // Files in two inode blocks: f1..f3 in the first, h in another.
+    let mut inos = Vec::new();
+    for k in 0..40 {
+        let name = format!("f{k}");
+        let a = primary
+            .mknod(C, ROOT_INO, name.as_bytes(), libc::S_IFREG | 0o644, 0)
+            .unwrap();
+        inos.push(a.ino);
+    }
+    let (f1, f2, f3, h) = (inos[0], inos[1], inos[2], inos[39]);
+    let sb = primary.superblock();
+    assert_ne!(sb.inode_location(f1).0, sb.inode_location(h).0);
+    for f in [f1, f2, f3] {
+        primary.write(C, f, 0, &vec![1; 64 << 10]).unwrap();
+    }
+    ship(&primary, &replica);
+    // Then rewritten on the primary only: the backlog the replica takes over with.
+    for f in [f1, f2, f3] {
+        primary.write(C, f, 0, &vec![2; 64 << 10]).unwrap();
+    }
+    primary.seal().unwrap();
+    let metas = primary.with_volume_mut(|v| v.take_entries(true));
+    let applied = replica.with_volume(|v| v.journal().last_seq());
+    let mut remote = RemoteIndex::new(applied);
+    for m in &metas {
+        let e = primary.with_volume(|v| v.read_wire_entry(m.seq)).unwrap();
+        let h = EntryHeader {
+            seq: e.seq,
+            prev_seq: e.prev_seq,
+            timestamp_ns: e.timestamp_ns,
+            bytes: e.data_bytes(),
+            blocks: e.blocks.iter().map(|b| b.block).collect(),
+        };
+        remote.add(h, 8192).unwrap();
+    }
+    let freeze = metas.last().unwrap().seq;
+    let lu_dev = pairfs::MemDevice::new(1024 * 4096);
+    LuArea::format(&lu_dev, VolumeId([3; 16]), 4096, 8192).unwrap();
+    let expect = pairfs::journal::JournalExpect {
+        block_size: 4096,
+        normal_blocks: 8192,
+    };
+    let lu = LuArea::open(Box::new(lu_dev), expect, pairfs::Seq::NONE).unwrap();
+    let peer = Arc::new(GatedPeer {
+        vol: Arc::new(Mutex::new(Some(primary))),
+        open: Mutex::new(true),
+        opened: std::sync::Condvar::new(),
+        waiting: Default::default(),
+    });
+    replica
+        .with_volume_mut(|v| v.begin_takeover(freeze, lu, remote, peer.clone()))
+        .unwrap();
+    replica.reload().unwrap();
+    replica.set_mode(FsMode::Writable).unwrap();
+    let fs = Arc::new(replica);
+    // A metadata read (the inodes' block is on the peer), a read of data, and a write that
+    // reads the block it changes part of.
+    let attr = while_the_peer_waits(&fs, &peer, h, move |fs| fs.getattr(f1));
+    assert_eq!(attr.unwrap().size, 64 << 10);
+    let data = while_the_peer_waits(&fs, &peer, h, move |fs| fs.read(f2, 0, 64 << 10));
+    assert_eq!(data.unwrap(), vec![2; 64 << 10]);
+    let wrote = while_the_peer_waits(&fs, &peer, h, move |fs| fs.write(C, f3, 100, b"xyz"));
+    assert_eq!(wrote.unwrap(), 3);
+    let mut want = vec![2; 64 << 10];
+    want[100..103].copy_from_slice(b"xyz");
+    assert_eq!(fs.read(f3, 0, 64 << 10).unwrap(), want);
+    assert_eq!(fs.read(h, 0, 4096).unwrap(), vec![7; 4096]);
+    assert_clean(&fs);
+}
