@@ -35,10 +35,12 @@
 #      >= 1 means the whole file came from the peer, > 1 that blocks were fetched more
 #      than once or read ahead past its end), then the same file on b once the takeover
 #      has completed (cold caches): MiB/s each and peer/local.
-#   4. write (largest backlog): dd of WRITE_MIB (from a pre-generated random file in
-#      the page cache) with conv=fsync on b during the drain (the writes go to the
-#      local-unreflected area), and again, to another file, once the merge has completed
-#      (the normal write path): MiB/s each and drain/after (goal >= 0.8).  What predicts
+#   4. write (largest backlog): WRITES files, each a dd of WRITE_MIB (from a
+#      pre-generated random file in the page cache) with conv=fsync, on b during the
+#      drain (the writes go to the local-unreflected area), and again, to other files,
+#      once the merge has completed (the normal write path): MiB/s of each write (one
+#      figure each: a single 64 MiB write varies 2x with the machine's state) and
+#      drain/after of the medians (goal >= 0.8).  What predicts
 #      two hosts: b's daemon CPU seconds per GiB written in each (during the drain less the
 #      drain's own CPU rate, measured over DRAIN_CPU_WINDOW s just before), a's, and the
 #      machine's busy fraction meanwhile (write_*_cpu_b, write_*_cpu_a, write_*_busy).
@@ -88,7 +90,8 @@ TBF_LATENCY=${TBF_LATENCY:-200ms}
 MODE=${MODE:-async}                             # [replication] mode of both nodes
 CONGESTION=${CONGESTION:-queue-bound}           # [replication] congestion of both nodes (queue-bound, cubic, bbr)
 QUEUE_TARGET=${QUEUE_TARGET:-}                   # [replication] queue_target (empty: the default)
-WRITE_MIB=${WRITE_MIB:-64}                      # part 4: file written during and after the drain
+WRITE_MIB=${WRITE_MIB:-64}                      # part 4: each file written during and after the drain
+WRITES=${WRITES:-3}                             # part 4: files written in each phase (each a figure)
 DRAIN_CPU_WINDOW=${DRAIN_CPU_WINDOW:-1}          # part 4: seconds of b's CPU measured for the drain alone
 PEER_MIB=${PEER_MIB:-64}                        # part 3: file read from the old primary
 READ_SAMPLES=${READ_SAMPLES:-50}                # part 2: 4 KiB reads (rand.bin: 2 MiB per sample)
@@ -96,7 +99,7 @@ SEED=${SEED:-10}                                # part 2: offsets (per rep: SEED
 VOLUME_SIZE=${VOLUME_SIZE:-3G}                  # pairfs init --size (both nodes)
 JOURNAL_SIZE=${JOURNAL_SIZE:-1536M}             # --journal-size: the largest backlog must fit
 JOURNAL_LIMIT=${JOURNAL_LIMIT:-768M}            # [replication] journal_limit (<= half the journal)
-LU_SIZE=${LU_SIZE:-256M}                        # --lu-size: WRITE_MIB and the probes must fit
+LU_SIZE=${LU_SIZE:-256M}                        # --lu-size: WRITES x WRITE_MIB and the probes must fit
 PORT_A=${PORT_A:-17431}                         # QUIC ports (a on the host side, b in the netns)
 PORT_B=${PORT_B:-17432}
 COPY_TIMEOUT=${COPY_TIMEOUT:-180}               # initial copy, mounts, first "in sync"
@@ -749,31 +752,42 @@ measure_during_drain() {
     c1=$(cpu_seconds "$PB_PID") d1=$(now)
     DRAIN_CPU_RATE=$(awk -v a="$c0" -v b="$c1" -v t="$(secs "$d0" "$d1")" 'BEGIN { printf "%.4f", (b - a) / t }')
     fig "$bl" "$rep" drain_cpu_b "$DRAIN_CPU_RATE" cores
-    perf_start "write_drain-$bl-$rep"
+    local i
+    for ((i = 1; i <= WRITES; i++)); do
+        write_drain "$bl" "$rep" "$i" || break
+    done
+    s1=$(status "$CFG_B")
+    echo "$s1" >"$LOGP.b-after-drain-measures.json"
+    log "    b after the measures: phase '$(jg "$s1" .takeover.phase)', backlog $(jg "$s1" .takeover.backlog_bytes) B, fetches $(jg "$s1" .takeover.remote_reads) ($(jg "$s1" .takeover.remote_read_blocks) blocks, mean $(jg "$s1" .takeover.remote_read_mean_ms) ms), fetch errors $(jg "$s1" .takeover.fetch_errors)"
+}
+
+# write_drain BACKLOG REP I: part 4's I-th write during the drain (w-drain-I.bin); fails
+# (and stops the part) unless b was draining before it and still in the LU after it.
+write_drain() {
+    local bl=$1 rep=$2 i=$3 ph ph2 s1 t0 t1 cpu
+    perf_start "write_drain-$bl-$rep-$i"
     ph=$(phase_b)
     cpu_mark
     t0=$(now)
-    if dd if="$SRC" of="$MNT_B/w-drain.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wdrain.err"; then
+    if dd if="$SRC" of="$MNT_B/w-drain-$i.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wdrain.err"; then
         t1=$(now)
         perf_stop
         cpu=$(cpu_since "$t0" "$t1" "$DRAIN_CPU_RATE")
         s1=$(status "$CFG_B")
         ph2=$(jg "$s1" .takeover.phase)
         if [[ $ph != draining || ($ph2 != draining && $ph2 != merging) ]]; then
-            fail "$bl" "$rep" write_drain "phase '$ph' before, '$ph2' after the write (not in the LU throughout)"
-        else
-            fig "$bl" "$rep" write_drain "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
-            cpu_figs "$bl" "$rep" write_drain "$cpu"
-            [[ $ph2 == draining ]] || log "    the drain ended during the write (phase '$ph2' after it: the writes still went to the LU)"
-            log "    LU after the write: $(jg "$s1" .takeover.lu_entries) entries, $(jg "$s1" .takeover.lu_used)/$(jg "$s1" .takeover.lu_capacity) B; backlog left $(jg "$s1" .takeover.backlog_bytes) B"
+            fail "$bl" "$rep" write_drain "write $i: phase '$ph' before, '$ph2' after it (not in the LU throughout)"
+            return 1
         fi
+        fig "$bl" "$rep" write_drain "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
+        cpu_figs "$bl" "$rep" write_drain "$cpu"
+        log "    LU after write $i: $(jg "$s1" .takeover.lu_entries) entries, $(jg "$s1" .takeover.lu_used)/$(jg "$s1" .takeover.lu_capacity) B; backlog left $(jg "$s1" .takeover.backlog_bytes) B"
+        [[ $ph2 == draining ]] || { log "    the drain ended during write $i (phase '$ph2' after it: it still went to the LU)"; return 1; }
     else
         perf_stop
-        fail "$bl" "$rep" write_drain "dd failed: $(tail -n 2 "$LOGP.wdrain.err" | tr '\n' ' ')"
+        fail "$bl" "$rep" write_drain "write $i: dd failed: $(tail -n 2 "$LOGP.wdrain.err" | tr '\n' ' ')"
+        return 1
     fi
-    s1=$(status "$CFG_B")
-    echo "$s1" >"$LOGP.b-after-drain-measures.json"
-    log "    b after the measures: phase '$(jg "$s1" .takeover.phase)', backlog $(jg "$s1" .takeover.backlog_bytes) B, fetches $(jg "$s1" .takeover.remote_reads) ($(jg "$s1" .takeover.remote_read_blocks) blocks, mean $(jg "$s1" .takeover.remote_read_mean_ms) ms), fetch errors $(jg "$s1" .takeover.fetch_errors)"
 }
 
 # perf_start NAME / perf_stop (PERF_DIR set): `perf record` of b's daemon — CPU samples
@@ -833,24 +847,30 @@ measure_after() {
     else
         fail "$bl" "$rep" read_local "dd failed: $(tail -n 2 "$LOGP.localread.err" | tr '\n' ' ')"
     fi
-    perf_start "write_after-$bl-$rep"
-    t0=$(now)
-    cpu_mark
-    if dd if="$SRC" of="$MNT_B/w-after.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wafter.err"; then
-        t1=$(now)
-        perf_stop
-        cpu_figs "$bl" "$rep" write_after "$(cpu_since "$t0" "$t1" 0)"
-        fig "$bl" "$rep" write_after "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
-    else
-        perf_stop
-        fail "$bl" "$rep" write_after "dd failed: $(tail -n 2 "$LOGP.wafter.err" | tr '\n' ' ')"
-    fi
+    local i
+    for ((i = 1; i <= WRITES; i++)); do
+        perf_start "write_after-$bl-$rep-$i"
+        t0=$(now)
+        cpu_mark
+        if dd if="$SRC" of="$MNT_B/w-after-$i.bin" bs=1M count="$WRITE_MIB" conv=fsync status=none 2>"$LOGP.wafter.err"; then
+            t1=$(now)
+            perf_stop
+            cpu_figs "$bl" "$rep" write_after "$(cpu_since "$t0" "$t1" 0)"
+            fig "$bl" "$rep" write_after "$(mib_s "$WRITE_MIB" "$t0" "$t1")" MiB/s
+        else
+            perf_stop
+            fail "$bl" "$rep" write_after "write $i: dd failed: $(tail -n 2 "$LOGP.wafter.err" | tr '\n' ' ')"
+            break
+        fi
+    done
 }
 
 # The files on b equal their sources.
 verify_files() {
     local bl=$1 rep=$2 filler=$(($1 - PEER_MIB - RAND_MIB)) f want got bad=
-    for f in "peer.bin $PEER_MIB $filler" "rand.bin $RAND_MIB $((filler + PEER_MIB))" "w-drain.bin $WRITE_MIB 0" "w-after.bin $WRITE_MIB 0"; do
+    local files=("peer.bin $PEER_MIB $filler" "rand.bin $RAND_MIB $((filler + PEER_MIB))") i
+    for ((i = 1; i <= WRITES; i++)); do files+=("w-drain-$i.bin $WRITE_MIB 0" "w-after-$i.bin $WRITE_MIB 0"); done
+    for f in "${files[@]}"; do
         set -- $f
         [[ -e $MNT_B/$1 ]] || continue
         want=$(src_md5 "$2" "$3")
@@ -998,7 +1018,7 @@ print_facts() {
         printf 'reps\t%s\n' "$REPS"
         printf 'backlogs\t%s MiB (parts 2-4 with %s MiB: peer.bin %s MiB, rand.bin %s MiB written last)\n' \
             "$BACKLOGS" "$MEASURE_BACKLOG" "$PEER_MIB" "$RAND_MIB"
-        printf 'samples\t%s x 4 KiB reads (O_DIRECT), writes of %s MiB (dd bs=1M conv=fsync)\n' "$READ_SAMPLES" "$WRITE_MIB"
+        printf 'samples\t%s x 4 KiB reads (O_DIRECT), %s writes of %s MiB per phase (dd bs=1M conv=fsync)\n' "$READ_SAMPLES" "$WRITES" "$WRITE_MIB"
         printf 'other_load\t%s\n' "$(uptime | sed 's/.*load average/load average/')"
     } >"$FACTS"
     show_facts
@@ -1019,7 +1039,7 @@ main() {
     ((MEASURE_BACKLOG > 0)) || die "parts 2-4 need a backlog > 0"
     local cmd k
     cmd=
-    for k in REPS BACKLOGS MEASURE_BACKLOG FAILBACK FAILBACK_MIB RATE TBF_BURST TBF_LATENCY MODE CONGESTION QUEUE_TARGET WRITE_MIB PEER_MIB READ_SAMPLES SEED \
+    for k in REPS BACKLOGS MEASURE_BACKLOG FAILBACK FAILBACK_MIB RATE TBF_BURST TBF_LATENCY MODE CONGESTION QUEUE_TARGET WRITE_MIB WRITES PEER_MIB READ_SAMPLES SEED \
         VOLUME_SIZE JOURNAL_SIZE JOURNAL_LIMIT LU_SIZE BENCH_DIR PAIRFS; do
         cmd="$cmd$k=$(printf '%q' "${!k}") "
     done

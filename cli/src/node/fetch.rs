@@ -5,8 +5,8 @@
 //! The client is called by FUSE threads (and the driver's blocking sections) with the
 //! filesystem's lock held, so it never waits on the driver: the connection it uses is
 //! published by the driver ([`FetchClient::set_connection`]), and each fetch is a stream
-//! of its own run on the runtime, its answer handed back over a channel with the fetch
-//! timeout. A fetch that fails on one connection is tried again on the next one until the
+//! of its own, waited for with the fetch timeout (driven by the calling thread itself when
+//! it is not one of the runtime's). A fetch that fails on one connection is tried again on the next one until the
 //! timeout, then fails (the read gets `EIO`).
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,6 +25,10 @@ pub const KIND_FETCH: u8 = 3;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Fetches go before the drain's entries on the connection (docs/PROTOCOL.md §7.4).
 const FETCH_PRIORITY: i32 = 10;
+/// Fetches of at most this many blocks are read on the runtime worker that received them,
+/// at once (a few reads of a frozen node's blocks, two thread hops fewer); larger ones on a
+/// blocking thread.
+const QUICK_FETCH_BLOCKS: usize = 4;
 
 /// Reads blocks from the peer for a taking-over volume.
 pub struct FetchClient {
@@ -85,26 +89,46 @@ impl FetchClient {
             let Some(conn) = self.connection(deadline) else {
                 return Err(last);
             };
-            let (tx, rx) = std::sync::mpsc::channel();
             let req = FetchMessage::Fetch {
                 epoch: self.epoch,
                 blocks: blocks.to_vec(),
             };
-            let n = blocks.len();
-            self.rt.spawn(async move {
-                let _ = tx.send(fetch_once(&conn, &req, n).await);
-            });
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Ok(data)) => return Ok(data),
-                Ok(Err(e)) => last = e,
-                Err(_) => return Err(format!("no answer within {:?} ({last})", self.timeout)),
+            match self.ask(conn, req, blocks.len(), deadline) {
+                Ok(data) => return Ok(data),
+                Err(Some(e)) => last = e,
+                Err(None) => return Err(format!("no answer within {:?} ({last})", self.timeout)),
             }
             if Instant::now() + RETRY_PAUSE >= deadline {
                 return Err(last);
             }
             std::thread::sleep(RETRY_PAUSE);
         }
+    }
+
+    /// One fetch on `conn`, waited for until `deadline` (`Err(None)`: no answer by then).
+    /// A thread outside the runtime (a FUSE worker) drives the fetch itself, so the answer
+    /// wakes it directly; a runtime thread (the driver, in `block_in_place`) cannot, and
+    /// hands it to a task whose answer comes back over a channel — one thread hop more.
+    fn ask(
+        &self,
+        conn: Connection,
+        req: FetchMessage,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Vec<u8>>, Option<String>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::runtime::Handle::try_current().is_err() {
+            // The timer is made inside: `block_on` enters the runtime's context.
+            let answer = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, fetch_once(&conn, &req, n)).await });
+            return answer.map_err(|_| None)?.map_err(Some);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(fetch_once(&conn, &req, n).await);
+        });
+        rx.recv_timeout(left).map_err(|_| None)?.map_err(Some)
     }
 }
 
@@ -149,7 +173,8 @@ async fn fetch_once(
 pub type FetchSource = dyn Fn(&[BlockNo]) -> Result<Vec<Vec<u8>>, String> + Send + Sync;
 
 /// Answers the peer's fetch streams on `conn` until it closes. Each stream is served on a
-/// task of its own (reads on a blocking thread), so one slow read delays no other.
+/// task of its own (reads of more than [`QUICK_FETCH_BLOCKS`] on a blocking thread), so one
+/// slow read delays no other.
 pub async fn serve(conn: Connection, source: Arc<FetchSource>) {
     loop {
         let Ok((mut s, mut r)) = conn.accept_bi().await else {
@@ -161,7 +186,12 @@ pub async fn serve(conn: Connection, source: Arc<FetchSource>) {
                 Ok(Some((_, FetchMessage::Fetch { blocks, .. })))
                     if blocks.len() <= MAX_FETCH_BLOCKS =>
                 {
-                    match tokio::task::spawn_blocking(move || source(&blocks)).await {
+                    let read = if blocks.len() <= QUICK_FETCH_BLOCKS {
+                        Ok(source(&blocks))
+                    } else {
+                        tokio::task::spawn_blocking(move || source(&blocks)).await
+                    };
+                    match read {
                         Ok(Ok(data)) => FetchMessage::fetched(data),
                         Ok(Err(reason)) => FetchMessage::Refused { reason },
                         Err(e) => FetchMessage::Refused {
@@ -238,9 +268,7 @@ mod tests {
     #[test]
     fn blocks_are_fetched_in_order_across_several_requests() {
         let rt = runtime();
-        let source: Arc<FetchSource> =
-            Arc::new(|blocks: &[u64]| Ok(blocks.iter().map(|&b| vec![b as u8; 4096]).collect()));
-        let (client, _eps) = pair(&rt, source);
+        let (client, _eps) = pair(&rt, Arc::new(numbered));
         let asked: Vec<(u64, Seq)> = (0..600).map(|b| (b, Seq(7))).collect();
         let got = client.fetch(&asked).unwrap();
         assert_eq!(got.len(), 600, "more than one request's worth");
@@ -265,6 +293,55 @@ mod tests {
         assert!(
             t.elapsed() >= Duration::from_millis(500),
             "waited for a connection"
+        );
+    }
+
+    /// Block `b` of the test sources: its number in every byte.
+    fn numbered(blocks: &[u64]) -> Result<Vec<Vec<u8>>, String> {
+        Ok(blocks.iter().map(|&b| vec![b as u8; 4096]).collect())
+    }
+
+    #[test]
+    fn a_runtime_thread_gets_its_blocks_through_a_task_and_a_fuse_thread_by_itself() {
+        let rt = runtime();
+        let (client, _eps) = pair(&rt, Arc::new(numbered));
+        // The driver's way: a runtime worker inside `block_in_place`.
+        let c = client.clone();
+        let got = rt.block_on(async move {
+            tokio::spawn(async move {
+                tokio::task::block_in_place(|| c.fetch(&[(3, Seq(1)), (9, Seq(1))]))
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(got.unwrap(), vec![vec![3u8; 4096], vec![9u8; 4096]]);
+        // A FUSE worker's: a thread of its own (a small fetch, read at once by the server).
+        let c = client.clone();
+        let got = std::thread::spawn(move || c.fetch(&[(5, Seq(1))]))
+            .join()
+            .unwrap();
+        assert_eq!(got.unwrap(), vec![vec![5u8; 4096]]);
+    }
+
+    #[test]
+    fn a_source_that_does_not_answer_fails_the_fetch_at_the_timeout() {
+        let rt = runtime();
+        let source: Arc<FetchSource> = Arc::new(|blocks: &[u64]| {
+            std::thread::sleep(Duration::from_millis(1500));
+            numbered(blocks)
+        });
+        let (client, _eps) = pair(&rt, source);
+        let t = Instant::now();
+        // Small (read on the server's worker) and large (on a blocking thread).
+        for n in [1u64, 40] {
+            let asked: Vec<(u64, Seq)> = (0..n).map(|b| (b, Seq(1))).collect();
+            let e = client.fetch(&asked).unwrap_err();
+            assert!(e.contains("no answer within"), "{e}");
+        }
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1000) && waited < Duration::from_millis(2900),
+            "two fetches of a 500 ms timeout took {waited:?}"
         );
     }
 }

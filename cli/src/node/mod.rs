@@ -553,7 +553,8 @@ pub fn start(cfg: NodeConfig, host: Arc<Host>, st: PersistedState) -> Result<Nod
             if serving == hooks::Serving::Nothing {
                 return Err("this node is not frozen for a takeover: it serves no fetches".into());
             }
-            host.vol(|v| {
+            // A few reads of blocks (on a runtime worker for small fetches: `serve`).
+            host.vol_quick(|v| {
                 let mut out = Vec::with_capacity(blocks.len());
                 for &b in blocks {
                     let mut buf = vec![0u8; v.block_size()];
