@@ -51,7 +51,12 @@ impl Fs {
                 }
             }
         });
-        let meta = self.with_volume_mut(|v| v.apply_replicated(e))?;
+        // The entry's blocks written in place (fresh: free in the applied state, so that no
+        // reader reaches them) without the lock: readers of the replica go on meanwhile
+        // (FORMAT.md §2.4 rule 2).
+        let plan = self.with_volume_mut(|v| v.plan_apply(e))?;
+        let written = plan.write(e);
+        let meta = self.with_volume_mut(|v| v.finish_apply(e, plan, written))?;
         let blocks: Vec<u64> = e.blocks.iter().map(|b| b.block).collect();
         self.refresh_after_apply(&blocks)?;
         let mut inv = Invalidations::default();
