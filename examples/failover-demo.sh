@@ -201,6 +201,8 @@ if [ "$VARIANT" = force ]; then
   sent=$(field b wire_bytes_sent)
   start_a
   wait_until 300 "A's resync" settled b a
+  # (A mounts only once it holds a consistent copy again: after its status settles.)
+  wait_until 60 "node a's mount after the resync" mounted "$MA"
   echo "resynced: $(( ($(field b wire_bytes_sent) - sent) / 1048576 )) MiB on the wire"
   "$P" verify --config "$DEMO/b.toml"
   sums "$MA" > "$DEMO/sums-a"
