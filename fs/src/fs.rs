@@ -1962,6 +1962,19 @@ impl Fs {
         Ok(())
     }
 
+    /// Makes what was applied durable: a read-only secondary's sync (nothing to seal, no
+    /// writer to answer). As [`Fs::sync`], the data written in place is flushed first
+    /// without the lock, so that the mount's readers wait only for the rest.
+    pub fn sync_applied(&self) -> FsResult<()> {
+        let flushed = self.flush_unlocked(|_| true);
+        let mut core = self.write_core();
+        if let Some(f) = flushed {
+            core.vol.flushed_ahead(f)?;
+        }
+        core.vol.sync()?;
+        Ok(())
+    }
+
     /// The first half of a sync, without the lock (`Volume::flush_ahead`): if `due`,
     /// flushes what was written in place or to the local-unreflected area so far, again
     /// while writers added more during the flush (a few rounds: each flushes what came

@@ -222,10 +222,11 @@ impl Host {
     /// Makes everything committed or applied durable; returns the newest durable seq.
     fn sync(&self) -> Result<Seq> {
         if let Some(fs) = self.fs.get() {
-            if !fs.is_read_only() {
-                fs.sync()?;
-                return Ok(fs.with_volume(|v| v.journal().durable_seq()));
+            match fs.is_read_only() {
+                false => fs.sync()?,
+                true => fs.sync_applied()?,
             }
+            return Ok(fs.with_volume(|v| v.journal().durable_seq()));
         }
         self.vol_mut(|v| {
             v.sync()?;

@@ -374,10 +374,12 @@ fn a_replica_follows_the_allocation_bitmaps_entry_by_entry() {
     );
 }
 
-/// A device whose writes of at least `at_least` bytes wait at a gate until it opens.
+/// A device whose writes of at least `at_least` bytes (and, once `syncs` is set, its
+/// syncs) wait at a gate while it is closed.
 struct GatedWrites {
     inner: Arc<CrashDevice>,
     at_least: usize,
+    syncs: AtomicBool,
     open: Mutex<bool>,
     opened: std::sync::Condvar,
     waiting: std::sync::atomic::AtomicUsize,
@@ -396,9 +398,18 @@ impl GatedWrites {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn set_open(&self) {
-        *self.open.lock().unwrap() = true;
+    fn set_open(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
         self.opened.notify_all();
+    }
+
+    /// Waits until something waits at the gate.
+    fn until_waiting(&self, what: &str) {
+        let t = Instant::now();
+        while self.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(t.elapsed().as_secs() < 10, "{what} never reached the gate");
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -421,12 +432,16 @@ impl pairfs::BlockDevice for GatedWrites {
         self.inner.set_len(len)
     }
     fn sync(&self) -> std::io::Result<()> {
+        if self.syncs.load(Ordering::SeqCst) {
+            self.pass(usize::MAX);
+        }
         self.inner.sync()
     }
 }
 
-#[test]
-fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
+/// A replica whose normal area is a [`GatedWrites`] (gate closed, writes of 16 blocks or
+/// more held), and the primary it follows.
+fn gated_pair() -> (Fs, Arc<Fs>, Arc<GatedWrites>) {
     let Pair {
         primary,
         replica,
@@ -437,6 +452,7 @@ fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
     let gated = Arc::new(GatedWrites {
         inner: replica_normal,
         at_least: 16 * 4096,
+        syncs: Default::default(),
         open: Mutex::new(false),
         opened: std::sync::Condvar::new(),
         waiting: Default::default(),
@@ -446,19 +462,22 @@ fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
         ..VolumeOptions::default()
     };
     let rv = Volume::open(Box::new(gated.clone()), Box::new(replica_journal), retain).unwrap();
-    let replica = Arc::new(
-        Fs::open(
-            rv,
-            FsOptions {
-                mode: FsMode::Replica,
-                ..FsOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    // A file of 256 KiB written on the primary: fresh blocks, written in place.
+    let replica = Fs::open(
+        rv,
+        FsOptions {
+            mode: FsMode::Replica,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
+    (primary, Arc::new(replica), gated)
+}
+
+/// The entries of a 256 KiB file `name` written on `primary` (fresh blocks: in place), and
+/// its data.
+fn file_entries(primary: &Fs, name: &[u8]) -> (Vec<pairfs::repl::WireEntry>, Vec<u8>) {
     let f = primary
-        .mknod(C, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0)
+        .mknod(C, ROOT_INO, name, libc::S_IFREG | 0o644, 0)
         .unwrap();
     let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     primary.write(C, f.ino, 0, &data).unwrap();
@@ -469,6 +488,23 @@ fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
         .map(|m| primary.with_volume(|v| v.read_wire_entry(m.seq)).unwrap())
         .collect();
     assert!(entries.iter().any(|e| e.blocks.iter().any(|b| b.fresh)));
+    (entries, data)
+}
+
+/// Whether a `getattr` on `fs` completes (within 5 s) while something waits at the gate.
+fn getattr_completes(fs: &Arc<Fs>) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fs = fs.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs.getattr(ROOT_INO).map(|a| a.ino));
+    });
+    matches!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(ROOT_INO)))
+}
+
+#[test]
+fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
+    let (primary, replica, gated) = gated_pair();
+    let (entries, data) = file_entries(&primary, b"f");
     let applier = {
         let replica = replica.clone();
         std::thread::spawn(move || {
@@ -477,27 +513,36 @@ fn a_replica_serves_its_readers_while_an_entry_is_written_in_place() {
             }
         })
     };
-    let t = Instant::now();
-    while gated.waiting.load(Ordering::SeqCst) == 0 {
-        assert!(t.elapsed().as_secs() < 10, "the apply never wrote in place");
-        std::thread::yield_now();
-    }
-    // The in-place write waits at the gate; a reader of the replica does not.
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let replica = replica.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(replica.getattr(ROOT_INO).map(|a| a.ino));
-        });
-    }
-    let read = rx.recv_timeout(Duration::from_secs(5));
-    gated.set_open();
+    gated.until_waiting("the apply's in-place write");
+    let served = getattr_completes(&replica);
+    gated.set_open(true);
     applier.join().unwrap();
-    assert_eq!(
-        read.expect("a getattr waited for the apply's write")
-            .unwrap(),
-        ROOT_INO
-    );
+    assert!(served, "a getattr waited for the apply's in-place write");
+    let a = replica.lookup(ROOT_INO, b"f").unwrap();
+    assert_eq!(replica.read(a.ino, 0, data.len() as u32).unwrap(), data);
+}
+
+#[test]
+fn a_replica_serves_its_readers_while_its_sync_flushes_the_data_written_in_place() {
+    let (primary, replica, gated) = gated_pair();
+    let (entries, data) = file_entries(&primary, b"f");
+    gated.set_open(true);
+    for e in &entries {
+        replica.apply_replicated(e).unwrap();
+    }
+    gated.set_open(false);
+    gated.syncs.store(true, Ordering::SeqCst);
+    let syncer = {
+        let replica = replica.clone();
+        std::thread::spawn(move || replica.sync_applied())
+    };
+    gated.until_waiting("the sync of the normal area");
+    let served = getattr_completes(&replica);
+    gated.set_open(true);
+    syncer.join().unwrap().unwrap();
+    assert!(served, "a getattr waited for the normal area's sync");
+    let last = primary.with_volume(|v| v.journal().last_seq());
+    assert_eq!(replica.with_volume(|v| v.journal().durable_seq()), last);
     let a = replica.lookup(ROOT_INO, b"f").unwrap();
     assert_eq!(replica.read(a.ino, 0, data.len() as u32).unwrap(), data);
 }
