@@ -285,7 +285,7 @@ fn pair() -> Pair {
         retain: true,
         ..VolumeOptions::default()
     };
-    let mut v = Volume::open(Box::new(n.clone()), Box::new(j.clone()), retain.clone()).unwrap();
+    let mut v = Volume::open(Box::new(n.clone()), Box::new(j.clone()), retain).unwrap();
     Fs::format(&mut v, &FormatOptions { inodes: None }).unwrap();
     let primary = Fs::open(v, FsOptions::default()).unwrap();
     primary.sync().unwrap();
@@ -293,21 +293,31 @@ fn pair() -> Pair {
     let _ = primary.with_volume_mut(|v| v.take_entries(false));
     let rn = Arc::new(CrashDevice::from_bytes(n.crash_point().durable_image()));
     let rj = Arc::new(CrashDevice::from_bytes(j.crash_point().durable_image()));
-    let rv = Volume::open(Box::new(rn.clone()), Box::new(rj.clone()), retain).unwrap();
-    let replica = Fs::open(
-        rv,
-        FsOptions {
-            mode: FsMode::Replica,
-            ..FsOptions::default()
-        },
-    )
-    .unwrap();
+    let replica = replica_on(Box::new(rn.clone()), Box::new(rj.clone()));
     Pair {
         primary,
         replica,
         replica_normal: rn,
         replica_journal: rj,
     }
+}
+
+/// A replica (retaining volume, replica mode) on these devices.
+fn replica_on(normal: Box<dyn pairfs::BlockDevice>, journal: Box<dyn pairfs::BlockDevice>) -> Fs {
+    let retain = VolumeOptions {
+        retain: true,
+        ..VolumeOptions::default()
+    };
+    let rv = Volume::open(normal, journal, retain).unwrap();
+    let mode = FsMode::Replica;
+    Fs::open(
+        rv,
+        FsOptions {
+            mode,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Applies to `to` the entries `from` sealed, durable or not (as sync mode sends them).
@@ -457,19 +467,7 @@ fn gated_pair() -> (Fs, Arc<Fs>, Arc<GatedWrites>) {
         opened: std::sync::Condvar::new(),
         waiting: Default::default(),
     });
-    let retain = VolumeOptions {
-        retain: true,
-        ..VolumeOptions::default()
-    };
-    let rv = Volume::open(Box::new(gated.clone()), Box::new(replica_journal), retain).unwrap();
-    let replica = Fs::open(
-        rv,
-        FsOptions {
-            mode: FsMode::Replica,
-            ..FsOptions::default()
-        },
-    )
-    .unwrap();
+    let replica = replica_on(Box::new(gated.clone()), Box::new(replica_journal));
     (primary, Arc::new(replica), gated)
 }
 
