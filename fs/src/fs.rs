@@ -1945,13 +1945,8 @@ impl Fs {
         if let Some(h) = self.hooks.get() {
             h.syncing(target);
         }
-        let flushed = self.flush_unlocked(|_| true);
         {
-            let mut core = self.write_core();
-            if let Some(f) = flushed {
-                core.vol.flushed_ahead(f)?;
-            }
-            core.vol.sync()?;
+            let mut core = self.sync_volume()?;
             let durable = core.vol.durable_tx();
             core.alloc.release_durable(durable);
         }
@@ -1966,13 +1961,19 @@ impl Fs {
     /// writer to answer). As [`Fs::sync`], the data written in place is flushed first
     /// without the lock, so that the mount's readers wait only for the rest.
     pub fn sync_applied(&self) -> FsResult<()> {
+        self.sync_volume().map(drop)
+    }
+
+    /// The volume's sync, its in-place data (and LU) flushed ahead without the lock first;
+    /// returns the lock, still held.
+    fn sync_volume(&self) -> FsResult<RwLockWriteGuard<'_, Core>> {
         let flushed = self.flush_unlocked(|_| true);
         let mut core = self.write_core();
         if let Some(f) = flushed {
             core.vol.flushed_ahead(f)?;
         }
         core.vol.sync()?;
-        Ok(())
+        Ok(core)
     }
 
     /// The first half of a sync, without the lock (`Volume::flush_ahead`): if `due`,

@@ -2,12 +2,13 @@
 //! blocks through ([`FetchClient`], a [`PeerFetch`]), and the server that answers them on
 //! the old primary ([`serve`]).
 //!
-//! The client is called by FUSE threads (and the driver's blocking sections) with the
-//! filesystem's lock held, so it never waits on the driver: the connection it uses is
-//! published by the driver ([`FetchClient::set_connection`]), and each fetch is a stream
-//! of its own, waited for with the fetch timeout (driven by the calling thread itself when
-//! it is not one of the runtime's). A fetch that fails on one connection is tried again on the next one until the
-//! timeout, then fails (the read gets `EIO`).
+//! The client is called by FUSE threads (and the driver's blocking sections), at times with
+//! the filesystem's lock held (a `readdir`, a third round), so it never waits on the
+//! driver: the connection it uses is published by the driver
+//! ([`FetchClient::set_connection`]), and each fetch is a stream of its own, waited for
+//! with the fetch timeout (driven by the calling thread itself when it is not one of the
+//! runtime's). A fetch that fails on one connection is tried again on the next one until
+//! the timeout, then fails (the read gets `EIO`).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
