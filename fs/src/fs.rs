@@ -47,6 +47,9 @@ const LU_FULL_POLL: Duration = Duration::from_millis(20);
 /// again (a block can move between two runs: applied, or written on the taker) before it
 /// fetches under the lock.
 const FETCH_ROUNDS: usize = 3;
+/// Entries a listing reads ahead, while taking over, to fetch with the lock released: more
+/// than one reply holds (a 4 KiB READDIRPLUS reply takes about 25).
+const READDIR_AHEAD: usize = 256;
 
 /// Options of an open filesystem.
 #[derive(Clone, Debug)]
@@ -1810,12 +1813,43 @@ impl Fs {
         plus: bool,
         f: &mut dyn FnMut(&DirItem, Option<&Attr>) -> bool,
     ) -> FsResult<()> {
+        if self.read_core().vol.is_taking_over() {
+            // The reply cannot be filled twice, so the listing is not run through
+            // [`Fs::reading`] itself: a pass that keeps nothing goes first, fetching what
+            // the listing reads with the lock released, and the listing then finds it.
+            let mut n = 0;
+            self.reading(|core| {
+                n = 0;
+                Self::list(core, ino, offset, plus, &mut |_, _, _| {
+                    n += 1;
+                    n >= READDIR_AHEAD
+                })
+            })?;
+        }
         let core = self.read_core();
+        Self::list(&core, ino, offset, plus, &mut |item, a, dot| {
+            let full = f(item, a);
+            if plus && !full && !dot {
+                self.remember(item.ino);
+            }
+            full
+        })
+    }
+
+    /// The entries of directory `ino` from `offset` (with their attributes if `plus`) to
+    /// `f`, which is told which are `.` and `..` and returns true to stop.
+    fn list(
+        core: &Core,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        f: &mut dyn FnMut(&DirItem, Option<&Attr>, bool) -> bool,
+    ) -> FsResult<()> {
         let d = load(&core.vol, &core.sb, ino)?;
         let tree = dir_tree(ino, &d)?;
         let attr_for = |i: u64| -> FsResult<Option<Attr>> {
             if plus {
-                Ok(Some(Self::attr_of(&core, i)?))
+                Ok(Some(Self::attr_of(core, i)?))
             } else {
                 Ok(None)
             }
@@ -1829,7 +1863,7 @@ impl Fs {
                     name: name.to_vec(),
                     next: pos + 1,
                 };
-                if f(&item, attr_for(dino)?.as_ref()) {
+                if f(&item, attr_for(dino)?.as_ref(), true) {
                     return Ok(());
                 }
             }
@@ -1843,11 +1877,7 @@ impl Fs {
                 next: k + 1,
             };
             let a = attr_for(e.ino)?;
-            let full = f(&item, a.as_ref());
-            if plus && !full {
-                self.remember(e.ino);
-            }
-            Ok(!full)
+            Ok(!f(&item, a.as_ref(), false))
         })?;
         Ok(())
     }

@@ -838,7 +838,12 @@ fn while_the_peer_waits<T: Send + 'static>(
         let fs = fs.clone();
         std::thread::spawn(move || op(&fs))
     };
+    let asking = Instant::now();
     while peer.waiting.load(Ordering::SeqCst) == 0 {
+        assert!(
+            asking.elapsed() < Duration::from_secs(20),
+            "the operation never asked the peer"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let (done, wrote) = std::sync::mpsc::channel();
@@ -872,15 +877,18 @@ fn a_reader_waiting_for_the_peer_keeps_no_writer_out() {
             .unwrap();
         inos.push(a.ino);
     }
-    let (f1, f2, f3, h) = (inos[0], inos[1], inos[2], inos[39]);
+    // g: in a third inode block, only ever read by the listing.
+    let (f1, f2, f3, g, h) = (inos[0], inos[1], inos[2], inos[20], inos[39]);
     let sb = primary.superblock();
-    assert_ne!(sb.inode_location(f1).0, sb.inode_location(h).0);
-    for f in [f1, f2, f3] {
+    let block_of = |i: u64| sb.inode_location(i).0;
+    assert_ne!(block_of(f1), block_of(h));
+    assert!(![block_of(f1), block_of(h)].contains(&block_of(g)));
+    for f in [f1, f2, f3, g] {
         primary.write(C, f, 0, &vec![1; 64 << 10]).unwrap();
     }
     ship(&primary, &replica);
     // Then rewritten on the primary only: the backlog the replica takes over with.
-    for f in [f1, f2, f3] {
+    for f in [f1, f2, f3, g] {
         primary.write(C, f, 0, &vec![2; 64 << 10]).unwrap();
     }
     primary.seal().unwrap();
@@ -926,6 +934,19 @@ fn a_reader_waiting_for_the_peer_keeps_no_writer_out() {
     assert_eq!(data.unwrap(), vec![2; 64 << 10]);
     let wrote = while_the_peer_waits(&fs, &peer, h, move |fs| fs.write(C, f3, 100, b"xyz"));
     assert_eq!(wrote.unwrap(), 3);
+    // A listing with attributes: f1..f3's inodes are on the peer.
+    let listed = while_the_peer_waits(&fs, &peer, h, move |fs| {
+        let mut sizes = Vec::new();
+        fs.readdir_plus(ROOT_INO, 0, |item, a| {
+            sizes.push((item.name.clone(), a.size));
+            false
+        })
+        .map(|()| sizes)
+    });
+    let listed = listed.unwrap();
+    assert_eq!(listed.len(), 2 + 40, "{listed:?}");
+    assert!(listed.contains(&(b"f1".to_vec(), 64 << 10)), "{listed:?}");
+    assert!(listed.contains(&(b"f20".to_vec(), 64 << 10)), "{listed:?}");
     let mut want = vec![2; 64 << 10];
     want[100..103].copy_from_slice(b"xyz");
     assert_eq!(fs.read(f3, 0, 64 << 10).unwrap(), want);
