@@ -35,6 +35,12 @@ const SLOW_STEP: Duration = Duration::from_millis(2);
 /// Entries up to this size (journal bytes) are read for sending on the driver's thread
 /// ([`Host::vol_quick`]); larger ones leave the worker to the network tasks meanwhile.
 const QUICK_READ: u64 = 256 << 10;
+/// Entries with up to this much data are applied on the driver's thread: one of metadata
+/// and a few blocks takes less time than `block_in_place`'s hand-over of the worker's
+/// other tasks to another thread (a few context switches, per entry; as
+/// [`Host::vol_mut_quick`]). What it may wait for meanwhile is the filesystem's lock and
+/// the replica's reads in flight (FUSE threads, which never wait for the runtime).
+const QUICK_APPLY: u64 = 256 << 10;
 /// A secondary whose volume an I/O error poisoned reopens it after this long, doubling up
 /// to [`REOPEN_MAX`] while it keeps failing (a full disk takes an operator's minutes).
 const REOPEN_FIRST: Duration = Duration::from_millis(500);
@@ -560,7 +566,13 @@ impl Driver {
             }
             Action::Apply(e) => {
                 let seq = e.seq;
-                match block_in_place(|| self.apply(&e)) {
+                // (Not the end of a copy: the filesystem reloads after it.)
+                let r = if !e.blocks.is_empty() && e.data_bytes() <= QUICK_APPLY {
+                    self.apply(&e)
+                } else {
+                    block_in_place(|| self.apply(&e))
+                };
+                match r {
                     Ok(meta) => self.repl.handle_applied(meta, Instant::now()),
                     Err(err) => {
                         self.repl
