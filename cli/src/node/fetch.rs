@@ -3,8 +3,8 @@
 //! the old primary ([`serve`]).
 //!
 //! The client is called by FUSE threads (and the driver's blocking sections), at times with
-//! the filesystem's lock held (a third round, a listing beyond its read-ahead), so it never waits on the
-//! driver: the connection it uses is published by the driver
+//! the filesystem's lock held (a third round, a listing beyond its read-ahead), so it never
+//! waits on the driver: the connection it uses is published by the driver
 //! ([`FetchClient::set_connection`]), and each fetch is a stream of its own, waited for
 //! with the fetch timeout (driven by the calling thread itself when it is not one of the
 //! runtime's). A fetch that fails on one connection is tried again on the next one until

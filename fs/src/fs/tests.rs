@@ -934,7 +934,7 @@ fn a_reader_waiting_for_the_peer_keeps_no_writer_out() {
     assert_eq!(data.unwrap(), vec![2; 64 << 10]);
     let wrote = while_the_peer_waits(&fs, &peer, h, move |fs| fs.write(C, f3, 100, b"xyz"));
     assert_eq!(wrote.unwrap(), 3);
-    // A listing with attributes: f1..f3's inodes are on the peer.
+    // A listing with attributes: g's inode block is on the peer and not fetched yet.
     let listed = while_the_peer_waits(&fs, &peer, h, move |fs| {
         let mut sizes = Vec::new();
         fs.readdir_plus(ROOT_INO, 0, |item, a| {
